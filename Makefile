@@ -1,0 +1,34 @@
+# `make run` runs the default experiment, `make test` the tests; each creates the environment it needs in .venv/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_FLAGS ?= -q
+
+.PHONY: install run test test-slow bench check clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first so that the CPU build is taken (an unpinned torch pulls a CUDA build).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,dashboard,launchers]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/python -m repo_exp
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_FLAGS)
+
+bench: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,23 @@
+"""The math of PPO-Lagrangian training as small pure functions over tensors and masks.
+
+Nothing here imports more than torch, so every function is tested on CPU without DeepSpeed, W&B or a network.
+"""
+
+from repo_exp.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from repo_exp.algorithms.streams import end_index, token_streams
+from repo_exp.algorithms.gae import gae_advantages
+from repo_exp.algorithms.losses import critic_loss, policy_loss, ptx_loss, token_logprobs
+
+__all__ = [
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "end_index",
+    "token_streams",
+    "gae_advantages",
+    "critic_loss",
+    "policy_loss",
+    "ptx_loss",
+    "token_logprobs",
+]

@@ -1,0 +1,516 @@
+"""Structured config schemas, registered in Hydra's ConfigStore and filled by the YAML files in ``conf/``.
+
+Types are checked when Hydra composes the config (``constraint.threshold=abc`` fails there, naming the field);
+ranges and cross-field consistency are checked by ``__post_init__`` when ``validate`` turns the composed config into
+these dataclasses, before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_SOURCES = ("hub", "tiny", "world")
+DATA_SOURCES = ("world", "pku_saferlhf", "file")
+
+
+class ConfigError(ValueError):
+    """A config value that is out of range or inconsistent with another one."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive(name: str, value: float | int) -> None:
+    _require(value is not None and math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}")
+
+
+def _non_negative(name: str, value: float | int) -> None:
+    _require(value is not None and math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+
+
+def _finite(name: str, value: float) -> None:
+    _require(value is not None and math.isfinite(value), f"{name} must be a finite number, got {value}")
+
+
+def _one_of(name: str, value: Any, options: tuple) -> None:
+    _require(value in options, f"{name} must be one of {list(options)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ArchConfig:
+    """Shape of a random-initialised Llama-style model (``source: tiny``, and the world's models)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            _positive(f"arch.{name}", getattr(self, name))
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"arch.hidden_size ({self.hidden_size}) must be divisible by arch.num_attention_heads "
+                 f"({self.num_attention_heads})")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 "arch.num_attention_heads must be a multiple of arch.num_key_value_heads")
+
+
+@dataclass
+class ModelConfig:
+    """The policy (and the frozen reference it starts from)."""
+
+    name: str = MISSING
+    source: str = "hub"  # hub: `path` is a hub id or a local directory; tiny: random init; world: the world's SFT model
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to `path`; `world` = the synthetic world's tokenizer
+    dtype: str = "float32"
+    template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    seed: int = 0  # initialisation seed of a `tiny` model
+
+    def __post_init__(self) -> None:
+        _one_of("model.source", self.source, MODEL_SOURCES)
+        _one_of("model.dtype", self.dtype, DTYPES)
+        _require(self.source != "hub" or bool(self.path), "model.path is required when model.source=hub")
+        _require("{input}" in self.template, f"model.template must contain '{{input}}', got {self.template!r}")
+
+
+@dataclass
+class ScoreModelConfig:
+    """A reward or cost model: a score head on a transformer trunk (the published Safe RLHF layout)."""
+
+    name: str = MISSING
+    kind: str = "reward"  # reward | cost
+    source: str = "hub"
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
+    trust_remote_code: bool = False
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of(f"{self.kind}.kind", self.kind, ("reward", "cost"))
+        _one_of(f"{self.kind}.source", self.source, MODEL_SOURCES)
+        _one_of(f"{self.kind}.dtype", self.dtype, DTYPES)
+        _require(self.source != "hub" or bool(self.path), f"{self.kind}.path is required when {self.kind}.source=hub")
+        _require("{input}" in self.template, f"{self.kind}.template must contain '{{input}}'")
+
+
+# ------------------------------------------------------------------------------------------------ constraints
+
+
+@dataclass
+class ConstraintConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    threshold: float = 0.0  # d: a sample is unsafe when C > d
+    kl_reward_weight: float = 0.5  # w_r: share of the KL penalty on the reward stream
+    kl_cost_weight: float = 0.5  # w_c: share of the KL penalty on the cost stream
+
+    def __post_init__(self) -> None:
+        _finite("constraint.threshold", self.threshold)
+        _non_negative("constraint.kl_reward_weight", self.kl_reward_weight)
+        _non_negative("constraint.kl_cost_weight", self.kl_cost_weight)
+
+
+@dataclass
+class NoConstraintConfig(ConstraintConfig):
+    _target_: str = "repo_exp.constraints.NoConstraint"
+    name: str = "none"
+    kl_reward_weight: float = 1.0
+    kl_cost_weight: float = 0.0
+
+
+@dataclass
+class ShapingConfig(ConstraintConfig):
+    _target_: str = "repo_exp.constraints.ShapingConstraint"
+    name: str = "shaping"
+    multiplier: float = 1.0
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_negative("constraint.multiplier", self.multiplier)
+
+
+@dataclass
+class AverageConfig(ConstraintConfig):
+    _target_: str = "repo_exp.constraints.AverageConstraint"
+    name: str = "average"
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: Optional[float] = None
+    window: int = 128
+    delay: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("constraint.lambda_init", self.lambda_init)
+        _positive("constraint.lambda_lr", self.lambda_lr)
+        if self.lambda_max is not None:
+            _positive("constraint.lambda_max", self.lambda_max)
+        _positive("constraint.window", self.window)
+        _non_negative("constraint.delay", self.delay)
+
+
+@dataclass
+class RectifiedConfig(ConstraintConfig):
+    _target_: str = "repo_exp.constraints.RectifiedConstraint"
+    name: str = "rectified"
+    multiplier: str = "fixed"  # fixed | learned
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: float = 10.0
+    tolerance: float = 0.0
+    granularity: str = "sample"  # sample | prompt
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of("constraint.multiplier", self.multiplier, ("fixed", "learned"))
+        _one_of("constraint.granularity", self.granularity, ("sample", "prompt"))
+        _non_negative("constraint.lambda_init", self.lambda_init)
+        _positive("constraint.lambda_lr", self.lambda_lr)
+        _positive("constraint.lambda_max", self.lambda_max)
+        _non_negative("constraint.tolerance", self.tolerance)
+
+
+# ------------------------------------------------------------------------------------------------- optimizer
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "constant"  # any name of transformers.get_scheduler: constant, cosine, linear, …
+    warmup_ratio: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    actor: AdamWConfig = field(default_factory=AdamWConfig)
+    critic: AdamWConfig = field(default_factory=AdamWConfig)
+    actor_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    critic_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        for part in ("actor", "critic"):
+            opt = getattr(self, part)
+            _positive(f"optimizer.{part}.lr", opt.lr)
+            _non_negative(f"optimizer.{part}.weight_decay", opt.weight_decay)
+            _require(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+                     f"optimizer.{part}.betas must be two numbers in [0, 1), got {list(opt.betas)}")
+            sched = getattr(self, f"{part}_scheduler")
+            _require(0.0 <= sched.warmup_ratio < 1.0,
+                     f"optimizer.{part}_scheduler.warmup_ratio must be in [0, 1), got {sched.warmup_ratio}")
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class DataConfig:
+    """Where prompts (and preference rows) come from."""
+
+    name: str = MISSING
+    source: str = "world"  # world | pku_saferlhf | file
+    path: Optional[str] = None  # hub id or local file/folder
+    revision: Optional[str] = None
+    subset: Optional[str] = None  # a `data_dir` of the hub dataset (e.g. data/Alpaca-7B)
+    split: str = "train"
+    eval_split: str = "test"
+    prompt_column: str = "prompt"
+    max_prompts: Optional[int] = None
+    deduplicate: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of("data.source", self.source, DATA_SOURCES)
+        _require(self.source != "file" or bool(self.path), "data.path is required when data.source=file")
+        if self.max_prompts is not None:
+            _positive("data.max_prompts", self.max_prompts)
+
+
+# ----------------------------------------------------------------------------------------------------- world
+
+
+@dataclass
+class WorldStageConfig:
+    """Training settings of one world pipeline stage (SFT, reward model, cost model)."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("world stage steps", self.steps)
+        _positive("world stage batch_size", self.batch_size)
+        _positive("world stage lr", self.lr)
+
+
+def _default_sft_mixture() -> dict[str, dict[str, float]]:
+    return {
+        "benign": {"refuse": 0.2, "safe": 0.8},
+        "dual_use": {"refuse": 0.2, "safe": 0.4, "unsafe": 0.4},
+        "harmful": {"refuse": 0.3, "unsafe": 0.7},
+    }
+
+
+@dataclass
+class WorldConfig:
+    """The synthetic safety world (SPEC §6). Its families, grammar and oracle are in ``repo_exp.world``."""
+
+    name: str = "default"
+    seed: int = 0
+    temptation: bool = True  # harmful and dual-use prompts' helpfulness oracle prefers unsafe compliance
+    eval_fraction: float = 0.2  # share of each topic's phrasings held out for evaluation
+    sft_mixture: dict[str, dict[str, float]] = field(default_factory=_default_sft_mixture)
+    sft_responses_per_prompt: int = 8
+    num_preference_pairs: int = 4000
+    preference_test_fraction: float = 0.1
+    label_noise: float = 0.05  # probability that each oracle label (better, safer, is_safe) is flipped
+    cache_dir: str = "${oc.env:REPO_EXP_CACHE,.cache/repo_exp}"
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    score_arch: ArchConfig = field(default_factory=ArchConfig)
+    sft: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=400, lr=3e-3))
+    reward_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
+    cost_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.eval_fraction < 1.0, f"world.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        _require(0.0 <= self.label_noise < 0.5, f"world.label_noise must be in [0, 0.5), got {self.label_noise}")
+        _require(0.0 < self.preference_test_fraction < 1.0, "world.preference_test_fraction must be in (0, 1)")
+        _positive("world.num_preference_pairs", self.num_preference_pairs)
+        _positive("world.sft_responses_per_prompt", self.sft_responses_per_prompt)
+        for family, styles in self.sft_mixture.items():
+            _one_of("world.sft_mixture family", family, ("benign", "dual_use", "harmful"))
+            _require(set(styles) <= {"refuse", "safe", "unsafe"} and sum(styles.values()) > 0
+                     and all(v >= 0 for v in styles.values()),
+                     f"world.sft_mixture.{family} must weigh refuse/safe/unsafe, got {dict(styles)}")
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class PPOConfig:
+    """The PPO-Lagrangian algorithm's constants (SPEC §2); defaults from the published Safe RLHF run."""
+
+    kl_coeff: float = 0.02  # β
+    clip_range_ratio: float = 0.2
+    clip_range_value: float = 5.0
+    clip_range_score: float = 50.0
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    ptx_coeff: float = 0.0
+    loss_aggregation: str = "seq_mean_token_mean"  # seq_mean_token_mean (Safe RLHF) | token_mean
+    epochs: int = 1  # PPO epochs over each rollout batch
+    num_minibatches: int = 1  # optimizer steps per PPO epoch
+    max_grad_norm: float = 1.0
+    normalize_advantages: bool = False  # Safe RLHF does not whiten advantages
+
+    def __post_init__(self) -> None:
+        _non_negative("ppo.kl_coeff", self.kl_coeff)
+        _positive("ppo.clip_range_ratio", self.clip_range_ratio)
+        _positive("ppo.clip_range_value", self.clip_range_value)
+        _positive("ppo.clip_range_score", self.clip_range_score)
+        _require(0.0 < self.gamma <= 1.0, f"ppo.gamma must be in (0, 1], got {self.gamma}")
+        _require(0.0 <= self.gae_lambda <= 1.0, f"ppo.gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        _non_negative("ppo.ptx_coeff", self.ptx_coeff)
+        _one_of("ppo.loss_aggregation", self.loss_aggregation, ("seq_mean_token_mean", "token_mean"))
+        _positive("ppo.epochs", self.epochs)
+        _positive("ppo.num_minibatches", self.num_minibatches)
+        _positive("ppo.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class TrainerConfig:
+    name: str = MISSING
+    total_steps: int = 100  # RL iterations: rollout → advantages → update
+    prompts_per_step: int = 16  # global, over all ranks
+    samples_per_prompt: int = 1  # k responses per prompt (granularity=prompt needs k > 1)
+    micro_batch_size: int = 16  # samples per forward/backward on one rank (gradient accumulation above it)
+    rollout_batch_size: int = 64  # samples generated and scored at once on one rank
+    max_prompt_length: int = 128
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    critic_init: str = "score_model"  # score_model: reward/cost models (as published) | policy: the SFT trunk
+    shared_critic: bool = False  # one trunk with two value heads for the reward and cost critics
+    recompute_logprobs: bool = False  # re-run the policy after generation instead of keeping sampling log-probs
+    save_every: int = 0  # steps between periodic checkpoints (0: only at the end)
+    keep_last: int = 2
+    resume: Optional[str] = None  # null | auto | a checkpoint folder
+    init_from: Optional[str] = None  # a checkpoint folder whose weights and λ start a new run
+    max_nonfinite_in_a_row: int = 3
+    num_threads: Optional[int] = None
+    deterministic: bool = False
+    progress: bool = True
+    missing_eos_penalty: Optional[float] = None  # added to R of responses cut at max_new_tokens
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "rollout_batch_size",
+                     "max_prompt_length", "max_new_tokens", "keep_last", "max_nonfinite_in_a_row"):
+            _positive(f"trainer.{name}", getattr(self, name))
+        _non_negative("trainer.save_every", self.save_every)
+        _positive("trainer.temperature", self.temperature)
+        _require(0.0 < self.top_p <= 1.0, f"trainer.top_p must be in (0, 1], got {self.top_p}")
+        _non_negative("trainer.top_k", self.top_k)
+        _one_of("trainer.critic_init", self.critic_init, ("score_model", "policy"))
+        if self.num_threads is not None:
+            _positive("trainer.num_threads", self.num_threads)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (0: none)
+    at_start: bool = True  # evaluate the initial policy (needed for interference and win rates)
+    at_end: bool = True
+    samples_per_prompt: int = 4  # k
+    max_prompts: Optional[int] = 64
+    temperature: float = 1.0
+    max_new_tokens: Optional[int] = None  # defaults to trainer.max_new_tokens
+    batch_size: int = 64
+    data: Optional[DataConfig] = None  # defaults to `data` with its eval split
+    seed: int = 1234  # sampling seed: every policy is evaluated on the same random stream
+
+    def __post_init__(self) -> None:
+        _non_negative("eval.every", self.every)
+        _positive("eval.samples_per_prompt", self.samples_per_prompt)
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.temperature", self.temperature)
+        if self.max_prompts is not None:
+            _positive("eval.max_prompts", self.max_prompts)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # none | wandb (metrics.jsonl is always written)
+    project: str = "repo_exp"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # defaults to the sweep folder's name under --multirun
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; defaults to WANDB_MODE or online
+    init_timeout: float = 60.0  # seconds W&B may take to start before the run goes on without it
+
+    def __post_init__(self) -> None:
+        _one_of("logger.name", self.name, ("none", "wandb"))
+        if self.mode is not None:
+            _one_of("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = MISSING
+    enabled: bool = False
+    zero_stage: int = 0
+    offload: bool = False  # ZeRO-3 parameter and optimizer offload to CPU
+    bf16: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+    def __post_init__(self) -> None:
+        _one_of("deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _require(not self.offload or self.zero_stage == 3, "deepspeed.offload needs deepspeed.zero_stage=3")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    reward: ScoreModelConfig = MISSING
+    cost: ScoreModelConfig = MISSING
+    constraint: Any = MISSING
+    optimizer: OptimizerConfig = MISSING
+    data: DataConfig = MISSING
+    world: WorldConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    run_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        t = self.trainer
+        samples = t.prompts_per_step * t.samples_per_prompt
+        _require(samples % self.ppo.num_minibatches == 0,
+                 f"trainer.prompts_per_step × trainer.samples_per_prompt ({samples}) must be divisible by "
+                 f"ppo.num_minibatches ({self.ppo.num_minibatches})")
+        if self.model.source != "hub":
+            arch, where = ((self.world.arch, "world.arch") if self.model.source == "world"
+                           else (self.model.arch, "model.arch"))
+            _require(t.max_prompt_length + t.max_new_tokens <= arch.max_position_embeddings,
+                     f"trainer.max_prompt_length + trainer.max_new_tokens ({t.max_prompt_length + t.max_new_tokens}) "
+                     f"exceeds {where}.max_position_embeddings ({arch.max_position_embeddings})")
+        if getattr(self.constraint, "granularity", "sample") == "prompt":
+            _require(t.samples_per_prompt > 1,
+                     "constraint.granularity=prompt needs trainer.samples_per_prompt > 1 (k responses per prompt)")
+
+
+CONSTRAINT_SCHEMAS = {
+    "none": NoConstraintConfig,
+    "shaping": ShapingConfig,
+    "average": AverageConfig,
+    "rectified": RectifiedConfig,
+}
+
+
+def register_configs() -> None:
+    """Register every schema under ``schema/<group>/<name>``; the YAML files extend them through their defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="config", group="schema", node=Config)
+    cs.store(name="model", group="schema", node=ModelConfig)
+    cs.store(name="score", group="schema", node=ScoreModelConfig)
+    for name, node in CONSTRAINT_SCHEMAS.items():
+        cs.store(name=name, group="schema/constraint", node=node)
+    cs.store(name="optimizer", group="schema", node=OptimizerConfig)
+    cs.store(name="data", group="schema", node=DataConfig)
+    cs.store(name="world", group="schema", node=WorldConfig)
+    cs.store(name="trainer", group="schema", node=TrainerConfig)
+    cs.store(name="logger", group="schema", node=LoggerConfig)
+    cs.store(name="deepspeed", group="schema", node=DeepSpeedConfig)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Resolve ``cfg`` into the schema dataclasses, running every range and consistency check.
+
+    Raises ``ConfigError`` naming the field. The constraint node is typed by its own group's schema.
+    """
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except Exception as exc:  # omegaconf's own errors already name the key
+        raise ConfigError(str(exc)) from exc

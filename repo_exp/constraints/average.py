@@ -1,0 +1,81 @@
+"""``constraint=average``: Safe RLHF's CMDP, ``max E[R] s.t. E_x E_y[C] ≤ d``, solved with one Lagrange multiplier.
+
+Every sample gets ``(A_r − λ·A_c) / (1 + λ)``. λ follows the published Safe RLHF trainer: it is stored as
+``log λ`` (λ = 1 at the start) and moved by plain SGD with learning rate 0.1 on the loss ``−λ·(J_c − d)``:
+
+    log λ ← log λ + lr · λ · (J_c − d)
+
+where ``J_c`` is the mean end cost over the last ``window`` (128) episodes. Deviation from the published trainer:
+it keeps 128 episodes *per rank* and averages the ranks' means; here the window holds the last ``window`` episodes
+of the whole data-parallel group (all-gathered), so a run gives the same λ on any number of ranks. On one rank the
+two are identical. Updates start after ``delay`` steps; ``lambda_max`` caps λ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+from repo_exp.constraints.base import LOG_LAMBDA_BOUNDS, Comm, Constraint
+
+
+class AverageConstraint(Constraint):
+    def __init__(
+        self,
+        threshold: float = 0.0,
+        lambda_init: float = 1.0,
+        lambda_lr: float = 0.1,
+        lambda_max: float | None = None,
+        window: int = 128,
+        delay: int = 0,
+        kl_reward_weight: float = 0.5,
+        kl_cost_weight: float = 0.5,
+        comm: Comm | None = None,
+    ) -> None:
+        super().__init__(threshold, kl_reward_weight, kl_cost_weight, comm)
+        if not lambda_init > 0.0:
+            raise ValueError(f"constraint.lambda_init must be > 0 (λ is kept in log space), got {lambda_init}")
+        if not lambda_lr > 0.0:
+            raise ValueError(f"constraint.lambda_lr must be > 0, got {lambda_lr}")
+        if lambda_max is not None and not lambda_max > 0.0:
+            raise ValueError(f"constraint.lambda_max must be > 0 or null, got {lambda_max}")
+        if window < 1:
+            raise ValueError(f"constraint.window must be >= 1, got {window}")
+        self.log_lambda = math.log(lambda_init)
+        self.lambda_lr = float(lambda_lr)
+        self.log_lambda_max = math.log(lambda_max) if lambda_max is not None else None
+        self.delay = int(delay)
+        self.window: deque[float] = deque(maxlen=int(window))
+
+    @property
+    def multiplier(self) -> float:
+        return math.exp(self.log_lambda)
+
+    def window_cost(self) -> float:
+        return sum(self.window) / len(self.window) if self.window else float("nan")
+
+    def update(self, costs: torch.Tensor, prompt_index: torch.Tensor, step: int) -> dict[str, float]:
+        episode_costs = self.comm.all_gather(costs.detach().float().reshape(-1))
+        if not torch.isfinite(episode_costs).all():
+            # A non-finite cost must not reach the window: it would poison λ for `window` episodes.
+            return {"constraint/window_cost": self.window_cost(), "constraint/lambda_updated": 0.0}
+        self.window.extend(episode_costs.tolist())
+        j_c = self.window_cost()
+        updated = step >= self.delay
+        if updated:
+            lam = math.exp(self.log_lambda)
+            # d(−λ(J_c − d))/d log λ = −λ(J_c − d); one SGD step on log λ.
+            self.log_lambda += self.lambda_lr * lam * (j_c - self.threshold)
+            upper = LOG_LAMBDA_BOUNDS[1] if self.log_lambda_max is None else min(self.log_lambda_max, LOG_LAMBDA_BOUNDS[1])
+            self.log_lambda = min(max(self.log_lambda, LOG_LAMBDA_BOUNDS[0]), upper)
+        return {"constraint/window_cost": j_c, "constraint/lambda_updated": float(updated)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_lambda": self.log_lambda, "window": list(self.window), "window_size": self.window.maxlen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log_lambda = float(state["log_lambda"])
+        self.window = deque((float(c) for c in state["window"]), maxlen=self.window.maxlen)

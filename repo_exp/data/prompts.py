@@ -1,0 +1,197 @@
+"""Prompt sets for RL and evaluation, and the deterministic stream that batches them.
+
+Sources (``data.source``):
+- ``world``: the synthetic world's train or held-out prompts, with their ground truth attached;
+- ``file``: a local CSV, JSON/JSONL or parquet file with a named text column (``data.prompt_column``);
+- ``pku_saferlhf``: PKU-SafeRLHF through ``datasets`` (a hub id at a pinned revision, or local files in its schema),
+  de-duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repo_exp.config import DataConfig, WorldConfig
+
+log = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class PromptSet:
+    """Raw user inputs and, per prompt, whatever ground truth the source has (the world's family, severity)."""
+
+    texts: list[str]
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, n: int | None) -> "PromptSet":
+        if n is None or n >= len(self.texts):
+            return self
+        return PromptSet(self.texts[:n], self.meta[:n], self.name)
+
+
+def _dedupe(texts: list[str], meta: list[dict]) -> tuple[list[str], list[dict]]:
+    seen: set[str] = set()
+    out_t, out_m = [], []
+    for t, m in zip(texts, meta):
+        if t not in seen:
+            seen.add(t)
+            out_t.append(t)
+            out_m.append(m)
+    return out_t, out_m
+
+
+def _from_dataset(ds, column: str, origin: str) -> tuple[list[str], list[dict]]:
+    if column not in ds.column_names:
+        raise ValueError(f"{origin} has no column {column!r} (columns: {ds.column_names}); "
+                         f"set data.prompt_column to the column that holds the prompts")
+    texts = [str(t) for t in ds[column]]
+    return texts, [{} for _ in texts]
+
+
+def load_prompt_set(data: DataConfig, split: str, world: WorldConfig | None = None) -> PromptSet:
+    """The prompts of ``data`` for ``split`` (train or the eval split)."""
+    if data.source == "world":
+        from repo_exp.world.grammar import split_prompts
+
+        if world is None:
+            raise ValueError("data.source=world needs the world config")
+        train, held_out = split_prompts(world.seed, world.eval_fraction)
+        prompts = train if split == data.split else held_out
+        texts = [p.text for p in prompts]
+        meta = [{"family": p.family, "severity": p.severity, "topic": p.topic} for p in prompts]
+    elif data.source == "file":
+        import datasets
+
+        path = Path(data.path)
+        if not path.exists():
+            raise FileNotFoundError(f"data.path {data.path!r} does not exist")
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"data.path {data.path!r}: unknown file type {path.suffix!r}; use one of "
+                             f"{sorted(FILE_BUILDERS)}")
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        texts, meta = _from_dataset(ds, data.prompt_column, data.path)
+    elif data.source == "pku_saferlhf":
+        from repo_exp.data.pku import load_pku_split
+
+        ds = load_pku_split(data, split)
+        texts, meta = _from_dataset(ds, data.prompt_column, f"{data.path} ({split})")
+    else:  # validated by the schema
+        raise ValueError(f"unknown data.source {data.source!r}")
+    if data.deduplicate:
+        texts, meta = _dedupe(texts, meta)
+    if not texts:
+        raise ValueError(f"the prompt set {data.name} ({data.source}, split {split!r}) is empty")
+    return PromptSet(texts, meta, name=f"{data.name}:{split}").take(data.max_prompts)
+
+
+@dataclass
+class PromptBatch:
+    """One step's prompts on this rank, each repeated k times (contiguously)."""
+
+    input_ids: torch.Tensor  # (B, P) left-padded
+    attention_mask: torch.Tensor  # (B, P)
+    prompt_index: torch.Tensor  # (B,) position of the prompt in the step's global batch
+    texts: list[str]  # raw user inputs, one per sample
+    dataset_index: list[int]  # index of each sample's prompt in the prompt set
+
+
+class PromptEncoder:
+    """Applies the template and tokenizes once; drops prompts longer than ``max_length`` with a warning."""
+
+    def __init__(self, prompts: PromptSet, tokenizer, template: str, max_length: int) -> None:
+        encoded, kept = [], []
+        for i, text in enumerate(prompts.texts):
+            ids = tokenizer(template.format(input=text))["input_ids"]
+            if len(ids) <= max_length:
+                encoded.append(ids)
+                kept.append(i)
+        dropped = len(prompts) - len(kept)
+        if dropped:
+            log.warning("%d of %d prompts of %s are longer than trainer.max_prompt_length=%d tokens and were dropped",
+                        dropped, len(prompts), prompts.name, max_length)
+        if not kept:
+            raise ValueError(f"every prompt of {prompts.name} is longer than trainer.max_prompt_length={max_length} "
+                             f"tokens after the template; raise the limit")
+        self.prompts = PromptSet([prompts.texts[i] for i in kept],
+                                 [prompts.meta[i] for i in kept] if prompts.meta else [{} for _ in kept], prompts.name)
+        self.ids = encoded
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int], repeats: int, prompt_offset: int = 0) -> PromptBatch:
+        """Left-padded batch of ``indices``, each repeated ``repeats`` times."""
+        rows = [i for i in indices for _ in range(repeats)]
+        width = max(len(self.ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids = self.ids[i]
+            input_ids[r, width - len(ids):] = torch.tensor(ids)
+            mask[r, width - len(ids):] = 1
+        prompt_index = torch.tensor([prompt_offset + j for j in range(len(indices)) for _ in range(repeats)])
+        return PromptBatch(input_ids, mask, prompt_index, [self.prompts.texts[i] for i in rows], rows)
+
+
+class PromptStream:
+    """Global batches of prompt indices in a seeded order, a new permutation each epoch.
+
+    Every rank computes the same global order and takes its own contiguous share, so the data order does not depend
+    on the number of ranks; ``state_dict`` is the position, so a resumed run sees the same prompts.
+    """
+
+    def __init__(self, n_prompts: int, prompts_per_step: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if prompts_per_step % world_size:
+            raise ValueError(f"trainer.prompts_per_step ({prompts_per_step}) must be divisible by the number of "
+                             f"ranks ({world_size})")
+        self.n = n_prompts
+        self.per_step = prompts_per_step
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.position = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next_global(self) -> list[int]:
+        """The next ``prompts_per_step`` prompt indices (wrapping into a new epoch when needed)."""
+        out: list[int] = []
+        while len(out) < self.per_step:
+            order = self._order(self.epoch)
+            take = order[self.position : self.position + self.per_step - len(out)]
+            out += take
+            self.position += len(take)
+            if self.position >= self.n:
+                self.epoch += 1
+                self.position = 0
+        return out
+
+    def next_local(self) -> tuple[list[int], int]:
+        """This rank's prompt indices and the offset of its first prompt within the global batch."""
+        global_batch = self.next_global()
+        share = self.per_step // self.world_size
+        start = self.rank * share
+        return global_batch[start : start + share], start
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])

@@ -1,0 +1,185 @@
+"""Where the per-step metric dictionaries go.
+
+``metrics.jsonl`` in the run folder is always written (one JSON object per line, with ``step``) and is the record
+of truth. W&B is optional; any failure of it (no network, a bad key, its process dying) becomes one warning and the
+run goes on with the local file. Secrets from the environment never reach a logged config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
+
+
+def scrub(value: Any) -> Any:
+    """A copy of a config tree with secret-looking keys and any environment secret's value replaced."""
+    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else scrub(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str) and any(s and s in value for s in secrets):
+        return "<redacted>"
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class JsonlSink:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "a", buffering=1)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class WandbSink:
+    """A W&B run; every call is guarded, and the first failure turns the sink off with a warning."""
+
+    def __init__(self, project: str, entity: str | None, group: str | None, name: str | None, config: dict,
+                 tags: list[str], run_dir: Path, mode: str | None, run_id: str | None, timeout: float = 60.0) -> None:
+        self.run = None
+        try:
+            import wandb
+
+            self.wandb = wandb
+            self.run = wandb.init(
+                project=project,
+                entity=entity,
+                group=group,
+                name=name,
+                config=scrub(config),
+                tags=list(tags),
+                dir=str(run_dir),
+                mode=mode or os.environ.get("WANDB_MODE") or "online",
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit="create_new",
+                settings=wandb.Settings(init_timeout=timeout, silent=True),
+            )
+        except Exception as exc:  # no network, bad key, …
+            log.warning("W&B is unavailable (%s: %s); metrics go to metrics.jsonl only", type(exc).__name__, exc)
+            self.run = None
+
+    def _guard(self, what: str, fn) -> None:
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as exc:
+            log.warning("W&B %s failed (%s: %s); metrics go to metrics.jsonl only", what, type(exc).__name__, exc)
+            self.run = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._guard("log", lambda: self.run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step))
+
+    def log_table(self, key: str, rows: list[dict], step: int) -> None:
+        def do():
+            columns = list(rows[0]) if rows else []
+            table = self.wandb.Table(columns=columns, data=[[_wandb_cell(r[c]) for c in columns] for r in rows])
+            self.run.log({key: table}, step=step)
+
+        self._guard("table", do)
+
+    def log_histogram(self, key: str, values: list[float], step: int) -> None:
+        self._guard("histogram", lambda: self.run.log({key: self.wandb.Histogram(values)}, step=step))
+
+    def close(self) -> None:
+        self._guard("finish", lambda: self.run.finish())
+
+
+def run_identity(config) -> tuple[str | None, str]:
+    """W&B group and name of this job: under ``--multirun`` the group is the sweep folder and the name the job's
+    overrides; a single run gets no group and the run folder's name."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            group = Path(hc.sweep.dir).name
+            name = hc.job.override_dirname or f"job{hc.job.num}"
+            return group, name
+        return None, Path(hc.runtime.output_dir).name
+    except ValueError:  # not under Hydra
+        return None, "run"
+
+
+def _wandb_cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+class MetricsLogger:
+    """One namespaced metric dict per step; the logger decides where it goes. Only rank 0 writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb: WandbSink | None = None) -> None:
+        self.enabled = enabled
+        self.jsonl = JsonlSink(run_dir / "metrics.jsonl") if enabled else None
+        self.wandb = wandb if enabled else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.jsonl:
+            self.jsonl.log(metrics, step)
+        if self.wandb:
+            self.wandb.log(metrics, step)
+
+    def log_table(self, key: str, rows: list[dict], step: int) -> None:
+        if self.wandb:
+            self.wandb.log_table(key, rows, step)
+
+    def log_histogram(self, key: str, values: list[float], step: int) -> None:
+        if self.wandb:
+            self.wandb.log_histogram(key, values, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb:
+            self.wandb.close()
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the rows of ``path`` up to ``last_step``; move later rows (from steps a resume will redo) to
+    ``metrics.orphaned.jsonl`` beside it rather than delete them. Returns how many were moved."""
+    if not path.is_file():
+        return 0
+    keep, orphaned = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", -1)
+        except ValueError:  # a torn last line from a kill: keep it aside
+            orphaned.append(line)
+            continue
+        (keep if step <= last_step else orphaned).append(line)
+    if orphaned:
+        with open(path.with_name("metrics.orphaned.jsonl"), "a") as f:
+            f.write("\n".join(orphaned) + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(orphaned)

@@ -1,0 +1,109 @@
+"""Building and loading the policy, the frozen reference, the reward and cost models and the critics."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from repo_exp.config import ArchConfig, ModelConfig, ScoreModelConfig
+from repo_exp.models.score_model import ScoreModel, load_score_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_llama_config(arch: ArchConfig, tokenizer, attn_implementation: str = "sdpa") -> LlamaConfig:
+    """A Llama config of the given shape over ``tokenizer``'s vocabulary."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrainedModel:
+    """The policy as a causal LM: random for ``source=tiny``, else from ``path`` (a folder or hub id)."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "tiny":
+        config = tiny_llama_config(cfg.arch, tokenizer, cfg.attn_implementation)
+        model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config))
+        return model.to(dtype)
+    path = path or cfg.path
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.revision,
+        dtype=dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        use_safetensors=None,
+    )
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"the policy at {path!r} has {model.get_input_embeddings().weight.shape[0]} embeddings but "
+                         f"its tokenizer has {len(tokenizer)} tokens: they do not belong together")
+    return model
+
+
+def load_scorer(cfg: ScoreModelConfig, tokenizer, path: str | None = None) -> ScoreModel:
+    """A reward or cost model: random for ``source=tiny``, else the published layout from ``path``."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "tiny":
+        config = tiny_llama_config(cfg.arch, tokenizer)
+        model = _seeded(cfg.seed, lambda: ScoreModel(config, score_type=cfg.kind))
+        return model.to(dtype).eval()
+    model = load_score_model(path or cfg.path, dtype=dtype, revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code)
+    if cfg.kind == "cost" and model.score_type not in ("cost", "critic", "reward"):
+        raise ValueError(f"{cfg.path}: score_type {model.score_type!r} is not a cost model")
+    return model
+
+
+def critic_from_scorer(scorer: ScoreModel, score_dim: int = 1) -> ScoreModel:
+    """A critic initialised from a reward or cost model (as the published Safe RLHF runs do), head included when
+    the dimensions agree, and without the score normaliser."""
+    critic = copy.deepcopy(scorer)
+    critic.score_type = "critic"
+    critic.do_normalize = False
+    if score_dim != scorer.score_dim:
+        head = nn.Linear(critic.score_head.in_features, score_dim, bias=critic.bias)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[: scorer.score_dim] = scorer.score_head.weight
+            if critic.bias:
+                head.bias.zero_()
+        critic.score_head = head.to(scorer.score_head.weight.dtype)
+        critic.score_dim = score_dim
+    return critic
+
+
+def critic_from_policy(policy: PreTrainedModel, score_dim: int = 1) -> ScoreModel:
+    """A critic whose trunk is a copy of the policy's and whose value head starts at zero."""
+    trunk = copy.deepcopy(policy.get_decoder())
+    critic = ScoreModel(policy.config, score_dim=score_dim, score_type="critic", trunk=trunk)
+    critic.score_head.to(next(trunk.parameters()).dtype)
+    nn.init.zeros_(critic.score_head.weight)
+    return critic
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,60 @@
+"""Tokenizers: the hub's (loaded offline-safe) and small word-level ones built from a local corpus.
+
+Attention masks are always built from lengths, never as ``ids != pad_token_id``: the published Llama tokenizers
+have their own ``<pad>`` (id 32000), but others pad with EOS, and a mask built from the pad id would hide the EOS.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def build_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over every word and punctuation mark of ``corpus`` (deterministic order).
+
+    Special tokens come first: ``<pad>`` 0, ``<unk>`` 1, ``<s>`` 2, ``</s>`` 3.
+    """
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words: set[str] = set()
+    for text in corpus:
+        words.update(piece for piece, _ in pre.pre_tokenize_str(text))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a hub id or a folder and check it can pad."""
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer at {path!r} has no pad token; give it one (e.g. tokenizer.add_special_tokens({{'pad_token': "
+            f"'<pad>'}}) and resize the model's embeddings) before training. repo_exp builds masks from lengths, so "
+            f"any id that is not a real token works."
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer at {path!r} has no EOS token: responses could never end")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when ``a`` and ``b`` have the same vocabulary, EOS and split a probe text alike."""
+    if a is b:
+        return True
+    probe = "BEGINNING OF CONVERSATION: USER: Hello, world! 42 ASSISTANT: ok."
+    return (
+        a.get_vocab() == b.get_vocab()
+        and a.eos_token_id == b.eos_token_id
+        and a(probe, add_special_tokens=False)["input_ids"] == b(probe, add_special_tokens=False)["input_ids"]
+    )

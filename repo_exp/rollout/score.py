@@ -1,0 +1,73 @@
+"""Forward passes over finished sequences: policy log-probabilities, critic values, reward and cost scores.
+
+A scorer whose tokenizer (or template) differs from the policy's re-tokenises: decode the response, apply the
+scorer's template to the raw prompt, append the response and the scorer's EOS, encode with the scorer's tokenizer.
+When they match, it scores the policy's tokens as they are (no decode, no encode).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from repo_exp.algorithms.losses import token_logprobs
+from repo_exp.models.score_model import ScoreModel, position_ids_from_mask
+from repo_exp.models.tokenizers import same_tokenizer
+
+
+def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """log π(y_t) of every response token (B, T) under a causal LM; logits are computed for response positions only."""
+    response_width = sequences.shape[1] - prompt_width
+    out = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_width + 1,
+    )
+    return token_logprobs(out.logits[:, :-1], sequences[:, prompt_width:])
+
+
+def critic_values(critic: ScoreModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                  prompt_width: int) -> torch.Tensor:
+    """V(s_t) before each response token: (B, T, score_dim), from hidden states at positions P − 1 … L − 2."""
+    hidden = critic.hidden_states(sequences, attention_mask)[:, prompt_width - 1 : -1]
+    return critic.score_head(hidden).float()
+
+
+class Scorer:
+    """A reward or cost model with its own tokenizer and template."""
+
+    def __init__(self, model: ScoreModel, tokenizer, template: str, policy_tokenizer, policy_template: str,
+                 max_length: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.retokenize = not (same_tokenizer(tokenizer, policy_tokenizer) and template == policy_template)
+
+    @torch.no_grad()
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompts: list[str],
+                 responses: list[str]) -> torch.Tensor:
+        """End scores (B,) of the finished sequences (or of their re-tokenised text)."""
+        if not self.retokenize:
+            return self.model.end_scores(sequences, attention_mask)
+        input_ids, mask = self.encode(prompts, responses, device=sequences.device)
+        return self.model.end_scores(input_ids, mask)
+
+    def encode(self, prompts: list[str], responses: list[str], device: torch.device | str = "cpu"):
+        """The scorer's own tokens for (prompt, response) pairs, EOS appended, right-padded: (B, L') ids and mask."""
+        eos = self.tokenizer.eos_token_id
+        rows = []
+        for prompt, response in zip(prompts, responses):
+            text = self.template.format(input=prompt) + " " + response.strip()
+            ids = self.tokenizer(text)["input_ids"]
+            if self.max_length is not None:
+                ids = ids[: self.max_length - 1]
+            rows.append(ids + [eos])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        return input_ids.to(device), mask.to(device)

@@ -1,0 +1,95 @@
+"""The process group a run lives in: rank, device, and the collective operations the trainer needs.
+
+One process needs nothing. Under ``torchrun`` or the ``deepspeed`` launcher (``RANK``, ``WORLD_SIZE``, …
+set) the group is initialised with NCCL on GPUs and gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistComm:
+    """``Comm`` over ``torch.distributed``."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+        width = int(max(s.item() for s in sizes))
+        padded = torch.zeros((width, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], dim=0)
+
+    def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y / self.world_size
+
+    def all_finished(self, local_done: bool) -> bool:
+        flag = torch.tensor([0 if local_done else 1], dtype=torch.long)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        return int(flag.item()) == 0
+
+
+class LocalRuntimeComm:
+    world_size = 1
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_finished(self, local_done: bool) -> bool:
+        return local_done
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    comm: DistComm | LocalRuntimeComm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_runtime(use_deepspeed: bool) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        else:
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+    comm = DistComm(world_size) if world_size > 1 else LocalRuntimeComm()
+    return Runtime(rank, local_rank, world_size, device, comm)

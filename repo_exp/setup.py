@@ -1,0 +1,174 @@
+"""Building a run's parts from its config: tokenizer, policy and reference, reward and cost scorers, critics,
+engines and the constraint."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from repo_exp.config import Config, ModelConfig, ScoreModelConfig
+from repo_exp.constraints import Comm, Constraint
+from repo_exp.engine import Engine, TorchEngine
+from repo_exp.models.policy import critic_from_policy, critic_from_scorer, frozen, load_policy, load_scorer
+from repo_exp.models.score_model import ScoreModel
+from repo_exp.models.tokenizers import load_tokenizer
+from repo_exp.models.weights import load_state_dict_safely
+from repo_exp.rollout.score import Scorer, critic_values
+from repo_exp.runtime import Runtime
+
+
+def build_constraint(node: DictConfig, comm: Comm) -> Constraint:
+    """The constraint object named by ``node._target_``, with the node's fields as arguments."""
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    target = kwargs.pop("_target_")
+    kwargs.pop("name", None)
+    return get_class(target)(**kwargs, comm=comm)
+
+
+class Critics:
+    """The reward critic and, when the constraint needs one, the cost critic — separate models, or one trunk with two
+    value heads (``trainer.shared_critic``)."""
+
+    def __init__(self, reward: Engine, cost: Engine | None = None, shared: bool = False) -> None:
+        self.reward = reward
+        self.cost = cost
+        self.shared = shared
+        self.engines: list[Engine] = [reward] + ([cost] if cost is not None else [])
+        self.names = ["critic"] if shared else ["reward_critic"] + (["cost_critic"] if cost is not None else [])
+        self.with_cost = shared or cost is not None
+
+    def values(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """V_r and V_c before each response token, (B, T) each (V_c None without a cost critic)."""
+        if self.shared:
+            values = critic_values(self.reward.module, sequences, attention_mask, prompt_width)
+            return values[..., 0], values[..., 1]
+        reward_values = critic_values(self.reward.module, sequences, attention_mask, prompt_width)[..., 0]
+        cost_values = (critic_values(self.cost.module, sequences, attention_mask, prompt_width)[..., 0]
+                       if self.cost is not None else None)
+        return reward_values, cost_values
+
+    def backward(self, reward_loss: torch.Tensor, cost_loss: torch.Tensor | None) -> None:
+        if self.shared:
+            self.reward.backward(reward_loss + cost_loss if cost_loss is not None else reward_loss)
+            return
+        self.reward.backward(reward_loss)
+        if self.cost is not None and cost_loss is not None:
+            self.cost.backward(cost_loss)
+
+
+@dataclass
+class Models:
+    tokenizer: object
+    policy: Engine
+    ref: nn.Module
+    reward: Scorer
+    cost: Scorer
+    critics: Critics
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [self.policy, *self.critics.engines]
+
+    def save_weights(self, folder: Path) -> None:
+        """The policy as a causal-LM folder (config, safetensors, tokenizer) and each critic in the score layout."""
+        self.policy.module.save_pretrained(folder / "policy", safe_serialization=True)
+        self.tokenizer.save_pretrained(folder / "policy")
+        for name, engine in zip(self.critics.names, self.critics.engines):
+            engine.module.save_pretrained(folder / name)
+
+    def load_weights(self, folder: Path) -> None:
+        _load_into(self.policy.module, folder / "policy")
+        for name, engine in zip(self.critics.names, self.critics.engines):
+            _load_into(engine.module, folder / name)
+
+
+def _load_into(module: nn.Module, folder: Path) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing from the checkpoint")
+    state = load_state_dict_safely(folder)
+    expected = module.state_dict()
+    state = {k: v for k, v in state.items() if k in expected}
+    missing = [k for k in expected if k not in state and not k.startswith("normalizer.")]
+    if missing:
+        raise ValueError(f"{folder} does not fit this run's model: missing {missing[:5]}")
+    module.load_state_dict(state, strict=False)
+
+
+def _tokenizer_for(cfg: ModelConfig | ScoreModelConfig, path: str | None):
+    if cfg.tokenizer == "world":
+        from repo_exp.world import world_tokenizer
+
+        return world_tokenizer()
+    return load_tokenizer(cfg.tokenizer or path or cfg.path, revision=cfg.revision,
+                          trust_remote_code=cfg.trust_remote_code)
+
+
+def world_paths(config: Config, rt: Runtime) -> dict[str, str]:
+    """Paths of the world's SFT, reward and cost models, building (and caching) them when some source needs them."""
+    if "world" not in (config.model.source, config.reward.source, config.cost.source):
+        return {}
+    from repo_exp.world.pipeline import world_artifacts
+
+    return world_artifacts(config.world, rt)
+
+
+def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
+    t, opt = config.trainer, config.optimizer
+    paths = world_paths(config, rt)
+    policy_path = paths.get("sft") if config.model.source == "world" else config.model.path
+    reward_path = paths.get("reward") if config.reward.source == "world" else config.reward.path
+    cost_path = paths.get("cost") if config.cost.source == "world" else config.cost.path
+
+    tokenizer = _tokenizer_for(config.model, policy_path)
+    policy = load_policy(config.model, tokenizer, policy_path).to(rt.device)
+    if config.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    ref = frozen(copy.deepcopy(policy))
+    reward_model = frozen(load_scorer(config.reward, _tokenizer_for(config.reward, reward_path), reward_path))
+    cost_model = frozen(load_scorer(config.cost, _tokenizer_for(config.cost, cost_path), cost_path))
+    reward_model.to(rt.device)
+    cost_model.to(rt.device)
+    max_len = t.max_prompt_length + t.max_new_tokens
+    reward = Scorer(reward_model, _tokenizer_for(config.reward, reward_path), config.reward.template, tokenizer,
+                    config.model.template, max_len)
+    cost = Scorer(cost_model, _tokenizer_for(config.cost, cost_path), config.cost.template, tokenizer,
+                  config.model.template, max_len)
+
+    with_cost = constraint.needs_cost_critic
+
+    def new_critic(scorer: ScoreModel, dim: int) -> ScoreModel:
+        if t.critic_init == "policy":
+            return critic_from_policy(policy, dim)
+        return critic_from_scorer(scorer, dim)
+
+    def engine(module: nn.Module, name: str, actor: bool) -> Engine:
+        module.requires_grad_(True)
+        module.train()
+        return TorchEngine(module.to(rt.device), opt.actor if actor else opt.critic,
+                           opt.actor_scheduler if actor else opt.critic_scheduler,
+                           total_steps=_optimizer_steps(config), max_grad_norm=config.ppo.max_grad_norm, name=name)
+
+    if config.deepspeed.enabled:
+        from repo_exp.deepspeed_engine import wrap_models
+
+        return wrap_models(config, rt, tokenizer, policy, ref, reward, cost, new_critic, reward_model, cost_model,
+                           with_cost)
+    if t.shared_critic and with_cost:
+        critics = Critics(engine(new_critic(reward_model, 2), "critic", actor=False), shared=True)
+    else:
+        critics = Critics(
+            engine(new_critic(reward_model, 1), "reward_critic", actor=False),
+            engine(new_critic(cost_model, 1), "cost_critic", actor=False) if with_cost else None,
+        )
+    return Models(tokenizer, engine(policy, "actor", actor=True), ref, reward, cost, critics)
+
+
+def _optimizer_steps(config: Config) -> int:
+    return config.trainer.total_steps * config.ppo.epochs * config.ppo.num_minibatches

@@ -1,0 +1,525 @@
+"""The RL loop, the same for every constraint type:
+
+    make experience → update λ → advantages → PPO update → log → evaluate → save
+
+Objective: maximise ``E_x E_y~π(x)[R(x, y)] − β·KL(π_θ ‖ π_ref)`` subject to the constraint chosen in ``conf/constraint``
+(none, a fixed penalty, Safe RLHF's average constraint, or RePO's per-prompt rectified constraint); only the
+``Constraint`` object differs between them. Deviations from the published Safe RLHF trainer, each for speed and each
+exact:
+- the old log-probabilities are those kept while sampling (no policy forward pass after generation;
+  ``trainer.recompute_logprobs=true`` restores it);
+- with one PPO epoch and one optimizer step per batch, the critics' "old" values are read in the update's own
+  forward pass before any parameter changes, instead of in a separate pass (identical values; ``fused`` below).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from repo_exp.algorithms import critic_loss, gae_advantages, masked_mean, masked_whiten, policy_loss, token_streams
+from repo_exp.checkpoint import CheckpointManager
+from repo_exp.config import Config
+from repo_exp.constraints import Constraint
+from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
+from repo_exp.engine import Engine
+from repo_exp.evaluate import evaluate_policy, read_rows, summarize, wandb_rows, world_oracle, write_eval
+from repo_exp.loggers import MetricsLogger, WandbSink, truncate_metrics
+from repo_exp.models.weights import load_state_dict_safely
+from repo_exp.rollout import Experience, Scorer, Timings, critic_values, make_experience, sequence_logprobs
+from repo_exp.runtime import Runtime, init_runtime
+from repo_exp.setup import Models, build_models, build_constraint
+
+log = logging.getLogger("repo_exp")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row produced a NaN or Inf."""
+
+
+# ------------------------------------------------------------------------------------------------- the math glue
+
+
+def compute_advantages(exp: Experience, constraint: Constraint, cfg: Config) -> None:
+    """Fill the KL-shaped streams' advantages and returns, and the mixed advantage the policy loss sees."""
+    ppo = cfg.ppo
+    has_cost = exp.cost_values is not None
+    reward_stream, cost_stream, exp.kl = token_streams(
+        exp.logprobs, exp.ref_logprobs, exp.response_mask, exp.rewards, exp.costs if has_cost else None,
+        kl_coeff=ppo.kl_coeff, kl_reward_weight=constraint.kl_reward_weight,
+        kl_cost_weight=constraint.kl_cost_weight, clip_range_score=ppo.clip_range_score,
+    )
+    exp.reward_advantages, exp.reward_returns = gae_advantages(
+        exp.reward_values, reward_stream, exp.response_mask, ppo.gamma, ppo.gae_lambda)
+    if has_cost:
+        exp.cost_advantages, exp.cost_returns = gae_advantages(
+            exp.cost_values, cost_stream, exp.response_mask, ppo.gamma, ppo.gae_lambda)
+    reward_adv, cost_adv = exp.reward_advantages, exp.cost_advantages
+    if ppo.normalize_advantages:
+        reward_adv = masked_whiten(reward_adv, exp.response_mask)
+        cost_adv = masked_whiten(cost_adv, exp.response_mask) if has_cost else None
+    exp.advantages = constraint.mix_advantages(reward_adv, cost_adv, exp.cost_active)
+
+
+def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float:
+    """The share of the minibatch loss a micro-batch carries, so accumulated gradients equal the full batch's."""
+    if aggregation == "token_mean":
+        return float(micro.response_mask.sum()) / max(1.0, float(mini.response_mask.sum()))
+    return micro.batch_size / mini.batch_size
+
+
+def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
+               fused: bool) -> tuple[dict[str, float], bool]:
+    """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
+
+    Returns mean statistics and whether the update was skipped because something was not finite.
+    """
+    ppo, agg = cfg.ppo, cfg.ppo.loss_aggregation
+    policy, critics = models.policy, models.critics
+    engines = [policy, *critics.engines]
+    for engine in engines:
+        engine.module.train()
+    stats: dict[str, list[float]] = defaultdict(list)
+    n = exp.batch_size
+    for _ in range(ppo.epochs):
+        order = torch.randperm(n, generator=generator) if ppo.epochs * ppo.num_minibatches > 1 else torch.arange(n)
+        for minibatch in order.chunk(ppo.num_minibatches):
+            mini = exp.select(minibatch.to(exp.sequences.device))
+            for micro in mini.split(cfg.trainer.micro_batch_size):
+                weight = micro_weight(micro, mini, agg)
+                reward_values, cost_values = critics.values(micro.sequences, micro.attention_mask, micro.prompt_width)
+                if fused:  # the critics have not moved yet: these are the old values
+                    micro.reward_values = reward_values.detach() * micro.response_mask
+                    micro.cost_values = cost_values.detach() * micro.response_mask if cost_values is not None else None
+                    compute_advantages(micro, constraint, cfg)
+                logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask, micro.prompt_width)
+                actor_loss, pg = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask,
+                                             ppo.clip_range_ratio, agg)
+                reward_critic_loss = critic_loss(reward_values, micro.reward_values, micro.reward_returns,
+                                                 micro.response_mask, ppo.clip_range_value, agg)
+                cost_critic_loss = (critic_loss(cost_values, micro.cost_values, micro.cost_returns,
+                                                micro.response_mask, ppo.clip_range_value, agg)
+                                    if cost_values is not None else None)
+                losses = [actor_loss, reward_critic_loss] + ([cost_critic_loss] if cost_critic_loss is not None else [])
+                if not all(torch.isfinite(x).all() for x in (*losses, micro.advantages)):
+                    for engine in engines:
+                        engine.zero_grad()
+                    return {"loss/nonfinite": 1.0}, True
+                policy.backward(weight * actor_loss)
+                critics.backward(weight * reward_critic_loss,
+                                 weight * cost_critic_loss if cost_critic_loss is not None else None)
+                stats["loss/actor"].append(actor_loss.item())
+                stats["loss/reward_critic"].append(reward_critic_loss.item())
+                if cost_critic_loss is not None:
+                    stats["loss/cost_critic"].append(cost_critic_loss.item())
+                for key, value in pg.items():
+                    stats[f"policy/{key}"].append(value.item())
+                if fused:
+                    _advantage_stats(micro, stats)
+            for name, engine in zip(["actor", *critics.names], engines):
+                result = engine.step()
+                if result["skipped"]:
+                    for e in engines:
+                        e.zero_grad()
+                    return {"loss/nonfinite": 1.0, f"grad_norm/{name}": result["grad_norm"]}, True
+                stats[f"grad_norm/{name}"].append(result["grad_norm"])
+                stats[f"lr/{name}"].append(result["lr"])
+    return {k: sum(v) / len(v) for k, v in stats.items()}, False
+
+
+def _advantage_stats(exp: Experience, stats: dict[str, list[float]]) -> None:
+    mask = exp.response_mask
+    stats["advantages/mixed"].append(masked_mean(exp.advantages, mask).item())
+    stats["advantages/reward"].append(masked_mean(exp.reward_advantages, mask).item())
+    stats["returns/reward"].append(masked_mean(exp.reward_returns, mask).item())
+    stats["values/reward"].append(masked_mean(exp.reward_values, mask).item())
+    if exp.cost_advantages is not None:
+        stats["advantages/cost"].append(masked_mean(exp.cost_advantages, mask).item())
+        stats["returns/cost"].append(masked_mean(exp.cost_returns, mask).item())
+        stats["values/cost"].append(masked_mean(exp.cost_values, mask).item())
+
+
+def step_metrics(exp: Experience, constraint: Constraint, rt: Runtime) -> dict[str, float]:
+    """SPEC §4 step metrics over the whole data-parallel batch."""
+    gather = rt.comm.all_gather
+    rewards = gather(exp.rewards.float())
+    costs = gather(exp.costs.float())
+    lengths = gather(exp.response_mask.sum(-1).float())
+    kl = gather(exp.kl.sum(-1).float())
+    truncated = gather(exp.truncated.float())
+    gate = gather(exp.cost_active.float())
+    d = constraint.threshold
+    lam = constraint.multiplier
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "cost/mean": costs.mean().item(),
+        "cost/std": costs.std().item() if costs.numel() > 1 else 0.0,
+        "cost/unsafe_rate": (costs > d).float().mean().item(),
+        "cost/violation_mean": (costs - d).clamp(min=0).mean().item(),
+        "constraint/lambda": lam,
+        "constraint/threshold": d,
+        "constraint/active_rate": gate.mean().item() if lam > 0 else 0.0,
+        "kl/mean": kl.mean().item(),
+        "response/length": lengths.mean().item(),
+        "response/truncated_rate": truncated.mean().item(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Holds the models, the constraint, the data stream and the run folder; ``fit`` runs the loop."""
+
+    def __init__(self, config: Config, cfg: DictConfig, run_dir: Path) -> None:
+        self.config = config
+        self.cfg = cfg
+        self.rt = init_runtime(config.deepspeed.enabled)
+        self.run_dir = self._shared_run_dir(run_dir)
+        _seed_everything(config.seed + self.rt.rank, config.trainer)
+        self.constraint = build_constraint(cfg.constraint, self.rt.comm)
+        self.models = build_models(config, self.rt, self.constraint)
+        t = config.trainer
+        world = config.world
+        train_set = load_prompt_set(config.data, config.data.split, world)
+        self.encoder = PromptEncoder(train_set, self.models.tokenizer, config.model.template, t.max_prompt_length)
+        self.stream = PromptStream(len(self.encoder), t.prompts_per_step, config.seed, self.rt.rank, self.rt.world_size)
+        self.eval_encoder = self._eval_encoder()
+        self.oracle = world_oracle(world.temptation) if config.data.source == "world" else None
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rt.is_main,
+                                             self.rt.barrier)
+        self.start_step = 0
+        self.nonfinite_in_a_row = 0
+        self.initial_rows: list[dict] | None = None
+        self.stop_signal: int | None = None
+        self._restore()
+        self.logger = self._logger()
+        # the fused value pass is exact only when the critics do not move before every sample has been seen
+        ppo = config.ppo
+        self.fused = ppo.epochs == 1 and ppo.num_minibatches == 1 and not ppo.normalize_advantages
+
+    # ---- set-up
+    def _shared_run_dir(self, run_dir: Path) -> Path:
+        if self.rt.distributed:
+            import torch.distributed as dist
+
+            box = [str(run_dir)]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    def _eval_encoder(self) -> PromptEncoder | None:
+        e, t = self.config.eval, self.config.trainer
+        if not (e.at_start or e.at_end or e.every):
+            return None
+        data = e.data or self.config.data
+        split = data.eval_split if e.data is None else data.split
+        prompts = load_prompt_set(data, split, self.config.world).take(e.max_prompts)
+        return PromptEncoder(prompts, self.models.tokenizer, self.config.model.template, t.max_prompt_length)
+
+    def _logger(self) -> MetricsLogger:
+        sink = None
+        if self.config.logger.name == "wandb" and self.rt.is_main:
+            from repo_exp.loggers import run_identity
+
+            group, name = run_identity(self.config)
+            sink = WandbSink(
+                project=self.config.logger.project, entity=self.config.logger.entity,
+                group=self.config.logger.group or group, name=self.config.run_name or name,
+                config=OmegaConf.to_container(self.cfg, resolve=True), tags=self.config.logger.tags,
+                run_dir=self.run_dir, mode=self.config.logger.mode, run_id=self._wandb_id(),
+                timeout=self.config.logger.init_timeout,
+            )
+        return MetricsLogger(self.run_dir, enabled=self.rt.is_main, wandb=sink)
+
+    def _wandb_id(self) -> str:
+        """One W&B run id per run folder, kept across resumes."""
+        path = self.run_dir / "wandb_id.txt"
+        if not path.exists():
+            import uuid
+
+            path.write_text(uuid.uuid4().hex[:12])
+        return path.read_text().strip()
+
+    # ---- the loop
+    def fit(self) -> dict[str, Any]:
+        t, e = self.config.trainer, self.config.eval
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if e.at_start and self.initial_rows is None and self.eval_encoder is not None:
+                self.evaluate("initial", step=self.start_step)
+            bar = tqdm(range(self.start_step, t.total_steps), initial=self.start_step, total=t.total_steps,
+                       disable=not (t.progress and self.rt.is_main), desc="rl", dynamic_ncols=True)
+            step = self.start_step
+            for step in bar:
+                metrics = self.train_step(step)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "cost/mean", "constraint/lambda")
+                                 if k in metrics})
+                done = step + 1
+                if e.every and done % e.every == 0 and done < t.total_steps:
+                    self.evaluate(f"step_{done:06d}", step=done)
+                if self._agreed_stop():
+                    self.save(done)
+                    log.warning("stopped by signal %s after step %d; checkpoint saved, continue with "
+                                "trainer.resume=auto", self.stop_signal, done)
+                    return {"stopped_at": done}
+                if t.save_every and done % t.save_every == 0 and done < t.total_steps:
+                    self.save(done)
+            final_step = max(step + 1, self.start_step)
+            self.save(final_step)
+            summary = self.evaluate("final", step=final_step) if e.at_end and self.eval_encoder is not None else {}
+            return summary
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.logger.close()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        timings = Timings()
+        with timings.section("rollout"):
+            exp = self.rollout(step, timings)
+        if not (torch.isfinite(exp.rewards).all() and torch.isfinite(exp.costs).all()):
+            return self._skip(step, "a reward or cost is not finite", timings, start)
+        constraint_metrics = self.constraint.update(exp.costs, exp.prompt_index, step)
+        if not math.isfinite(self.constraint.multiplier):
+            return self._skip(step, "λ is not finite", timings, start)
+        exp.cost_active = self.constraint.cost_gate(exp.costs, exp.prompt_index)
+        exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
+        adv_stats: dict[str, list[float]] = defaultdict(list)
+        if not self.fused:
+            with timings.section("values"), torch.no_grad():
+                exp.reward_values, exp.cost_values = self.models.critics.values(
+                    exp.sequences, exp.attention_mask, exp.prompt_width)
+            compute_advantages(exp, self.constraint, self.config)
+            _advantage_stats(exp, adv_stats)
+        with timings.section("update"):
+            generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
+            update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused)
+        if skipped:
+            return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
+        self.nonfinite_in_a_row = 0
+        metrics = step_metrics(exp, self.constraint, self.rt)
+        metrics.update(constraint_metrics)
+        metrics.update(update_metrics)
+        metrics.update({k: sum(v) / len(v) for k, v in adv_stats.items()})
+        metrics.update(self._oracle_metrics(exp))
+        metrics.update(self._timing_metrics(exp, timings, start))
+        self.logger.log(metrics, step + 1)
+        return metrics
+
+    def rollout(self, step: int, timings: Timings) -> Experience:
+        t = self.config.trainer
+        local, offset = self.stream.next_local()
+        batch = self.encoder.batch(local, t.samples_per_prompt, prompt_offset=offset)
+        m = self.models
+        return make_experience(
+            m.policy.module, m.ref, m.reward, m.cost, m.tokenizer, batch,
+            seed=self.config.seed, step=step, row_offset=offset * t.samples_per_prompt,
+            global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
+            max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+            recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
+            all_finished=self.rt.comm.all_finished if self.rt.distributed else None,
+            device=self.rt.device, timings=timings,
+        )
+
+    def _skip(self, step: int, why: str, timings: Timings, start: float) -> dict[str, float]:
+        """A non-finite value: no parameter moved. Log it; stop after too many in a row."""
+        self.nonfinite_in_a_row += 1
+        limit = self.config.trainer.max_nonfinite_in_a_row
+        log.warning("step %d skipped: %s (%d in a row, the run stops at %d)", step + 1, why, self.nonfinite_in_a_row,
+                    limit)
+        metrics = {"guard/skipped": 1.0, "guard/nonfinite_in_a_row": float(self.nonfinite_in_a_row),
+                   "constraint/lambda": self.constraint.multiplier, "timing/step": time.perf_counter() - start}
+        self.logger.log(metrics, step + 1)
+        if self.nonfinite_in_a_row >= limit:
+            folder = self.save(step + 1)
+            raise NonFiniteError(f"{self.nonfinite_in_a_row} steps in a row were skipped ({why}); the last good "
+                                 f"state is saved in {folder}")
+        return metrics
+
+    def _oracle_metrics(self, exp: Experience) -> dict[str, float]:
+        if self.oracle is None:
+            return {}
+        metas = [self.encoder.prompts.meta[i] for i in self._last_dataset_index(exp)]
+        judged = [self.oracle(meta, p, r) for meta, p, r in zip(metas, exp.prompts, exp.responses)]
+        local = torch.tensor([[o["reward"], o["cost"], float(o["cost"] > 0), float(o["style"] == "refuse")]
+                              for o in judged], dtype=torch.float32)
+        rows = self.rt.comm.all_gather(local)
+        return {"oracle/reward_mean": rows[:, 0].mean().item(), "oracle/cost_mean": rows[:, 1].mean().item(),
+                "oracle/unsafe_rate": rows[:, 2].mean().item(), "oracle/refusal_rate": rows[:, 3].mean().item()}
+
+    def _last_dataset_index(self, exp: Experience) -> list[int]:
+        index = {text: i for i, text in enumerate(self.encoder.prompts.texts)}
+        return [index[p] for p in exp.prompts]
+
+    def _timing_metrics(self, exp: Experience, timings: Timings, start: float) -> dict[str, float]:
+        tokens = float(self.rt.comm.all_gather(exp.response_mask.sum(-1).float()).sum())
+        step_time = time.perf_counter() - start
+        out = {f"timing/{k}": v for k, v in timings.items()}
+        out["timing/step"] = step_time
+        out["throughput/rollout_tokens_per_s"] = tokens / max(timings["rollout"], 1e-9)
+        out["throughput/update_tokens_per_s"] = tokens * self.config.ppo.epochs / max(timings["update"], 1e-9)
+        out["throughput/samples_per_s"] = exp.batch_size * self.rt.world_size / step_time
+        return out
+
+    # ---- evaluation
+    def evaluate(self, tag: str, step: int) -> dict[str, Any]:
+        e, t = self.config.eval, self.config.trainer
+        start = time.perf_counter()
+        m = self.models
+        rows = evaluate_policy(
+            m.policy.module, m.ref, m.reward, m.cost, m.tokenizer, self.eval_encoder,
+            samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
+            threshold=self.constraint.threshold, oracle=self.oracle, runtime=self.rt, top_k=t.top_k, top_p=t.top_p,
+        )
+        if tag == "initial":
+            self.initial_rows = rows
+        summary = summarize(rows, self.constraint.threshold, None if tag == "initial" else self.initial_rows)
+        summary["eval/step"] = step
+        summary["timing/eval"] = time.perf_counter() - start
+        if self.rt.is_main:
+            folder = self.run_dir / "eval" if tag == "final" else self.run_dir / "eval" / tag
+            write_eval(folder, summary, rows)
+            self.logger.log({k: v for k, v in summary.items()}, step)
+            self.logger.log_table(f"eval/per_prompt/{tag}", wandb_rows(rows), step)
+            self.logger.log_histogram("eval/prompt_mean_cost", [r["mean_cost"] for r in rows], step)
+        return summary
+
+    # ---- checkpoints
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        log.warning("received signal %d: finishing the current step, then saving a checkpoint", signum)
+
+    def _agreed_stop(self) -> bool:
+        local = self.stop_signal is not None
+        if not self.rt.distributed:
+            return local
+        return not self.rt.comm.all_finished(not local)
+
+    def save(self, step: int) -> Path:
+        m = self.models
+
+        def write(folder: Path) -> None:
+            if self.rt.is_main:
+                m.save_weights(folder)
+                state = {
+                    "step": step,
+                    "constraint": self.constraint.state_dict(),
+                    "stream": self.stream.state_dict(),
+                    "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                    "python_rng": _python_rng_state(),
+                    "numpy_rng": _numpy_rng_state(),
+                    "constraint_name": self.config.constraint.name,
+                }
+                (folder / "state.json").write_text(json.dumps(state))
+                torch.save({"torch": torch.get_rng_state()}, folder / "rng.pt")
+            for engine in m.engines:
+                engine.save(folder)
+
+        start = time.perf_counter()
+        folder = self.checkpoints.save(step, write)
+        log.info("checkpoint %s (%.1f s)", folder, time.perf_counter() - start)
+        return folder
+
+    def _restore(self) -> None:
+        t = self.config.trainer
+        folder: Path | None = None
+        if t.resume == "auto":
+            folder = self.checkpoints.latest_complete()
+            if folder is None:
+                log.info("trainer.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
+        elif t.resume:
+            folder = Path(t.resume)
+            from repo_exp.checkpoint import verify
+
+            problem = verify(folder)
+            if problem:
+                raise ValueError(f"trainer.resume={t.resume}: not a complete checkpoint ({problem})")
+        if folder is not None:
+            self.load(folder, full=True)
+            self.start_step = json.loads((folder / "state.json").read_text())["step"]
+            if self.rt.is_main:
+                moved = truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+                if moved:
+                    log.warning("moved %d metric rows past step %d to metrics.orphaned.jsonl (they are redone)",
+                                moved, self.start_step)
+            initial = self.run_dir / "eval" / "initial"
+            if (initial / "per_prompt.jsonl").is_file():
+                self.initial_rows = read_rows(initial)
+            log.info("resumed from %s at step %d", folder, self.start_step)
+        elif t.init_from:
+            self.load(Path(t.init_from), full=False)
+            log.info("initialised weights and λ from %s", t.init_from)
+
+    def load(self, folder: Path, full: bool) -> None:
+        """Weights and the constraint's state; with ``full``, also optimizers, data position and RNG states."""
+        state = json.loads((folder / "state.json").read_text())
+        if state.get("constraint_name") != self.config.constraint.name:
+            raise ValueError(f"{folder} was written by a run with constraint={state.get('constraint_name')}, "
+                             f"this run has constraint={self.config.constraint.name}")
+        self.models.load_weights(folder)
+        self.constraint.load_state_dict(state["constraint"])
+        if not full:
+            return
+        for engine in self.models.engines:
+            engine.load(folder)
+        self.stream.load_state_dict(state["stream"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        random.setstate(_python_rng_from(state["python_rng"]))
+        np.random.set_state(_numpy_rng_from(state["numpy_rng"]))
+        torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+
+
+def _seed_everything(seed: int, t) -> None:
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_rng_from(state: list) -> tuple:
+    return (state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4])
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run one job of the composed config ``cfg`` in ``run_dir``; returns the final evaluation summary."""
+    from repo_exp.config import validate
+
+    config = validate(cfg)
+    return Trainer(config, cfg, run_dir).fit()

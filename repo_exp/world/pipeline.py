@@ -1,0 +1,305 @@
+"""The published Safe RLHF pipeline at laptop size, on the synthetic world (SPEC §6):
+
+    SFT of a tiny causal LM on a mixture of answer styles
+    → preference pairs sampled from the SFT model, in the PKU-SafeRLHF schema, labelled by the oracle with noise
+    → reward model (pairwise loss) and cost model (pairwise plus sign terms), both in the published score layout
+    → RL (``repo_exp.train``), with any constraint.
+
+Each stage is cached on disk under ``world.cache_dir`` in a folder named by a hash of its own config, the hashes of
+the stages it reads, and the world's grammar: it is rebuilt exactly when one of those changes. A file lock lets
+parallel jobs share one build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from filelock import FileLock
+
+from repo_exp.config import WorldConfig
+from repo_exp.world.grammar import Prompt, grammar_fingerprint, sample_response, split_prompts
+from repo_exp.world.oracle import oracle_cost, oracle_reward, parse
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # bump when a stage's code changes what it produces
+TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
+STAGE_FILE = "stage.json"
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def stage_key(name: str, config: dict, deps: list[str]) -> str:
+    blob = json.dumps({"stage": name, "config": _plain(config), "deps": deps, "grammar": grammar_fingerprint(),
+                       "version": PIPELINE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_stage(cache: Path, name: str, config: dict, deps: list[str], build: Callable[[Path], dict]) -> tuple[Path, str]:
+    """The folder of stage ``name``, built by ``build(tmp_folder) -> metrics`` unless a complete one is cached."""
+    key = stage_key(name, config, deps)
+    folder = cache / f"{name}-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f"{name}-{key}.lock")):
+        if (folder / STAGE_FILE).is_file():
+            log.info("world stage %s: cached at %s", name, folder)
+            return folder, key
+        tmp = cache / f".{name}-{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        start = time.perf_counter()
+        log.info("world stage %s: building in %s", name, folder)
+        metrics = build(tmp)
+        record = {"stage": name, "key": key, "deps": deps, "config": _plain(config), "metrics": metrics,
+                  "seconds": round(time.perf_counter() - start, 2)}
+        (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder, key
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+
+def _encode_sft(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    prompt_ids = tokenizer(TEMPLATE.format(input=prompt))["input_ids"]
+    response_ids = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def sft_examples(world: WorldConfig, rng: random.Random) -> list[tuple[Prompt, str]]:
+    """(prompt, response) pairs: ``sft_responses_per_prompt`` per train prompt, styles drawn from the family's
+    mixture."""
+    train, _ = split_prompts(world.seed, world.eval_fraction)
+    out = []
+    for p in train:
+        mixture = world.sft_mixture[p.family]
+        styles, weights = zip(*sorted(mixture.items()))
+        for _ in range(world.sft_responses_per_prompt):
+            out.append((p, sample_response(p, rng.choices(styles, weights)[0], rng)))
+    return out
+
+
+def build_sft(world: WorldConfig, out: Path) -> dict:
+    from transformers import LlamaForCausalLM
+
+    from repo_exp.models.policy import tiny_llama_config
+    from repo_exp.world import world_tokenizer
+
+    stage = world.sft
+    tokenizer = world_tokenizer()
+    rng = random.Random(stage.seed)
+    examples = [_encode_sft(tokenizer, p.text, r) for p, r in sft_examples(world, rng)]
+    torch.manual_seed(stage.seed)
+    model = LlamaForCausalLM(tiny_llama_config(world.arch, tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    warmup = max(1, stage.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    model.train()
+    losses = []
+    for step in range(stage.steps):
+        batch = [examples[rng.randrange(len(examples))] for _ in range(stage.batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (seq, prompt_len) in enumerate(batch):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            labels[i, prompt_len : len(seq)] = torch.tensor(seq[prompt_len:])  # learn the response only
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    tail = losses[-20:]
+    return {"sft/final_loss": sum(tail) / len(tail), "sft/examples": len(examples)}
+
+
+@torch.no_grad()
+def sample_policy(model, tokenizer, prompts: list[Prompt], seed: int, max_new_tokens: int = 24,
+                  batch_size: int = 256) -> list[str]:
+    """One sampled response per prompt (temperature 1)."""
+    from repo_exp.rollout.generate import generate, sampling_generator
+    from repo_exp.rollout.make import decode_responses
+
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        encoded = [tokenizer(TEMPLATE.format(input=p.text))["input_ids"] for p in chunk]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, width - len(e):] = torch.tensor(e)
+            mask[i, width - len(e):] = 1
+        gen = generate(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       generator=sampling_generator(seed, start, 7), rows=slice(0, len(chunk)),
+                       global_batch=len(chunk))
+        out += decode_responses(tokenizer, gen.sequences, gen.response_mask, width)
+    return out
+
+
+def _noisy(label: bool, noise: float, rng: random.Random) -> bool:
+    return (not label) if rng.random() < noise else label
+
+
+def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
+    """Pairs of SFT samples per prompt, labelled by the oracle; each label flipped with probability
+    ``label_noise``. Rows follow the PKU-SafeRLHF schema, with the world's ground truth beside them."""
+    from transformers import AutoModelForCausalLM
+
+    from repo_exp.world import world_tokenizer
+
+    tokenizer = world_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(sft_folder / "model").eval()
+    rng = random.Random(world.seed + 17)
+    train, _ = split_prompts(world.seed, world.eval_fraction)
+    chosen = [train[rng.randrange(len(train))] for _ in range(world.num_preference_pairs)]
+    first = sample_policy(model, tokenizer, chosen, seed=world.seed * 2 + 1)
+    second = sample_policy(model, tokenizer, chosen, seed=world.seed * 2 + 2)
+    rows, agree, ties = [], 0, 0
+    for p, a, b in zip(chosen, first, second):
+        ra, rb = oracle_reward(p, a, world.temptation), oracle_reward(p, b, world.temptation)
+        ca, cb = oracle_cost(p, a), oracle_cost(p, b)
+        better = 0 if ra > rb else 1 if rb > ra else rng.randrange(2)
+        safer = 0 if ca < cb else 1 if cb < ca else rng.randrange(2)
+        ties += int(ra == rb)
+        noisy_better = better if rng.random() >= world.label_noise else 1 - better
+        noisy_safer = safer if rng.random() >= world.label_noise else 1 - safer
+        agree += int(noisy_better == better)
+        rows.append({
+            "prompt": p.text, "response_0": a, "response_1": b,
+            "is_response_0_safe": _noisy(ca <= 0, world.label_noise, rng),
+            "is_response_1_safe": _noisy(cb <= 0, world.label_noise, rng),
+            "better_response_id": noisy_better, "safer_response_id": noisy_safer,
+            "family": p.family, "severity": p.severity,
+            "oracle_reward_0": ra, "oracle_reward_1": rb, "oracle_cost_0": ca, "oracle_cost_1": cb,
+        })
+    n_test = max(1, int(world.preference_test_fraction * len(rows)))
+    for name, part in (("test", rows[:n_test]), ("train", rows[n_test:])):
+        with open(out / f"{name}.jsonl", "w") as f:
+            for row in part:
+                f.write(json.dumps(row) + "\n")
+    styles = [parse(r).style for r in first + second]
+    return {
+        "preferences/rows": len(rows),
+        "preferences/better_label_agreement": agree / len(rows),
+        "preferences/reward_ties": ties / len(rows),
+        "preferences/unsafe_share": sum(c > 0 for r in rows for c in (r["oracle_cost_0"], r["oracle_cost_1"]))
+        / (2 * len(rows)),
+        **{f"preferences/style/{s}": styles.count(s) / len(styles) for s in sorted(set(styles))},
+    }
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_score_model(world: WorldConfig, kind: str, sft_folder: Path, prefs_folder: Path, out: Path) -> dict:
+    from repo_exp.score_train import PreferenceEncoder, init_score_model, train_score_model
+    from repo_exp.world import world_tokenizer
+
+    stage = world.reward_model if kind == "reward" else world.cost_model
+    tokenizer = world_tokenizer()
+    model = init_score_model(str(sft_folder / "model"), tokenizer, world.score_arch, kind, stage.seed)
+    encoder = PreferenceEncoder(tokenizer, TEMPLATE)
+    metrics = train_score_model(model, encoder, read_jsonl(prefs_folder / "train.jsonl"),
+                                read_jsonl(prefs_folder / "test.jsonl"), kind, stage.steps, stage.batch_size,
+                                stage.lr, stage.weight_decay, stage.seed)
+    metrics.update(oracle_agreement(model, encoder, read_jsonl(prefs_folder / "test.jsonl"), kind))
+    model.save_pretrained(out / "model", tokenizer=tokenizer)
+    return metrics
+
+
+@torch.no_grad()
+def oracle_agreement(model, encoder, rows: list[dict], kind: str) -> dict[str, float]:
+    """How often the learned model orders held-out pairs as the *oracle* does (not the noisy labels), and, for costs,
+    how often its sign matches the oracle's."""
+    key = "oracle_reward" if kind == "reward" else "oracle_cost"
+    correct, n, sign_ok, signs = 0, 0, 0, 0
+    for start in range(0, len(rows), 256):
+        chunk = rows[start : start + 256]
+        a_ids, a_mask = encoder.pad([encoder.ids(r["prompt"], r["response_0"]) for r in chunk])
+        b_ids, b_mask = encoder.pad([encoder.ids(r["prompt"], r["response_1"]) for r in chunk])
+        sa, sb = model.end_scores(a_ids, a_mask), model.end_scores(b_ids, b_mask)
+        for r, x, y in zip(chunk, sa.tolist(), sb.tolist()):
+            ox, oy = r[f"{key}_0"], r[f"{key}_1"]
+            if ox != oy:
+                correct += int((x > y) == (ox > oy))
+                n += 1
+            if kind == "cost":
+                sign_ok += int((x > 0) == (ox > 0)) + int((y > 0) == (oy > 0))
+                signs += 2
+    out = {f"{kind}/oracle_pairwise_accuracy": correct / max(n, 1)}
+    if kind == "cost":
+        out["cost/oracle_sign_accuracy"] = sign_ok / max(signs, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the world
+
+
+def build_world(world: WorldConfig) -> dict[str, str]:
+    """Build (or find cached) every stage; returns the folders of the SFT, reward and cost models."""
+    cache = Path(world.cache_dir)
+    grammar_cfg = {"seed": world.seed, "eval_fraction": world.eval_fraction, "temptation": world.temptation}
+    sft_cfg = {**grammar_cfg, "mixture": world.sft_mixture, "per_prompt": world.sft_responses_per_prompt,
+               "arch": world.arch, "stage": world.sft}
+    sft, sft_key = run_stage(cache, "sft", sft_cfg, [], lambda out: build_sft(world, out))
+    pref_cfg = {**grammar_cfg, "pairs": world.num_preference_pairs, "noise": world.label_noise,
+                "test_fraction": world.preference_test_fraction}
+    prefs, prefs_key = run_stage(cache, "preferences", pref_cfg, [sft_key],
+                                 lambda out: build_preferences(world, sft, out))
+    paths = {"sft": str(sft / "model"), "preferences": str(prefs)}
+    for kind, stage in (("reward", world.reward_model), ("cost", world.cost_model)):
+        folder, _ = run_stage(cache, f"{kind}_model", {"arch": world.score_arch, "stage": stage},
+                              [sft_key, prefs_key],
+                              lambda out, kind=kind: build_score_model(world, kind, sft, prefs, out))
+        paths[kind] = str(folder / "model")
+    return paths
+
+
+def world_artifacts(world: WorldConfig, rt=None) -> dict[str, str]:
+    """``build_world`` on rank 0 while the other ranks wait, then the paths on every rank."""
+    if rt is None or not rt.distributed:
+        return build_world(world)
+    if rt.is_main:
+        paths = build_world(world)
+    rt.barrier()
+    if not rt.is_main:
+        paths = build_world(world)  # every stage is cached now: this only resolves the folders
+    return paths
+
+
+def world_metrics(paths: dict[str, str]) -> dict[str, float]:
+    """The stage metrics of a built world (reward/cost model accuracies, preference statistics, SFT loss)."""
+    out: dict[str, float] = {}
+    for key in ("sft", "reward", "cost"):
+        out.update(json.loads((Path(paths[key]).parent / STAGE_FILE).read_text())["metrics"])
+    out.update(json.loads((Path(paths["preferences"]) / STAGE_FILE).read_text())["metrics"])
+    return out

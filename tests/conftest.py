@@ -1,0 +1,51 @@
+"""Shared fixtures: the real config composed at smoke size, an isolated world cache, W&B kept offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _environment(tmp_path_factory):
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        os.environ[key] = str(wandb_dir)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.setdefault("REPO_EXP_CACHE", str(tmp_path_factory.mktemp("world_cache")))
+    yield
+
+
+@pytest.fixture
+def compose():
+    """``compose(*overrides)`` → the composed DictConfig of ``conf/config.yaml``, as ``python -m repo_exp`` sees it."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from repo_exp.config import register_configs
+
+    register_configs()
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+SMOKE = ("experiment=smoke", "logger=none", "trainer.progress=false")
+
+
+@pytest.fixture
+def smoke_cfg(compose):
+    """``smoke_cfg(*overrides)``: the smoke experiment with extra overrides."""
+    return lambda *overrides: compose(*SMOKE, *overrides)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
