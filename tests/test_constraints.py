@@ -1,0 +1,150 @@
+"""Constraint types: multiplier updates against hand computations, and which samples get a cost term."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from repo_exp.constraints import AverageConstraint, NoConstraint, RectifiedConstraint, ShapingConstraint
+
+
+def adv(B=4, T=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+
+
+def test_average_log_space_sgd_step_by_hand():
+    c = AverageConstraint(threshold=0.0, lambda_init=1.0, lambda_lr=0.1, window=128)
+    c.update(torch.tensor([1.0, 3.0]), torch.arange(2), step=0)  # J_c = 2
+    # log λ ← 0 + 0.1 · 1 · (2 − 0) = 0.2
+    assert c.multiplier == pytest.approx(math.exp(0.2))
+    c.update(torch.tensor([-4.0, -4.0]), torch.arange(2), step=1)  # window [1, 3, −4, −4] → J_c = −1
+    assert c.multiplier == pytest.approx(math.exp(0.2 + 0.1 * math.exp(0.2) * (-1.0)))
+
+
+def test_average_lambda_rises_above_threshold_and_falls_below():
+    c = AverageConstraint(threshold=0.5, lambda_init=1.0, lambda_lr=0.1, window=4)
+    lams = [c.multiplier]
+    for _ in range(5):
+        c.update(torch.full((4,), 1.0), torch.arange(4), step=10)
+        lams.append(c.multiplier)
+    assert all(b > a for a, b in zip(lams, lams[1:]))
+    for _ in range(5):
+        c.update(torch.full((4,), 0.0), torch.arange(4), step=10)
+        lams.append(c.multiplier)
+    assert all(b < a for a, b in zip(lams[5:], lams[6:]))
+
+
+def test_average_window_keeps_the_last_episodes():
+    c = AverageConstraint(window=3)
+    c.update(torch.tensor([10.0, 10.0]), torch.arange(2), 0)
+    c.update(torch.tensor([1.0, 2.0]), torch.arange(2), 0)
+    assert list(c.window) == [10.0, 1.0, 2.0]
+    assert c.window_cost() == pytest.approx(13.0 / 3)
+
+
+def test_average_delay_and_cap():
+    c = AverageConstraint(lambda_init=1.0, lambda_lr=1.0, lambda_max=2.0, delay=2)
+    c.update(torch.tensor([5.0]), torch.arange(1), step=0)
+    c.update(torch.tensor([5.0]), torch.arange(1), step=1)
+    assert c.multiplier == pytest.approx(1.0)  # no update before `delay` steps
+    c.update(torch.tensor([5.0]), torch.arange(1), step=2)
+    assert c.multiplier == pytest.approx(2.0)  # log λ = 0 + 1·1·5 = 5, capped at log 2
+
+
+def test_average_mixes_every_sample_with_normalisation():
+    c = AverageConstraint(lambda_init=3.0)
+    ar, ac = adv()
+    out = c.mix_advantages(ar, ac, c.cost_gate(torch.zeros(4), torch.arange(4)))
+    torch.testing.assert_close(out, (ar - 3.0 * ac) / 4.0)
+
+
+def test_average_ignores_nonfinite_costs():
+    c = AverageConstraint()
+    c.update(torch.tensor([float("nan"), 1.0]), torch.arange(2), 0)
+    c.update(torch.tensor([float("inf")]), torch.arange(1), 1)
+    assert c.multiplier == 1.0 and len(c.window) == 0
+
+
+def test_average_state_round_trip():
+    c = AverageConstraint(window=5)
+    c.update(torch.tensor([0.3, 0.7]), torch.arange(2), 0)
+    d = AverageConstraint(window=5)
+    d.load_state_dict(c.state_dict())
+    assert d.multiplier == c.multiplier and list(d.window) == list(c.window)
+
+
+def test_rectified_sample_gate_safe_samples_get_exactly_reward_advantage():
+    c = RectifiedConstraint(threshold=0.0, lambda_init=2.0)
+    ar, ac = adv()
+    costs = torch.tensor([-1.0, 0.0, 0.5, 3.0])  # C ≤ d is safe: samples 0 and 1
+    gate = c.cost_gate(costs, torch.arange(4))
+    assert gate.tolist() == [False, False, True, True]
+    out = c.mix_advantages(ar, ac, gate)
+    assert torch.equal(out[:2], ar[:2])
+    torch.testing.assert_close(out[2:], (ar[2:] - 2.0 * ac[2:]) / 3.0)
+
+
+def test_rectified_prompt_gate_treats_a_prompt_alike():
+    c = RectifiedConstraint(threshold=0.0, granularity="prompt", lambda_init=1.0, normalize=False)
+    ar, ac = adv(B=6)
+    # prompt 7: costs (1, −3) → mean −1: safe; prompt 2: (−0.5, 1.5) → mean 0.5: unsafe; prompt 9: (0, 0) → safe
+    costs = torch.tensor([1.0, -3.0, -0.5, 1.5, 0.0, 0.0])
+    prompts = torch.tensor([7, 7, 2, 2, 9, 9])
+    gate = c.cost_gate(costs, prompts)
+    assert gate.tolist() == [False, False, True, True, False, False]
+    out = c.mix_advantages(ar, ac, gate)
+    assert torch.equal(out[[0, 1, 4, 5]], ar[[0, 1, 4, 5]])
+    torch.testing.assert_close(out[2:4], ar[2:4] - ac[2:4])
+
+
+def test_rectified_learned_multiplier_dual_ascent_and_cap():
+    c = RectifiedConstraint(threshold=0.5, multiplier="learned", lambda_init=1.0, lambda_lr=0.5, lambda_max=2.0)
+    c.update(torch.tensor([1.5, 0.0, 0.5, 2.5]), torch.arange(4), 0)  # (C − d)⁺ = 1, 0, 0, 2 → 0.75
+    assert c.multiplier == pytest.approx(1.0 + 0.5 * 0.75)
+    c.update(torch.tensor([10.0]), torch.arange(1), 1)
+    assert c.multiplier == pytest.approx(2.0)  # capped
+    fixed = RectifiedConstraint(multiplier="fixed", lambda_init=1.5)
+    fixed.update(torch.tensor([10.0]), torch.arange(1), 0)
+    assert fixed.multiplier == 1.5
+
+
+def test_rectified_prompt_violation_counts_prompts_not_samples():
+    c = RectifiedConstraint(threshold=0.0, granularity="prompt")
+    # prompt 0: 3 samples with mean 1 → 1; prompt 1: 1 sample cost −1 → 0; mean over prompts 0.5
+    v = c.violation(torch.tensor([0.0, 1.0, 2.0, -1.0]), torch.tensor([0, 0, 0, 1]))
+    assert v.item() == pytest.approx(0.5)
+
+
+def test_lambda_never_negative_or_nan():
+    c = RectifiedConstraint(multiplier="learned", lambda_init=0.0, tolerance=1.0)
+    c.update(torch.tensor([0.0]), torch.arange(1), 0)  # violation 0 − tolerance 1 → would go negative
+    assert c.multiplier == 0.0
+    c.update(torch.tensor([float("nan")]), torch.arange(1), 1)
+    assert c.multiplier == 0.0
+    a = AverageConstraint(lambda_lr=10.0)
+    for _ in range(20):
+        a.update(torch.tensor([1e6]), torch.arange(1), 0)
+    assert math.isfinite(a.multiplier) and a.multiplier > 0
+
+
+def test_shaping_penalises_every_sample_and_none_never():
+    ar, ac = adv()
+    costs = torch.tensor([-1.0, -1.0, 2.0, 2.0])
+    s = ShapingConstraint(multiplier=0.5)
+    torch.testing.assert_close(s.mix_advantages(ar, ac, s.cost_gate(costs, torch.arange(4))), ar - 0.5 * ac)
+    n = NoConstraint()
+    assert not n.needs_cost_critic
+    assert torch.equal(n.mix_advantages(ar, ac, n.cost_gate(costs, torch.arange(4))), ar)
+    assert (n.kl_reward_weight, n.kl_cost_weight) == (1.0, 0.0)
+
+
+def test_bad_constraint_values_are_refused():
+    with pytest.raises(ValueError, match="granularity"):
+        RectifiedConstraint(granularity="token")
+    with pytest.raises(ValueError, match="threshold"):
+        AverageConstraint(threshold=float("nan"))
+    with pytest.raises(ValueError, match="lambda_init"):
+        AverageConstraint(lambda_init=0.0)
