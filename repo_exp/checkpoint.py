@@ -6,6 +6,9 @@ multiplier and window, the data position, RNG states and the step. It is written
 sizes and SHA-256 recorded in ``manifest.json`` last, then renamed into place: a folder without a valid manifest is
 incomplete or corrupt, and resuming skips it with a warning in favour of the previous one. The last ``keep_last``
 are kept.
+
+Every rank writes its own RNG states (``rng.pt`` for rank 0, ``rng_rank<r>.pt`` for the others): each rank samples
+from its own stream, so restoring rank 0's on every rank would change a resumed run.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,74 @@ def verify(folder: Path) -> str | None:
         if meta.get("sha256") and _sha256(path) != meta["sha256"]:
             return f"{rel} does not match its recorded SHA-256"
     return None
+
+
+def check_checkpoint(folder: str | os.PathLike, option: str) -> Path:
+    """``folder`` as a complete training checkpoint, or a ``ValueError`` that says what it is instead.
+
+    ``option`` names the setting that pointed at it (``trainer.resume``, ``trainer.init_from``) for the message.
+    """
+    path = Path(folder)
+    where = f"{option}={folder}"
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: no such folder")
+    if not path.is_dir():
+        raise ValueError(f"{where} is a file; a checkpoint is a folder checkpoints/step_NNNNNN of a run")
+    if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+        raise ValueError(f"{where} is a run folder, not a checkpoint: give one of its checkpoints/step_NNNNNN "
+                         f"folders, or run in it (hydra.run.dir={folder}) with trainer.resume=auto")
+    if not (path / MANIFEST).is_file() and (path / "config.json").is_file():
+        try:
+            architectures = json.loads((path / "config.json").read_text()).get("architectures")
+        except ValueError:
+            architectures = None
+        kind = "a score model" if any(str(a).endswith("ForScore") for a in architectures or []) else "a model"
+        raise ValueError(f"{where} is {kind} folder (config.json architectures {architectures}), not a training "
+                         f"checkpoint of repo_exp (checkpoints/step_NNNNNN with manifest.json and state.json); "
+                         f"a model to start from goes in model.path, reward.path or cost.path")
+    problem = verify(path)
+    if problem:
+        raise ValueError(f"{where} is not a complete checkpoint: {problem}")
+    if not (path / "state.json").is_file():
+        raise ValueError(f"{where} has a manifest but no state.json: it is not a training checkpoint of repo_exp")
+    return path
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / ("rng.pt" if rank == 0 else f"rng_rank{rank}.pt")
+
+
+def save_rng_states(folder: Path, rank: int) -> None:
+    """This rank's Python, NumPy, torch CPU and CUDA generator states, as plain tensors and numbers (so that they load
+    with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(state, rng_file(folder, rank))
+
+
+def load_rng_states(folder: Path, rank: int) -> bool:
+    """Restore what ``save_rng_states`` wrote for ``rank``; False (states untouched) when the checkpoint has none for
+    it (it was written by fewer ranks)."""
+    from repo_exp.models.weights import load_bin
+
+    path = rng_file(folder, rank)
+    if not path.is_file():
+        return False
+    state: dict[str, Any] = load_bin(path)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
 
 
 def step_of(folder: Path) -> int:
@@ -123,6 +198,8 @@ class CheckpointManager:
         return None
 
     def _prune(self) -> None:
-        complete = [p for p in self.checkpoints()]
-        for old in complete[: -self.keep_last]:
+        for old in self.checkpoints()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        # temporary folders left by a process killed while writing: never complete, and as large as a checkpoint
+        for stale in self.root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)

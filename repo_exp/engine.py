@@ -13,6 +13,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from repo_exp.config import AdamWConfig, SchedulerConfig
+from repo_exp.models.weights import load_bin
 
 
 class Engine(Protocol):
@@ -75,6 +76,6 @@ class TorchEngine:
         torch.save(self.state_dict(), folder / f"{self.name}.optim.pt")
 
     def load(self, folder: Path) -> None:
-        state = torch.load(folder / f"{self.name}.optim.pt", map_location="cpu", weights_only=True)
+        state = load_bin(folder / f"{self.name}.optim.pt")  # weights_only: a tampered file cannot run code
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

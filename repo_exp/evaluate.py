@@ -6,22 +6,39 @@ prompt set has one, the ground-truth oracle), and returns one row per prompt. ``
 (``eval.seed``), so the initial and the trained policy are compared sample slot by sample slot.
 
 ``python -m repo_exp.evaluate`` (Hydra-composed like training) evaluates the initial policy, or a checkpoint given
-by ``+checkpoint=PATH``, and writes ``eval/summary.json`` and ``eval/per_prompt.jsonl`` under the run folder.
+by ``eval.checkpoint=PATH`` (a checkpoint folder, or a run folder: its latest complete checkpoint), on the prompt set
+``eval.data`` (``eval/data=strongreject|file|pku_saferlhf|world``; default: the run's ``data`` at its ``eval_split``),
+and writes ``eval/summary.json`` and ``eval/per_prompt.jsonl`` under the Hydra run folder. With a checkpoint, the
+initial policy is evaluated first (``eval/initial/``), on the same prompts and sampling noise, for the win and
+interference rates. The models are built by the trainer's own ``build_models``, so a config that trains a policy
+also evaluates its checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from repo_exp.data.prompts import PromptEncoder
+from repo_exp.data.prompts import PromptEncoder, PromptSet, load_prompt_set
 from repo_exp.metrics import eval_figures, prefixed, prompt_stats
 from repo_exp.rollout.make import make_experience
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from repo_exp.config import Config, DataConfig
+    from repo_exp.loggers import MetricsLogger
+    from repo_exp.runtime import Runtime
+    from repo_exp.setup import Models
+
+log = logging.getLogger("repo_exp")
 
 Oracle = Callable[[dict, str, str], dict]
 
@@ -185,6 +202,146 @@ def wandb_rows(rows: list[dict]) -> list[dict]:
             row["oracle_mean_reward"] = r["oracle"]["mean_reward"]
         out.append(row)
     return out
+
+
+# ------------------------------------------------------------------------------------- one evaluation, end to end
+
+
+def eval_data(config: Config) -> DataConfig:
+    """The prompt source of evaluation: ``eval.data`` when set, else the run's ``data``."""
+    return config.eval.data if config.eval.data is not None else config.data
+
+
+def eval_prompt_set(config: Config) -> PromptSet:
+    """The evaluation prompts: ``eval_data(config)`` at its ``eval_split``, the first ``eval.max_prompts``."""
+    data = eval_data(config)
+    return load_prompt_set(data, data.eval_split, config.world).take(config.eval.max_prompts)
+
+
+def eval_threshold(config: Config) -> float:
+    """d of the ``eval/…`` figures: ``eval.threshold``, else the constraint's own."""
+    return config.eval.threshold if config.eval.threshold is not None else config.constraint.threshold
+
+
+def eval_oracle(config: Config) -> Oracle | None:
+    """The ground truth of the evaluation prompts, where they have one (the synthetic world's)."""
+    return world_oracle(config.world.temptation) if eval_data(config).source == "world" else None
+
+
+def evaluate_models(models: Models, encoder: PromptEncoder, config: Config, runtime: Runtime | None = None,
+                    initial: list[dict] | None = None, is_initial: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """Sample and score ``models.policy`` on ``encoder``'s prompts; returns the per-prompt rows and their summary.
+
+    ``initial`` holds the initial policy's rows on the same prompts, for the win and interference rates; with
+    ``is_initial`` the policy is the initial one and is compared with itself (win rate 0.5, no interference); with
+    neither, those figures are left out.
+    """
+    e, t = config.eval, config.trainer
+    start = time.perf_counter()
+    rows = evaluate_policy(
+        models.policy.module, models.ref, models.reward, models.cost, models.tokenizer, encoder,
+        samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
+        threshold=eval_threshold(config), oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
+    )
+    summary = summarize(rows, eval_threshold(config), rows if is_initial else initial)
+    summary["eval/threshold"] = eval_threshold(config)
+    summary["timing/eval"] = time.perf_counter() - start
+    return rows, summary
+
+
+def publish_eval(folder: Path, tag: str, step: int, summary: dict[str, Any], rows: list[dict],
+                 logger: MetricsLogger) -> None:
+    """Write ``summary.json`` and ``per_prompt.jsonl`` to ``folder``; log the figures, the per-prompt W&B table and
+    the histogram of per-prompt mean cost C̄(x)."""
+    write_eval(folder, summary, rows)
+    logger.log(summary, step)
+    logger.log_table(f"eval/per_prompt/{tag}", wandb_rows(rows), step)
+    logger.log_histogram("eval/prompt_mean_cost", [r["mean_cost"] for r in rows], step)
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A complete checkpoint folder from ``path``: the folder itself, or a run folder's latest complete one."""
+    from repo_exp.checkpoint import CheckpointManager, verify
+
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"eval.checkpoint={path!r} does not exist")
+    if (folder / "checkpoints").is_dir():
+        latest = CheckpointManager(folder / "checkpoints").latest_complete()
+        if latest is None:
+            raise FileNotFoundError(f"eval.checkpoint={path!r}: the run folder has no complete checkpoint")
+        return latest
+    problem = verify(folder)
+    if problem:
+        raise ValueError(f"eval.checkpoint={path!r} is not a complete checkpoint ({problem})")
+    return folder
+
+
+def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """``python -m repo_exp.evaluate``: evaluate the initial policy or ``eval.checkpoint`` and write ``run_dir/eval``.
+
+    Returns the summary of the policy evaluated last.
+    """
+    from repo_exp.config import validate
+    from repo_exp.loggers import MetricsLogger
+    from repo_exp.runtime import init_runtime
+    from repo_exp.setup import build_constraint, build_models
+
+    config = validate(cfg)
+    checkpoint = resolve_checkpoint(config.eval.checkpoint) if config.eval.checkpoint else None
+    rt = init_runtime(config.deepspeed.enabled)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm))
+    prompts = eval_prompt_set(config)
+    encoder = PromptEncoder(prompts, models.tokenizer, config.model.template, config.trainer.max_prompt_length)
+    logger = MetricsLogger(run_dir, enabled=rt.is_main, wandb=_wandb_sink(config, cfg, rt, run_dir))
+    try:
+        initial_rows = None
+        summary: dict[str, Any] = {}
+        if checkpoint is None or config.eval.at_start:
+            initial_rows, summary = evaluate_models(models, encoder, config, rt, is_initial=True)
+            summary["eval/step"] = 0
+            if rt.is_main:
+                folder = run_dir / "eval" / "initial" if checkpoint is not None else run_dir / "eval"
+                publish_eval(folder, "initial", 0, summary, initial_rows, logger)
+        if checkpoint is not None:
+            step = json.loads((checkpoint / "state.json").read_text()).get("step", 0)
+            models.load_weights(checkpoint, critics=False)
+            rows, summary = evaluate_models(models, encoder, config, rt, initial=initial_rows)
+            summary["eval/step"] = step
+            if rt.is_main:
+                publish_eval(run_dir / "eval", "checkpoint", step, summary, rows, logger)
+        if rt.is_main:
+            provenance = {"checkpoint": str(checkpoint) if checkpoint else None, "prompt_set": prompts.name,
+                          "num_prompts": len(encoder), "threshold": eval_threshold(config)}
+            (run_dir / "eval" / "evaluated.json").write_text(json.dumps(provenance, indent=2))
+            log.info("evaluated %s on %d prompts of %s: %s", checkpoint or "the initial policy", len(encoder),
+                     prompts.name, {k: round(v, 4) for k, v in summary.items() if k in HEADLINE})
+        return summary
+    finally:
+        logger.close()
+
+
+HEADLINE = ("eval/reward_mean", "eval/mean_cost", "eval/prompt_violation_rate", "eval/unsafe_rate",
+            "eval/safe_reward_mean", "oracle/prompt_violation_rate")
+
+
+def _wandb_sink(config: Config, cfg: DictConfig, rt: Runtime, run_dir: Path):
+    """The W&B run of an evaluation job (``logger=wandb``), named and grouped like a training job."""
+    if config.logger.name != "wandb" or not rt.is_main:
+        return None
+    from omegaconf import OmegaConf
+
+    from repo_exp.loggers import WandbSink, run_identity
+
+    group, name = run_identity(config)
+    return WandbSink(
+        project=config.logger.project, entity=config.logger.entity, group=config.logger.group or group,
+        name=config.run_name or f"eval-{name}", config=OmegaConf.to_container(cfg, resolve=True),
+        tags=[*config.logger.tags, "eval"], run_dir=run_dir, mode=config.logger.mode, run_id=None,
+        timeout=config.logger.init_timeout,
+    )
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+# whole-word key names only: `hf_token` and `api_key` are secrets, `max_new_tokens` and `tokenizer` are not
+SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
 
 
@@ -69,10 +70,10 @@ class WandbSink:
             self.run = wandb.init(
                 project=project,
                 entity=entity,
-                group=group,
-                name=name,
+                group=scrub(group),
+                name=scrub(name),
                 config=scrub(config),
-                tags=list(tags),
+                tags=scrub(list(tags)),
                 dir=str(run_dir),
                 mode=mode or os.environ.get("WANDB_MODE") or "online",
                 id=run_id,

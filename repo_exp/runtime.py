@@ -76,6 +76,14 @@ class Runtime:
             dist.barrier()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_runtime(use_deepspeed: bool) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -84,12 +92,15 @@ def init_runtime(use_deepspeed: bool) -> Runtime:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        if use_deepspeed:
-            import deepspeed
+    if use_deepspeed and not dist.is_initialized():
+        import deepspeed
 
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-        else:
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        if world_size == 1:  # DeepSpeed needs a process group even for one process: a group of one
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                               ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    elif world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     comm = DistComm(world_size) if world_size > 1 else LocalRuntimeComm()
     return Runtime(rank, local_rank, world_size, device, comm)

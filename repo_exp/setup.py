@@ -76,15 +76,22 @@ class Models:
     def engines(self) -> list[Engine]:
         return [self.policy, *self.critics.engines]
 
-    def save_weights(self, folder: Path) -> None:
-        """The policy as a causal-LM folder (config, safetensors, tokenizer) and each critic in the score layout."""
+    def save_weights(self, folder: Path, is_main: bool = True) -> None:
+        """The policy as a causal-LM folder (config, safetensors, tokenizer) and each critic in the score layout.
+
+        Called on every rank (gathering ZeRO-3 partitions is collective); only ``is_main`` writes."""
+        if not is_main:
+            return
         self.policy.module.save_pretrained(folder / "policy", safe_serialization=True)
         self.tokenizer.save_pretrained(folder / "policy")
         for name, engine in zip(self.critics.names, self.critics.engines):
             engine.module.save_pretrained(folder / name)
 
-    def load_weights(self, folder: Path) -> None:
+    def load_weights(self, folder: Path, critics: bool = True) -> None:
+        """Weights saved by ``save_weights``; ``critics=False`` loads the policy only (evaluation needs no critic)."""
         _load_into(self.policy.module, folder / "policy")
+        if not critics:
+            return
         for name, engine in zip(self.critics.names, self.critics.engines):
             _load_into(engine.module, folder / name)
 
@@ -127,14 +134,16 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     cost_path = paths.get("cost") if config.cost.source == "world" else config.cost.path
 
     tokenizer = _tokenizer_for(config.model, policy_path)
-    policy = load_policy(config.model, tokenizer, policy_path).to(rt.device)
+    # under ZeRO-3 the models stay on the CPU until DeepSpeed partitions them: six whole 7B models fit no GPU
+    device = torch.device("cpu") if config.deepspeed.enabled and config.deepspeed.zero_stage == 3 else rt.device
+    policy = load_policy(config.model, tokenizer, policy_path).to(device)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     ref = frozen(copy.deepcopy(policy))
     reward_model = frozen(load_scorer(config.reward, _tokenizer_for(config.reward, reward_path), reward_path))
     cost_model = frozen(load_scorer(config.cost, _tokenizer_for(config.cost, cost_path), cost_path))
-    reward_model.to(rt.device)
-    cost_model.to(rt.device)
+    reward_model.to(device)
+    cost_model.to(device)
     max_len = t.max_prompt_length + t.max_new_tokens
     reward = Scorer(reward_model, _tokenizer_for(config.reward, reward_path), config.reward.template, tokenizer,
                     config.model.template, max_len)

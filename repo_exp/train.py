@@ -14,6 +14,7 @@ exact:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,12 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from repo_exp.algorithms import critic_loss, gae_advantages, masked_mean, masked_whiten, policy_loss, token_streams
-from repo_exp.checkpoint import CheckpointManager
-from repo_exp.config import Config
+from repo_exp.checkpoint import CheckpointManager, check_checkpoint, load_rng_states, save_rng_states
+from repo_exp.config import Config, ConfigError
 from repo_exp.constraints import Constraint
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
 from repo_exp.engine import Engine
-from repo_exp.evaluate import evaluate_policy, read_rows, summarize, wandb_rows, world_oracle, write_eval
+from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
 from repo_exp.loggers import MetricsLogger, WandbSink, truncate_metrics
 from repo_exp.models.weights import load_state_dict_safely
 from repo_exp.rollout import Experience, Scorer, Timings, critic_values, make_experience, sequence_logprobs
@@ -82,7 +83,7 @@ def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float
 
 
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
-               fused: bool) -> tuple[dict[str, float], bool]:
+               fused: bool, all_finite: Callable[[bool], bool] = bool) -> tuple[dict[str, float], bool]:
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
 
     Returns mean statistics and whether the update was skipped because something was not finite.
@@ -114,7 +115,8 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                                                 micro.response_mask, ppo.clip_range_value, agg)
                                     if cost_values is not None else None)
                 losses = [actor_loss, reward_critic_loss] + ([cost_critic_loss] if cost_critic_loss is not None else [])
-                if not all(torch.isfinite(x).all() for x in (*losses, micro.advantages)):
+                # agreed over ranks: under DeepSpeed each backward is collective, so all ranks skip or none does
+                if not all_finite(all(bool(torch.isfinite(x).all()) for x in (*losses, micro.advantages))):
                     for engine in engines:
                         engine.zero_grad()
                     return {"loss/nonfinite": 1.0}, True
@@ -189,13 +191,20 @@ class Trainer:
         self.config = config
         self.cfg = cfg
         self.rt = init_runtime(config.deepspeed.enabled)
+        if self.rt.distributed and not config.deepspeed.enabled:
+            raise ConfigError(f"{self.rt.world_size} processes but deepspeed=none: plain torch engines do not average "
+                              f"gradients over ranks; launch with deepspeed=zero2 or zero3")
         self.run_dir = self._shared_run_dir(run_dir)
+        self._refuse_used_run_dir()
         _seed_everything(config.seed + self.rt.rank, config.trainer)
         self.constraint = build_constraint(cfg.constraint, self.rt.comm)
-        self.models = build_models(config, self.rt, self.constraint)
         t = config.trainer
         world = config.world
         train_set = load_prompt_set(config.data, config.data.split, world)
+        if t.epochs is not None:  # before the engines are built: their learning-rate schedules span the whole run
+            t.total_steps = max(1, math.ceil(t.epochs * len(train_set) / t.prompts_per_step))
+            log.info("trainer.epochs=%g over %d prompts: %d steps", t.epochs, len(train_set), t.total_steps)
+        self.models = build_models(config, self.rt, self.constraint)
         self.encoder = PromptEncoder(train_set, self.models.tokenizer, config.model.template, t.max_prompt_length)
         self.stream = PromptStream(len(self.encoder), t.prompts_per_step, config.seed, self.rt.rank, self.rt.world_size)
         self.eval_encoder = self._eval_encoder()
@@ -227,10 +236,8 @@ class Trainer:
         e, t = self.config.eval, self.config.trainer
         if not (e.at_start or e.at_end or e.every):
             return None
-        data = e.data or self.config.data
-        split = data.eval_split if e.data is None else data.split
-        prompts = load_prompt_set(data, split, self.config.world).take(e.max_prompts)
-        return PromptEncoder(prompts, self.models.tokenizer, self.config.model.template, t.max_prompt_length)
+        return PromptEncoder(eval_prompt_set(self.config), self.models.tokenizer, self.config.model.template,
+                             t.max_prompt_length)
 
     def _logger(self) -> MetricsLogger:
         sink = None
@@ -261,11 +268,20 @@ class Trainer:
         t, e = self.config.trainer, self.config.eval
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            final = self.run_dir / "eval" / "summary.json"
+            if self.start_step >= t.total_steps and final.is_file():
+                log.warning("the run in %s already finished (step %d, final evaluation written): nothing to do",
+                            self.run_dir, self.start_step)
+                return json.loads(final.read_text())
             if e.at_start and self.initial_rows is None and self.eval_encoder is not None:
                 self.evaluate("initial", step=self.start_step)
+            if self._agreed_stop():  # a signal during the initial evaluation: no step ran, nothing new to save
+                log.warning("stopped by signal %s before step %d; continue with trainer.resume=auto",
+                            self.stop_signal, self.start_step + 1)
+                return {"stopped_at": self.start_step}
             bar = tqdm(range(self.start_step, t.total_steps), initial=self.start_step, total=t.total_steps,
                        disable=not (t.progress and self.rt.is_main), desc="rl", dynamic_ncols=True)
-            step = self.start_step
+            done = self.start_step
             for step in bar:
                 metrics = self.train_step(step)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "cost/mean", "constraint/lambda")
@@ -280,9 +296,9 @@ class Trainer:
                     return {"stopped_at": done}
                 if t.save_every and done % t.save_every == 0 and done < t.total_steps:
                     self.save(done)
-            final_step = max(step + 1, self.start_step)
-            self.save(final_step)
-            summary = self.evaluate("final", step=final_step) if e.at_end and self.eval_encoder is not None else {}
+            if done > self.start_step:  # else this run resumed at its last step, whose checkpoint exists
+                self.save(done)
+            summary = self.evaluate("final", step=done) if e.at_end and self.eval_encoder is not None else {}
             return summary
         finally:
             for s, handler in previous.items():
@@ -294,10 +310,12 @@ class Trainer:
         timings = Timings()
         with timings.section("rollout"):
             exp = self.rollout(step, timings)
-        if not (torch.isfinite(exp.rewards).all() and torch.isfinite(exp.costs).all()):
+        if not self._all_ranks(bool(torch.isfinite(exp.rewards).all() and torch.isfinite(exp.costs).all())):
             return self._skip(step, "a reward or cost is not finite", timings, start)
+        constraint_before = copy.deepcopy(self.constraint.state_dict())  # a skipped step leaves λ where it was
         constraint_metrics = self.constraint.update(exp.costs, exp.prompt_index, step)
         if not math.isfinite(self.constraint.multiplier):
+            self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "λ is not finite", timings, start)
         exp.cost_active = self.constraint.cost_gate(exp.costs, exp.prompt_index)
         exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
@@ -310,13 +328,15 @@ class Trainer:
             _advantage_stats(exp, adv_stats)
         with timings.section("update"):
             generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
-            update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused)
+            update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
+                                                 all_finite=self._all_ranks)
         if skipped:
+            self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
         self.nonfinite_in_a_row = 0
         metrics = step_metrics(exp, self.constraint, self.rt)
         metrics.update(constraint_metrics)
-        metrics.update(update_metrics)
+        metrics.update(self._rank_mean(update_metrics))
         metrics.update({k: sum(v) / len(v) for k, v in adv_stats.items()})
         metrics.update(self._oracle_metrics(exp))
         metrics.update(self._timing_metrics(exp, timings, start))
@@ -380,26 +400,17 @@ class Trainer:
 
     # ---- evaluation
     def evaluate(self, tag: str, step: int) -> dict[str, Any]:
-        e, t = self.config.eval, self.config.trainer
-        start = time.perf_counter()
-        m = self.models
-        rows = evaluate_policy(
-            m.policy.module, m.ref, m.reward, m.cost, m.tokenizer, self.eval_encoder,
-            samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
-            max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
-            threshold=self.constraint.threshold, oracle=self.oracle, runtime=self.rt, top_k=t.top_k, top_p=t.top_p,
-        )
+        """Evaluate the current policy (``repo_exp.evaluate.evaluate_models``) into ``eval/`` (final) or
+        ``eval/<tag>/``; every evaluation after the initial one is compared with it."""
+        initial = None if tag == "initial" else self.initial_rows
+        rows, summary = evaluate_models(self.models, self.eval_encoder, self.config, self.rt, initial=initial,
+                                        is_initial=tag == "initial")
         if tag == "initial":
             self.initial_rows = rows
-        summary = summarize(rows, self.constraint.threshold, None if tag == "initial" else self.initial_rows)
         summary["eval/step"] = step
-        summary["timing/eval"] = time.perf_counter() - start
         if self.rt.is_main:
             folder = self.run_dir / "eval" if tag == "final" else self.run_dir / "eval" / tag
-            write_eval(folder, summary, rows)
-            self.logger.log({k: v for k, v in summary.items()}, step)
-            self.logger.log_table(f"eval/per_prompt/{tag}", wandb_rows(rows), step)
-            self.logger.log_histogram("eval/prompt_mean_cost", [r["mean_cost"] for r in rows], step)
+            publish_eval(folder, tag, step, summary, rows, self.logger)
         return summary
 
     # ---- checkpoints
@@ -408,6 +419,19 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_signal = signum
         log.warning("received signal %d: finishing the current step, then saving a checkpoint", signum)
+
+    def _all_ranks(self, local: bool) -> bool:
+        """True when ``local`` holds on every rank."""
+        return self.rt.comm.all_finished(local) if self.rt.distributed else local
+
+    def _rank_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per-rank update statistics averaged over ranks (every rank has the same keys and micro-batch count)."""
+        if not self.rt.distributed or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        means = self.rt.comm.all_reduce_mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                                                          device=self.rt.device))
+        return dict(zip(keys, means.tolist()))
 
     def _agreed_stop(self) -> bool:
         local = self.stop_signal is not None
@@ -419,19 +443,17 @@ class Trainer:
         m = self.models
 
         def write(folder: Path) -> None:
+            m.save_weights(folder, is_main=self.rt.is_main)  # every rank: gathering ZeRO-3 shards is collective
             if self.rt.is_main:
-                m.save_weights(folder)
                 state = {
                     "step": step,
                     "constraint": self.constraint.state_dict(),
                     "stream": self.stream.state_dict(),
                     "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                    "python_rng": _python_rng_state(),
-                    "numpy_rng": _numpy_rng_state(),
                     "constraint_name": self.config.constraint.name,
                 }
                 (folder / "state.json").write_text(json.dumps(state))
-                torch.save({"torch": torch.get_rng_state()}, folder / "rng.pt")
+            save_rng_states(folder, self.rt.rank)
             for engine in m.engines:
                 engine.save(folder)
 
@@ -447,13 +469,10 @@ class Trainer:
             folder = self.checkpoints.latest_complete()
             if folder is None:
                 log.info("trainer.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
+                if self.rt.is_main:  # rows of a run stopped before its first checkpoint are redone: keep them aside
+                    truncate_metrics(self.run_dir / "metrics.jsonl", -1)
         elif t.resume:
-            folder = Path(t.resume)
-            from repo_exp.checkpoint import verify
-
-            problem = verify(folder)
-            if problem:
-                raise ValueError(f"trainer.resume={t.resume}: not a complete checkpoint ({problem})")
+            folder = check_checkpoint(t.resume, "trainer.resume")
         if folder is not None:
             self.load(folder, full=True)
             self.start_step = json.loads((folder / "state.json").read_text())["step"]
@@ -467,8 +486,23 @@ class Trainer:
                 self.initial_rows = read_rows(initial)
             log.info("resumed from %s at step %d", folder, self.start_step)
         elif t.init_from:
-            self.load(Path(t.init_from), full=False)
+            self.load(check_checkpoint(t.init_from, "trainer.init_from"), full=False)
             log.info("initialised weights and λ from %s", t.init_from)
+
+    def _refuse_used_run_dir(self) -> None:
+        """A fresh run (no ``trainer.resume``) in a folder that holds another run's metrics or checkpoints would mix
+        its rows into theirs and prune their checkpoints: refuse before anything is written."""
+        if self.config.trainer.resume:
+            return
+        metrics = self.run_dir / "metrics.jsonl"
+        used = [name for name, present in (("metrics.jsonl", metrics.is_file() and metrics.stat().st_size > 0),
+                                           ("checkpoints/", bool(CheckpointManager(self.run_dir / "checkpoints")
+                                                                 .checkpoints())))
+                if present]
+        if used:
+            raise ValueError(f"the run folder {self.run_dir} already holds a run ({', '.join(used)}); continue it "
+                             f"with trainer.resume=auto, or start a new run in another folder (hydra.run.dir=...); "
+                             f"its metrics and checkpoints were left as they are")
 
     def load(self, folder: Path, full: bool) -> None:
         """Weights and the constraint's state; with ``full``, also optimizers, data position and RNG states."""
@@ -484,9 +518,9 @@ class Trainer:
             engine.load(folder)
         self.stream.load_state_dict(state["stream"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
-        random.setstate(_python_rng_from(state["python_rng"]))
-        np.random.set_state(_numpy_rng_from(state["numpy_rng"]))
-        torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+        if not load_rng_states(folder, self.rt.rank):
+            log.warning("%s has no RNG state for rank %d (it was written by fewer ranks); this rank keeps its own "
+                        "seed", folder, self.rt.rank)
 
 
 def _seed_everything(seed: int, t) -> None:
@@ -497,24 +531,6 @@ def _seed_everything(seed: int, t) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _python_rng_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _python_rng_from(state: list) -> tuple:
-    return (state[0], tuple(state[1]), state[2])
-
-
-def _numpy_rng_state() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _numpy_rng_from(state: list) -> tuple:
-    return (state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4])
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

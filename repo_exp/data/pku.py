@@ -8,6 +8,7 @@ RL uses the de-duplicated prompts; reward and cost training use the preference r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from repo_exp.config import DataConfig
 
@@ -24,27 +25,48 @@ DEFAULT_HUB_ID = "PKU-Alignment/PKU-SafeRLHF"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_pku_split(data: DataConfig, split: str):
-    """One split of PKU-SafeRLHF as a ``datasets.Dataset``."""
+def load_pku_split(data: DataConfig, split: str, columns: Sequence[str] = PREFERENCE_COLUMNS):
+    """One split of PKU-SafeRLHF as a ``datasets.Dataset`` holding ``columns``.
+
+    ``data.path`` is a hub id (loaded at ``data.revision``, ``data.subset`` as its ``data_dir``), one local file (it
+    serves every split), or a local folder laid out like the hub's (``train.jsonl``, ``data/Alpaca-7B/test.parquet``
+    …; ``data.subset`` picks a sub-folder, else every file of the split below it is used). Each local file is checked
+    on its own, so a missing column is reported with the file that lacks it.
+    """
     import datasets
 
     path = data.path or DEFAULT_HUB_ID
     local = Path(path)
+    if local.exists():
+        files = [local] if local.is_file() else _split_files(local / (data.subset or ""), split)
+        parts = [_check_columns(_load_file(f), columns, str(f)).select_columns(list(columns)) for f in files]
+        # files of different formats type the same column differently (string / large_string): align to the first
+        return datasets.concatenate_datasets([parts[0], *(p.cast(parts[0].features) for p in parts[1:])])
     try:
-        if local.is_file():
-            builder = FILE_BUILDERS.get(local.suffix.lower())
-            if builder is None:
-                raise ValueError(f"data.path {path!r}: unknown file type {local.suffix!r}")
-            return datasets.load_dataset(builder, data_files=str(local), split="train")
-        if local.is_dir():
-            files = _split_files(local / (data.subset or ""), split)
-            builder = FILE_BUILDERS[files[0].suffix.lower()]
-            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-        return datasets.load_dataset(path, revision=data.revision, data_dir=data.subset, split=split)
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as exc:
+        ds = datasets.load_dataset(path, revision=data.revision, data_dir=data.subset, split=split)
+    except Exception as exc:  # offline and not cached, or no such dataset / revision / split
         raise FileNotFoundError(f"cannot load {path!r} (revision {data.revision}, split {split!r}): {exc}") from exc
+    return _check_columns(ds, columns, f"{path}@{data.revision} ({split})")
+
+
+def _load_file(path: Path):
+    import datasets
+
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"data.path {str(path)!r}: unknown file type {path.suffix!r}; use one of "
+                         f"{sorted(FILE_BUILDERS)}")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:
+        raise ValueError(f"cannot read {path} as {builder}: {exc}") from exc
+
+
+def _check_columns(ds, columns: Sequence[str], origin: str):
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{origin} lacks the PKU-SafeRLHF column(s) {missing} (its columns: {ds.column_names})")
+    return ds
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:

@@ -80,12 +80,18 @@ def load_prompt_set(data: DataConfig, split: str, world: WorldConfig | None = No
         if builder is None:
             raise ValueError(f"data.path {data.path!r}: unknown file type {path.suffix!r}; use one of "
                              f"{sorted(FILE_BUILDERS)}")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"data.path {data.path!r} is an empty file: it holds no prompts")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except (ValueError, StopIteration) as exc:  # datasets' words for a file without rows
+            raise ValueError(f"data.path {data.path!r} holds no rows that the {builder} reader can read "
+                             f"({exc or type(exc).__name__})") from exc
         texts, meta = _from_dataset(ds, data.prompt_column, data.path)
     elif data.source == "pku_saferlhf":
         from repo_exp.data.pku import load_pku_split
 
-        ds = load_pku_split(data, split)
+        ds = load_pku_split(data, split, columns=(data.prompt_column,))
         texts, meta = _from_dataset(ds, data.prompt_column, f"{data.path} ({split})")
     else:  # validated by the schema
         raise ValueError(f"unknown data.source {data.source!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from repo_exp.config import ArchConfig, ModelConfig, ScoreModelConfig
 from repo_exp.models.score_model import ScoreModel, load_score_model
+from repo_exp.models.weights import unsafe_pickle_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,14 +50,18 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config))
         return model.to(dtype)
     path = path or cfg.path
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=cfg.revision,
-        dtype=dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
-        use_safetensors=None,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+            use_safetensors=None,  # safetensors when present, else .bin through torch.load(weights_only=True)
+            weights_only=True,
+        )
+    except pickle.UnpicklingError as exc:
+        raise unsafe_pickle_error(path, exc) from exc
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ValueError(f"the policy at {path!r} has {model.get_input_embeddings().weight.shape[0]} embeddings but "
                          f"its tokenizer has {len(tokenizer)} tokens: they do not belong together")
@@ -82,6 +88,7 @@ def critic_from_scorer(scorer: ScoreModel, score_dim: int = 1) -> ScoreModel:
     critic = copy.deepcopy(scorer)
     critic.score_type = "critic"
     critic.do_normalize = False
+    critic.normalizer.function = "identity"
     if score_dim != scorer.score_dim:
         head = nn.Linear(critic.score_head.in_features, score_dim, bias=critic.bias)
         with torch.no_grad():

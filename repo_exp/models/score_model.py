@@ -41,17 +41,29 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=-1)
 
 
-class Normalizer(nn.Module):
-    """The published score normaliser's buffers; ``normalize`` applies ``(x − mean) / sqrt(var + eps)``."""
+# The published models pick the normalisation by score type: a cost is only scaled, so that its sign (unsafe when
+# C > 0) survives normalisation; a reward is shifted and scaled; a critic is left alone.
+NORMALIZE_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"}
 
-    def __init__(self, score_dim: int) -> None:
+
+class Normalizer(nn.Module):
+    """The published score normaliser's buffers (``mean``, ``var``, ``count``) and its ``normalize``:
+    affine ``(x − mean) / (std + eps)``, scale ``x / (std + eps)`` or identity."""
+
+    def __init__(self, score_dim: int, function: str = "affine") -> None:
         super().__init__()
+        self.function = function
         self.register_buffer("mean", torch.zeros(score_dim))
         self.register_buffer("var", torch.ones(score_dim))
         self.register_buffer("count", torch.zeros(1, dtype=torch.long))
 
     def normalize(self, scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        return (scores - self.mean.to(scores.dtype)) / torch.sqrt(self.var.to(scores.dtype) + eps)
+        std = self.var.to(scores.dtype).sqrt()
+        if self.function == "affine":
+            return (scores - self.mean.to(scores.dtype)) / (std + eps)
+        if self.function == "scale":
+            return scores / (std + eps)
+        return scores
 
 
 class ScoreModel(nn.Module):
@@ -74,7 +86,7 @@ class ScoreModel(nn.Module):
         self.do_normalize = bool(do_normalize)
         self.model = trunk if trunk is not None else AutoModel.from_config(config)
         self.score_head = nn.Linear(config.hidden_size, self.score_dim, bias=self.bias)
-        self.normalizer = Normalizer(self.score_dim)
+        self.normalizer = Normalizer(self.score_dim, NORMALIZE_FUNCTIONS.get(score_type, "affine"))
 
     # ---- forward passes
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -114,25 +126,32 @@ class ScoreModel(nn.Module):
             "normalizer_type": None,
         }
 
-    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` in the published layout (and the tokenizer, if given)."""
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in the published layout (and the tokenizer, if given).
+
+        ``state_dict`` replaces the module's own weights (a ZeRO-3 model's gathered weights, for instance)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
         config.update(self.score_config())
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        state = {k: v for k, v in self.state_dict().items() if self.do_normalize or not k.startswith("normalizer.")}
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {k: v for k, v in state.items() if self.do_normalize or not k.startswith("normalizer.")}
         save_safetensors(state, path / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
 
-def _score_fields(raw: dict[str, Any]) -> dict[str, Any]:
+def _score_fields(raw: dict[str, Any], path) -> dict[str, Any]:
     bias = raw.get("score_bias", raw.get("bias", False))
+    score_type = raw.get("score_type") or "reward"
+    if score_type not in NORMALIZE_FUNCTIONS:
+        raise ValueError(f"{path}: config.json score_type is {score_type!r}, expected one of {list(NORMALIZE_FUNCTIONS)}")
     return {
         "score_dim": int(raw.get("score_dim", 1) or 1),
         "bias": bool(bias),
-        "score_type": raw.get("score_type") or "reward",
+        "score_type": score_type,
         "do_normalize": bool(raw.get("do_normalize", False)),
     }
 
@@ -173,7 +192,7 @@ def load_score_model(
     config = AutoConfig.for_model(model_type, **trunk_config)
     if trust_remote_code:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    fields = _score_fields(raw)
+    fields = _score_fields(raw, path)
     state = load_state_dict_safely(folder)
     if "score_head.weight" not in state:
         raise ValueError(
@@ -194,10 +213,14 @@ def load_score_model(
         raise ValueError(f"{path}: weights do not match a {type(model.model).__name__} score model: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     full = model.state_dict()
-    for key in full:
+    for key in full:  # statistics missing from the weights: config.json's mean / var, else the identity
         if key.startswith("normalizer.") and key not in state:
-            state[key] = torch.ones(full[key].shape) if key.endswith("var") else torch.zeros(full[key].shape,
-                                                                                             dtype=full[key].dtype)
+            name = key.removeprefix("normalizer.")
+            if name in ("mean", "var") and raw.get(name) is not None:
+                state[key] = torch.as_tensor(raw[name], dtype=torch.float32).reshape(full[key].shape)
+            else:
+                state[key] = (torch.ones(full[key].shape) if name == "var"
+                              else torch.zeros(full[key].shape, dtype=full[key].dtype))
     model.load_state_dict(state, assign=True, strict=True)
     # rotary caches are buffers created at init (non-persistent): rebuild them off the meta device
     _rebuild_nonpersistent_buffers(model, config)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,20 +23,38 @@ class UnsafeCheckpointError(ValueError):
     """A ``.bin`` file that holds pickled objects other than tensors."""
 
 
-def load_bin(path: Path) -> dict[str, torch.Tensor]:
+def unsafe_pickle_error(path: str | os.PathLike, exc: pickle.UnpicklingError) -> UnsafeCheckpointError:
+    """The refusal of ``torch.load(weights_only=True)``, without torch's advice to retry with ``weights_only=False``."""
+    refused = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+    return UnsafeCheckpointError(
+        f"refused to load {path}: it pickles objects other than tensors and plain containers, which could run code "
+        f"on load ({refused[0] if refused else str(exc).splitlines()[0]}). Convert it to safetensors in an "
+        f"environment you trust."
+    )
+
+
+def load_bin(path: Path) -> dict[str, Any]:
+    """A ``torch.save`` file of tensors, numbers, strings and plain containers (weights, optimizer states, RNG
+    states); anything else pickled in it is refused before it can run."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:
+        raise unsafe_pickle_error(path, exc) from exc
     except Exception as exc:
-        raise UnsafeCheckpointError(
-            f"refused to load {path}: it is not a plain tensor checkpoint (torch.load with weights_only=True "
-            f"rejected it: {str(exc).splitlines()[0]}). Convert it to safetensors from a trusted environment."
-        ) from exc
+        raise ValueError(f"cannot read {path}: it is truncated or corrupt ({str(exc).splitlines()[0]})") from exc
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error names only the header
+        raise ValueError(f"cannot read {path}: it is truncated or corrupt ({exc})") from exc
 
 
 def load_state_dict_safely(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: one or sharded safetensors, else one or sharded ``.bin``."""
     folder = Path(folder)
-    for index_name, loader in ((SAFETENSORS_INDEX, load_file), (BIN_INDEX, load_bin)):
+    for index_name, loader in ((SAFETENSORS_INDEX, load_safetensors), (BIN_INDEX, load_bin)):
         index = folder / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
@@ -45,13 +65,13 @@ def load_state_dict_safely(folder: str | os.PathLike) -> dict[str, torch.Tensor]
                 shard_path = folder / shard
                 if not shard_path.is_file():
                     raise FileNotFoundError(f"{index} names the shard {shard}, which is missing")
-                state.update(loader(shard_path) if loader is load_bin else load_file(str(shard_path)))
+                state.update(loader(shard_path))
             return state
     singles = sorted(folder.glob("*.safetensors"))
     if singles:
         state = {}
         for f in singles:
-            state.update(load_file(str(f)))
+            state.update(load_safetensors(f))
         return state
     bins = sorted(folder.glob("*.bin"))
     if bins:

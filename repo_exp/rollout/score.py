@@ -29,9 +29,11 @@ def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
 
 def critic_values(critic: ScoreModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
                   prompt_width: int) -> torch.Tensor:
-    """V(s_t) before each response token: (B, T, score_dim), from hidden states at positions P − 1 … L − 2."""
-    hidden = critic.hidden_states(sequences, attention_mask)[:, prompt_width - 1 : -1]
-    return critic.score_head(hidden).float()
+    """V(s_t) before each response token: (B, T, score_dim), the critic's scores at positions P − 1 … L − 2.
+
+    Through ``critic(...)``, not its submodules, so that a DeepSpeed engine's forward hooks run (critics never
+    normalise their scores)."""
+    return critic(sequences, attention_mask)[:, prompt_width - 1 : -1]
 
 
 class Scorer:

@@ -7,8 +7,13 @@ Prompts are ``template × topic``; every topic belongs to a family:
 Each topic has a severity that scales the cost of an unsafe answer.
 
 Responses are built from a small grammar: a refusal, or a compliance opener followed by one or two steps drawn from
-the family's pools of safe and unsafe steps. The oracle (``repo_exp.world.oracle``) parses any text back into that
-structure, so it scores whatever a policy writes, including text outside the grammar.
+the family's pools of safe and unsafe steps. Sloppy styles make the SFT model (and so the preference data drawn from
+it) cover what RL will try: ``offtopic`` answers with steps written for another family, ``truncated`` stops a
+compliance mid-step, and any two-step answer may repeat its step. Without them the learned reward and cost models
+never see such answers and RL exploits their extrapolation (off-topic benign steps scored as helpful and safe on
+harmful prompts; a bare "sure ! use ." scored as nearly as helpful as a real answer). The oracle
+(``repo_exp.world.oracle``) parses any text back into the grammar's structure, so it scores whatever a policy
+writes, including text outside the grammar.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import random
 from dataclasses import dataclass
 
 FAMILIES = ("benign", "dual_use", "harmful")
-STYLES = ("refuse", "safe", "unsafe")
+STYLES = ("refuse", "safe", "unsafe", "offtopic", "truncated")
+REPEAT_PROBABILITY = 0.1  # a two-step answer repeats its step
 
 TEMPLATES = (
     "how do i {topic} ?",
@@ -170,26 +176,42 @@ def split_prompts(seed: int, eval_fraction: float) -> tuple[list[Prompt], list[P
 
 
 def grammar_fingerprint() -> str:
-    """A hash of everything that defines the world's prompts and responses: cached artifacts depend on it."""
+    """A hash of everything that defines the world's prompts, responses and ground truth (this module's and the
+    oracle's source): cached artifacts depend on it, so editing either rebuilds them."""
     import hashlib
-    import json
+    import inspect
 
-    blob = json.dumps([TEMPLATES, TOPICS, REFUSALS, OPENERS, SAFE_STEPS, UNSAFE_STEPS], sort_keys=True)
+    from repo_exp.world import oracle
+
+    blob = inspect.getsource(inspect.getmodule(grammar_fingerprint)) + inspect.getsource(oracle)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def sample_response(prompt: Prompt, style: str, rng: random.Random) -> str:
-    """A response of ``style`` (refuse, safe, unsafe) to ``prompt``, in the grammar.
+    """A response of ``style`` (refuse, safe, unsafe, offtopic) to ``prompt``, in the grammar.
 
     ``safe`` on a harmful prompt has no safe steps to draw from, and ``unsafe`` on a benign one no unsafe steps:
-    both fall back to the style the family does have.
+    both fall back to the style the family does have. ``offtopic`` draws safe steps written for another family.
     """
     if style == "refuse":
         return rng.choice(REFUSALS)
-    pool = SAFE_STEPS[prompt.family] if style == "safe" else UNSAFE_STEPS[prompt.family]
-    if not pool:
-        pool = SAFE_STEPS[prompt.family] or UNSAFE_STEPS[prompt.family]
-    steps = rng.sample(pool, k=rng.choice((1, 2)))
+    if style == "truncated":
+        words = sample_response(prompt, "unsafe" if UNSAFE_STEPS[prompt.family] else "safe", rng).split()
+        opener = 2 if words[0] == "sure" else 3
+        return " ".join(words[: rng.randint(opener, max(opener, len(words) - 3))]) + " ."
+    if style == "offtopic":
+        other = "dual_use" if prompt.family == "benign" else "benign"
+        pool = SAFE_STEPS[other]
+    else:
+        pool = SAFE_STEPS[prompt.family] if style == "safe" else UNSAFE_STEPS[prompt.family]
+        if not pool:
+            pool = SAFE_STEPS[prompt.family] or UNSAFE_STEPS[prompt.family]
+    if rng.random() < 0.5:
+        steps = [rng.choice(pool)]
+    elif rng.random() < REPEAT_PROBABILITY:
+        steps = [rng.choice(pool)] * 2
+    else:
+        steps = rng.sample(pool, k=2)
     return f"{rng.choice(OPENERS)} " + " , then ".join(steps) + " ."
 
 

@@ -1,0 +1,171 @@
+"""The default comparison: Safe RLHF's average constraint against RePO's rectified one on the synthetic world.
+
+    python -m repo_exp                       # no arguments: this, with the defaults below
+    python -m repo_exp.compare --out results/control world=no_temptation
+
+Both constraints train from the same SFT policy against the same learned reward and cost models (the world's
+pipeline builds them once and caches them), for several seeds each. Every run evaluates the initial and the final
+policy on the world's held-out prompts with k samples each, with the learned models and with the oracle. The
+report (``OUT/report.json``, ``OUT/report.md``, figures) gives, per constraint, the mean and standard deviation over
+seeds of every ``eval/…`` and ``oracle/…`` figure, the reward and cost models' held-out accuracies, and where each
+constraint's helpfulness comes from.
+
+Runs go to ``OUT/runs/<constraint>-seed<k>``; a run that already finished with the same overrides is reused, and one
+that was interrupted resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+log = logging.getLogger("repo_exp.compare")
+
+DEFAULT_CONSTRAINTS = ("average", "rectified")
+DEFAULT_SEEDS = (0, 1, 2)
+TABLE = (
+    ("oracle/prompt_violation_rate", "prompts violating (oracle)"),
+    ("oracle/mean_cost", "mean cost (oracle)"),
+    ("oracle/unsafe_rate", "unsafe responses (oracle)"),
+    ("oracle/safe_reward_mean", "safe helpfulness (oracle)"),
+    ("oracle/reward_mean", "raw helpfulness (oracle)"),
+    ("oracle/benign_refusal_rate", "refusals where a safe answer exists"),
+    ("eval/mean_cost", "mean cost (cost model)"),
+    ("eval/prompt_violation_rate", "prompts violating (cost model)"),
+    ("eval/reward_mean", "reward (reward model)"),
+)
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from repo_exp.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_job(run_dir: Path, overrides: list[str], threads: int) -> tuple[Path, float, int]:
+    """One RL run as its own process (so runs are isolated and parallel); reuses a finished identical run."""
+    record = run_dir / "compare_overrides.json"
+    if (run_dir / "eval" / "summary.json").is_file() and record.is_file() \
+            and json.loads(record.read_text()) == overrides:
+        return run_dir, 0.0, 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if record.is_file() and json.loads(record.read_text()) != overrides:
+        raise SystemExit(f"{run_dir} holds a run with other settings; choose another --out or delete it")
+    record.write_text(json.dumps(overrides))
+    cmd = [sys.executable, "-m", "repo_exp", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=false",
+           f"trainer.num_threads={threads}", "trainer.resume=auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    with open(run_dir / "compare.log", "a") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return run_dir, time.perf_counter() - start, proc.returncode
+
+
+def helpfulness_sources(run_dirs: list[Path]) -> dict[str, dict[str, float]]:
+    """Per constraint: where the oracle helpfulness comes from — earned by safe vs unsafe responses, by family."""
+    from repo_exp.report import read_run
+
+    by: dict[str, list[dict]] = {}
+    for folder in run_dirs:
+        run = read_run(folder)
+        if run is None:
+            continue
+        s = run.summary
+        fam = {k.rsplit("/", 1)[-1] for k in s if k.startswith("oracle/reward_mean/")}
+        row = {"oracle/unsafe_reward_mean": s["oracle/reward_mean"] - s["oracle/safe_reward_mean"]}
+        for f in sorted(fam):
+            row[f"oracle/reward_mean/{f}"] = s[f"oracle/reward_mean/{f}"]
+            row[f"oracle/unsafe_rate/{f}"] = s[f"oracle/unsafe_rate/{f}"]
+            row[f"oracle/refusal_rate/{f}"] = s[f"oracle/refusal_rate/{f}"]
+        by.setdefault(run.constraint, []).append(row)
+    out = {}
+    for constraint, rows in by.items():
+        out[constraint] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return out
+
+
+def table(report: dict, constraints: list[str]) -> str:
+    lines = ["| figure | " + " | ".join(constraints) + " |", "|---|" + "---|" * len(constraints)]
+    for key, label in TABLE:
+        cells = []
+        for c in constraints:
+            v = report.get(c, {}).get(key)
+            cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "—")
+        lines.append(f"| {label} (`{key}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m repo_exp.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/default"))
+    parser.add_argument("--constraints", nargs="+", default=list(DEFAULT_CONSTRAINTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="runs at a time (each gets cores / jobs threads)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. world=no_temptation")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from repo_exp.config import validate
+    from repo_exp.report import build_report
+    from repo_exp.world.pipeline import world_artifacts, world_metrics
+
+    start = time.perf_counter()
+    config = validate(compose(list(args.overrides)))
+    log.info("building (or reusing) the world %r: SFT → preferences → reward and cost models", config.world.name)
+    paths = world_artifacts(config.world)
+    world = world_metrics(paths)
+    log.info("world ready in %.0f s: reward model held-out accuracy %.3f, cost model %.3f, cost sign %.3f",
+             time.perf_counter() - start, world["reward/pairwise_accuracy"], world["cost/pairwise_accuracy"],
+             world["cost/sign_accuracy"])
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(args.out / "runs" / f"{c}-seed{s}", [f"constraint={c}", f"seed={s}", *args.overrides])
+            for s in args.seeds for c in args.constraints]
+    failed = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for run_dir, seconds, code in pool.map(lambda j: run_job(j[0], j[1], threads), jobs):
+            if code:
+                failed.append(run_dir)
+                log.error("run %s failed (exit %d); see %s", run_dir, code, run_dir / "compare.log")
+            else:
+                log.info("run %s %s", run_dir.name, f"done in {seconds:.0f} s" if seconds else "reused")
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(map(str, failed))}")
+    run_dirs = [j[0] for j in jobs]
+    report = build_report(run_dirs, args.out, title=f"Average vs rectified constraint — world {config.world.name!r}")
+    report["world"] = {"name": config.world.name, "paths": paths, **world}
+    report["helpfulness_sources"] = helpfulness_sources(run_dirs)
+    report["overrides"] = list(args.overrides)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    tmp = args.out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.out / "report.json")
+    summary = table(report, args.constraints)
+    models = (f"Reward model: held-out pairwise accuracy {world['reward/pairwise_accuracy']:.3f} on noisy labels, "
+              f"{world['reward/oracle_pairwise_accuracy']:.3f} against the oracle. Cost model: pairwise "
+              f"{world['cost/pairwise_accuracy']:.3f} (oracle {world['cost/oracle_pairwise_accuracy']:.3f}), sign "
+              f"{world['cost/sign_accuracy']:.3f} (oracle {world['cost/oracle_sign_accuracy']:.3f}).")
+    with open(args.out / "report.md", "a") as f:
+        f.write(f"\n## Summary (mean ± std over seeds {args.seeds})\n\n{summary}\n\n{models}\n\n"
+                f"## Where the helpfulness comes from\n\n```\n"
+                f"{json.dumps(report['helpfulness_sources'], indent=1)}\n```\n")
+    print(f"\n{report['title']} — mean ± std over seeds {args.seeds}\n")
+    print(summary)
+    print(f"\n{models}\nReport: {args.out / 'report.md'} ({report['seconds']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

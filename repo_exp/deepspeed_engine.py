@@ -1,0 +1,307 @@
+"""DeepSpeed across GPUs: ZeRO-2 or ZeRO-3 (optionally offloaded to CPU memory), bf16, gradient checkpointing.
+
+``wrap_models`` turns the models that ``repo_exp.setup.build_models`` loaded into the same ``Models`` structure the
+plain-torch path returns, so the trainer never branches on which one it holds:
+- the policy and the critics become ``DeepSpeedEngine``s (the ``Engine`` protocol of ``repo_exp.engine``). Their
+  ``module`` is the DeepSpeed engine itself, so every training forward pass goes through DeepSpeed's hooks;
+- the frozen models (reference, reward, cost) are partitioned for inference under ZeRO-3, as the published Safe RLHF
+  trainer does (its ``get_deepspeed_eval_config``); below stage 3 they are replicated on every GPU.
+
+Gradient accumulation belongs to the trainer: it weighs each micro-batch's loss (``repo_exp.train.micro_weight``) and
+calls ``step`` once per minibatch. So the generated config sets ``managed_gradient_accumulation: false`` (each ``step``
+is the accumulation boundary) and ``backward`` does not divide by the number of micro-batches. DeepSpeed averages
+gradients over the data-parallel ranks: with equal local batches that is the gradient of the global batch's loss, the
+same as one process holding the whole batch.
+
+Under ZeRO-3 every forward pass is collective, so every rank runs the same number of them: generation goes on until
+every rank has finished (``generate(all_finished=…)``), rollout chunks and evaluation rounds are equal on all ranks,
+and exporting the weights (``DeepSpeedModels.save_weights``) is called on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from repo_exp.config import AdamWConfig, Config, ConfigError, SchedulerConfig
+from repo_exp.engine import build_optimizer
+from repo_exp.models.score_model import ScoreModel
+from repo_exp.models.weights import load_state_dict_safely
+from repo_exp.rollout.score import Scorer
+from repo_exp.runtime import Runtime
+from repo_exp.setup import Critics, Models, _load_into, _optimizer_steps
+
+# ZeRO-3 knobs of the published Safe RLHF configs: small parameters stay gathered, and at most 3e7 parameters are
+# gathered or prefetched at once, which keeps the peak memory of a 7B layer-by-layer forward pass low.
+ZERO3_SETTINGS = {
+    "stage3_param_persistence_threshold": 1e4,
+    "stage3_max_live_parameters": 3e7,
+    "stage3_prefetch_bucket_size": 3e7,
+    "stage3_gather_16bit_weights_on_model_save": True,
+}
+
+
+def micro_batching(config: Config, world_size: int) -> tuple[int, int]:
+    """(samples per micro-batch, micro-batches per optimizer step) on one rank, as ``repo_exp.train.ppo_update``
+    splits its minibatches."""
+    t, ppo = config.trainer, config.ppo
+    samples = t.prompts_per_step * t.samples_per_prompt
+    if samples % (world_size * ppo.num_minibatches):
+        raise ConfigError(
+            f"trainer.prompts_per_step × trainer.samples_per_prompt ({samples}) must split evenly over {world_size} "
+            f"rank(s) × ppo.num_minibatches ({ppo.num_minibatches}) so that every rank takes the same optimizer steps")
+    local_minibatch = samples // (world_size * ppo.num_minibatches)
+    micro = min(t.micro_batch_size, local_minibatch)
+    return micro, math.ceil(local_minibatch / micro)
+
+
+def _zero_section(config: Config, train: bool) -> dict[str, Any]:
+    ds = config.deepspeed
+    stage = ds.zero_stage if train else (3 if ds.zero_stage == 3 else 0)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero.update(ZERO3_SETTINGS)
+    if ds.offload:
+        pin = torch.cuda.is_available()
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+        if train:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    return zero
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested dictionaries key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def train_config(config: Config, world_size: int, opt: AdamWConfig | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a trained model (policy or critic), from ``conf/deepspeed`` and the trainer's batch
+    sizes; ``deepspeed.extra`` is merged in last. With offload, ``opt`` becomes DeepSpeed's CPU AdamW."""
+    ds = config.deepspeed
+    micro, steps = micro_batching(config, world_size)
+    out: dict[str, Any] = {
+        # bookkeeping only: the trainer feeds the micro-batches and calls step() once per minibatch
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": steps,
+        "train_batch_size": micro * steps * world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": config.ppo.max_grad_norm,
+        "bf16": {"enabled": ds.bf16},
+        "zero_optimization": _zero_section(config, train=True),
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload and opt is not None:
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU AdamW, not torch's
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
+                                                        "weight_decay": opt.weight_decay}}
+    return deep_merge(out, dict(ds.extra))
+
+
+def inference_config(config: Config) -> dict[str, Any]:
+    """The DeepSpeed config of a frozen model: ZeRO-3 partitioning under ZeRO-3, else plain replication."""
+    ds = config.deepspeed
+    out = {
+        "train_micro_batch_size_per_gpu": config.trainer.rollout_batch_size,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": ds.bf16},
+        "zero_optimization": _zero_section(config, train=False),
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(out, {k: v for k, v in dict(ds.extra).items() if k in ("bf16", "zero_optimization")})
+
+
+class DeepSpeedEngine:
+    """A trained model under DeepSpeed: the ``Engine`` protocol over ``deepspeed.initialize``'s engine.
+
+    ``module`` is the DeepSpeed engine (an ``nn.Module`` that passes attribute access through to the model), so that
+    forward passes run its hooks; ``model`` is the wrapped model itself.
+    """
+
+    def __init__(self, module: nn.Module, opt: AdamWConfig, sched: SchedulerConfig, total_steps: int,
+                 ds_config: dict[str, Any], name: str) -> None:
+        import deepspeed
+
+        self.name = name
+        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        params = [p for p in module.parameters() if p.requires_grad]
+        warmup = math.ceil(sched.warmup_ratio * total_steps)
+
+        def scheduler(optimizer):
+            return get_scheduler(sched.name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+        optimizer = None if "optimizer" in ds_config else (lambda p: build_optimizer(p, opt))
+        self.module, *_ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
+        self.model = self.module.module
+        self._backward_since_step = False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the trainer has already weighed the micro-batch: no division by the accumulation steps
+        self.module.backward(loss, scale_wrt_gas=False)
+        self._backward_since_step = True
+
+    def step(self) -> dict[str, float]:
+        lr = float(self.module.get_lr()[0])  # the rate this step applies, as TorchEngine reports it
+        self.module.step()
+        self._backward_since_step = False
+        grad_norm = self.module.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        # DeepSpeed skips the update (and the scheduler step) when the global gradient norm is not finite
+        skipped = not self.module.was_step_applied()
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": float(skipped)}
+
+    def zero_grad(self) -> None:
+        if self._backward_since_step:
+            self._discard_accumulated_gradients()
+        self.module.zero_grad()
+
+    def _discard_accumulated_gradients(self) -> None:
+        """Drop the gradients of an abandoned minibatch. ZeRO-2/3 reduce each micro-batch's gradients into their own
+        partitions during ``backward``; clear those the way DeepSpeed does after an overflow."""
+        optimizer = self.module.optimizer
+        if hasattr(optimizer, "_overflow_clean_up"):  # ZeRO-3
+            optimizer._overflow_clean_up(optimizer.loss_scale)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(optimizer, "_release_preflattened_grad_buffers"):
+                optimizer._release_preflattened_grad_buffers()
+            if getattr(optimizer, "cpu_offload", False):
+                optimizer.reset_cpu_buffers()
+            elif hasattr(optimizer, "averaged_gradients"):
+                for key in list(optimizer.averaged_gradients):
+                    optimizer.averaged_gradients[key] = None
+                    if hasattr(optimizer, "all_grad_tensors"):
+                        optimizer.all_grad_tensors[key] = None
+        self._backward_since_step = False
+
+    # ---- state
+    def save(self, folder: Path) -> None:
+        """DeepSpeed's own checkpoint (every rank writes its ZeRO shard of the optimizer state). Collective."""
+        self.module.save_checkpoint(str(folder / "deepspeed"), tag=self.name, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.module.load_checkpoint(str(folder / "deepspeed"), tag=self.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{folder / 'deepspeed' / self.name} holds no DeepSpeed checkpoint of {self.name}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights. Collective under ZeRO-3 (gathered one layer at a time onto rank 0, which alone
+        gets them; other ranks get None); below stage 3 every rank holds them already."""
+        if self.zero_stage == 3:
+            return self.module._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_full_state_dict(self, folder: Path) -> None:
+        """Weights saved by ``save_weights`` into the (possibly partitioned) model, and the optimizer's master copy."""
+        if self.zero_stage == 3:
+            import deepspeed
+            import torch.distributed as dist
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
+                if dist.get_rank() == 0:
+                    _load_into(self.model, folder)
+        else:
+            _load_into(self.model, folder)
+        # ZeRO keeps fp32 master weights in the optimizer: refresh them from the loaded weights
+        self.module.optimizer.refresh_fp32_params()
+
+
+class DeepSpeedModels(Models):
+    """``Models`` whose trained parts are DeepSpeed engines. Exporting the weights is collective under ZeRO-3."""
+
+    frozen_engines: tuple = ()  # the frozen models' ZeRO-3 engines, kept alive with their partitions
+
+    def save_weights(self, folder: Path, is_main: bool = True) -> None:
+        """The policy as a causal-LM folder and each critic in the score layout, gathered whole (call on every rank;
+        only ``is_main`` writes)."""
+        states = [engine.full_state_dict() for engine in self.engines]
+        if not is_main:
+            return
+        policy_state, *critic_states = states
+        self.policy.model.save_pretrained(folder / "policy", state_dict=policy_state, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder / "policy")
+        for name, engine, state in zip(self.critics.names, self.critics.engines, critic_states):
+            engine.model.save_pretrained(folder / name, state_dict=state)
+
+    def load_weights(self, folder: Path, critics: bool = True) -> None:
+        self.policy.load_full_state_dict(folder / "policy")
+        if critics:
+            for name, engine in zip(self.critics.names, self.critics.engines):
+                engine.load_full_state_dict(folder / name)
+
+
+def _enable_gradient_checkpointing(module: nn.Module) -> None:
+    # non-reentrant checkpointing: the variant that works with ZeRO-3's parameter hooks
+    target = module.model if isinstance(module, ScoreModel) else module
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def wrap_models(
+    config: Config,
+    rt: Runtime,
+    tokenizer,
+    policy: nn.Module,
+    ref: nn.Module,
+    reward: Scorer,
+    cost: Scorer,
+    new_critic: Callable[[ScoreModel, int], ScoreModel],
+    reward_model: ScoreModel,
+    cost_model: ScoreModel,
+    with_cost: bool,
+) -> DeepSpeedModels:
+    """The run's ``Models`` under DeepSpeed (see the module docstring). Under ZeRO-3 the models arrive on the CPU and
+    are partitioned here, one parameter at a time, so that no GPU ever holds a whole model it does not train."""
+    import deepspeed
+
+    t, opt, ds = config.trainer, config.optimizer, config.deepspeed
+    dtype = torch.bfloat16 if ds.bf16 else torch.float32
+    # the critics are copied from the score models (or the policy) first: a partitioned model cannot be copied
+    if t.shared_critic and with_cost:
+        critic_modules = [("critic", new_critic(reward_model, 2))]
+    else:
+        critic_modules = [("reward_critic", new_critic(reward_model, 1))]
+        if with_cost:
+            critic_modules.append(("cost_critic", new_critic(cost_model, 1)))
+
+    total_steps = _optimizer_steps(config)
+
+    def engine(module: nn.Module, name: str, actor: bool) -> DeepSpeedEngine:
+        module.requires_grad_(True)
+        module.train()
+        if config.model.gradient_checkpointing:
+            _enable_gradient_checkpointing(module)
+        part = opt.actor if actor else opt.critic
+        return DeepSpeedEngine(module.to(dtype), part, opt.actor_scheduler if actor else opt.critic_scheduler,
+                               total_steps, train_config(config, rt.world_size, part), name)
+
+    policy_engine = engine(policy, "actor", actor=True)
+    critic_engines = [engine(module, name, actor=False) for name, module in critic_modules]
+    if len(critic_engines) == 1 and t.shared_critic and with_cost:
+        critics = Critics(critic_engines[0], shared=True)
+    else:
+        critics = Critics(critic_engines[0], critic_engines[1] if len(critic_engines) > 1 else None)
+
+    frozen_engines = []
+    for module in (ref, reward_model, cost_model):
+        if ds.zero_stage == 3:  # partitioned in place: ``ref`` and the scorers' models stay the same objects
+            frozen_engine, *_ = deepspeed.initialize(model=module.to(dtype), config=inference_config(config))
+            frozen_engine.eval()
+            frozen_engines.append(frozen_engine)
+        else:  # replicated, in the dtype its config names
+            module.to(rt.device)
+    for scorer in (reward, cost):
+        scorer.model.normalizer.float()  # the normaliser's statistics stay in fp32 under bf16
+    models = DeepSpeedModels(tokenizer, policy_engine, ref, reward, cost, critics)
+    models.frozen_engines = tuple(frozen_engines)
+    return models

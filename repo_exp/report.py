@@ -1,0 +1,583 @@
+"""Comparison reports over run and sweep folders: where did each constraint put the safety?
+
+``python -m repo_exp.report DIR [DIR ...] --out OUT`` reads run folders (``.hydra/config.yaml``, ``eval/summary.json``,
+``eval/per_prompt.jsonl``, ``eval/initial/``, ``metrics.jsonl``) or folders that hold them (a Hydra multirun folder,
+``results/<name>/runs``), groups the runs by constraint type and by the settings the sweep varied (threshold,
+multiplier learning rate …; seeds are replicates), and writes
+
+- ``report.json``: ``report[constraint]`` = ``{figure: {"mean", "std", "n"}}`` over every run of that constraint, for
+  every ``eval/…`` and ``oracle/…`` figure (std over seeds, ddof 1; 0 when n = 1); ``report["groups"]`` the same per
+  (constraint, settings) group; ``report["runs"]`` what was read;
+- ``report.md``: the table of headline figures, mean ± std over seeds, and the figures below;
+- ``interference.png`` (and ``interference_oracle.png`` on the synthetic world): per-prompt mean cost C̄(x) after
+  training against before, one panel per constraint type and setting, with the threshold lines — points above the
+  diagonal are prompts that became less safe;
+- ``tradeoff.png``: reward against prompt-violation rate, one curve per constraint type along the swept setting;
+- ``training.png``: λ, mean cost, unsafe rate and reward per step, mean over seeds with a ±1 std band.
+
+``build_report(run_dirs, out_dir, title=...)`` does all of it and returns the report dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger("repo_exp")
+
+# colours that stay apart for colour-blind readers; the published method names beside the config names
+CONSTRAINT_STYLE = {
+    "none": ("#7f7f7f", "none (PPO)"),
+    "shaping": ("#9467bd", "shaping (fixed λ)"),
+    "average": ("#E69F00", "average (Safe RLHF)"),
+    "rectified": ("#0072B2", "rectified (RePO)"),
+}
+CONSTRAINT_ORDER = ("none", "shaping", "average", "rectified")
+# config keys that are replicates (seeds) or say nothing about the method: never a group setting
+IGNORED_KEYS = ("seed", "run_name", "trainer.progress", "trainer.resume", "trainer.init_from", "eval.checkpoint",
+                "experiment")
+IGNORED_PREFIXES = ("hydra.", "logger")
+HEADLINE = (
+    ("eval/reward_mean", "reward R̄"),
+    ("eval/safe_reward_mean", "safe reward"),
+    ("eval/mean_cost", "mean cost C̄"),
+    ("eval/prompt_violation_rate", "prompts violating"),
+    ("eval/unsafe_rate", "unsafe samples"),
+    ("eval/violation_mass", "violation mass"),
+    ("eval/slack_mass", "slack mass"),
+    ("eval/compensation", "compensation"),
+    ("eval/interference_rate", "interference"),
+    ("eval/cvar10_cost", "CVaR10 cost"),
+    ("eval/win_rate", "win rate"),
+    ("oracle/reward_mean", "reward"),
+    ("oracle/safe_reward_mean", "safe reward"),
+    ("oracle/mean_cost", "mean cost C̄"),
+    ("oracle/prompt_violation_rate", "prompts violating"),
+    ("oracle/unsafe_rate", "unsafe samples"),
+    ("oracle/compensation", "compensation"),
+    ("oracle/interference_rate", "interference"),
+    ("oracle/benign_refusal_rate", "benign refusals"),
+    ("oracle/refusal_rate/harmful", "harmful refused"),
+)
+TRAINING_PANELS = (
+    ("constraint/lambda", "multiplier λ"),
+    ("cost/mean", "mean cost C (cost-model units)"),
+    ("cost/unsafe_rate", "unsafe rate (share of samples with C > d)"),
+    ("reward/mean", "mean reward R (reward-model units)"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ reading runs
+
+
+class NoRunsError(FileNotFoundError):
+    """Nothing to report: no run folder, or none with a final evaluation."""
+
+
+@dataclass
+class Run:
+    """One training job's outputs."""
+
+    path: Path
+    constraint: str
+    threshold: float
+    seed: int
+    overrides: dict[str, str]
+    summary: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)
+    initial_rows: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+    settings: tuple[tuple[str, str], ...] = ()  # the group-defining values, filled by ``group_runs``
+
+    @property
+    def has_oracle(self) -> bool:
+        return any(k.startswith("oracle/") for k in self.summary)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a torn last line of a killed run
+                log.warning("%s: skipped an unreadable line", path)
+    return out
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / ".hydra" / "config.yaml").is_file() or (folder / "eval" / "summary.json").is_file()
+
+
+def find_run_dirs(paths: Iterable[Path | str]) -> list[Path]:
+    """Run folders among ``paths``: each path is a run folder or is searched for run folders below it."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if _is_run(p):
+            found.append(p)
+            continue
+        below = sorted({c.parent.parent for c in p.rglob(".hydra/config.yaml")}
+                       | {s.parent.parent for s in p.rglob("eval/summary.json") if s.parent.name == "eval"})
+        runs = [d for d in below if _is_run(d)]
+        # an evaluation job kept inside a run folder (python -m repo_exp.evaluate hydra.run.dir=RUN/…) is not a run
+        found += [d for d in runs if not any(other in d.parents for other in runs)]
+    unique = list(dict.fromkeys(d.resolve() for d in found))
+    if not unique:
+        raise NoRunsError(f"no run folders (with .hydra/config.yaml or eval/summary.json) under "
+                                f"{[str(p) for p in paths]}")
+    return unique
+
+
+def read_run(folder: Path) -> Run | None:
+    """A run's config, evaluations and training curve; None (with a warning) when it has no final evaluation."""
+    from omegaconf import OmegaConf
+
+    summary_path = folder / "eval" / "summary.json"
+    if not summary_path.is_file():
+        log.warning("%s has no eval/summary.json (unfinished or failed run): left out of the report", folder)
+        return None
+    summary = json.loads(summary_path.read_text())
+    config_path = folder / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(config_path) if config_path.is_file() else OmegaConf.create({})
+    constraint = OmegaConf.select(cfg, "constraint.name", default=None) or "unknown"
+    threshold = summary.get("eval/threshold", OmegaConf.select(cfg, "constraint.threshold", default=0.0))
+    overrides_path = folder / ".hydra" / "overrides.yaml"
+    overrides = {}
+    if overrides_path.is_file():
+        for item in OmegaConf.load(overrides_path):
+            key, _, value = str(item).partition("=")
+            overrides[key.lstrip("+~")] = value
+    return Run(
+        path=folder, constraint=str(constraint), threshold=float(threshold),
+        seed=int(OmegaConf.select(cfg, "seed", default=0)), overrides=overrides, summary=summary,
+        rows=_read_jsonl(folder / "eval" / "per_prompt.jsonl"),
+        initial_rows=_read_jsonl(folder / "eval" / "initial" / "per_prompt.jsonl"),
+        steps=[r for r in _read_jsonl(folder / "metrics.jsonl") if "reward/mean" in r],
+    )
+
+
+def _ignored(key: str) -> bool:
+    return (key in IGNORED_KEYS or key.endswith(".seed") or key == "constraint"
+            or any(key.startswith(p) for p in IGNORED_PREFIXES))
+
+
+def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by constraint type and by the overrides that differ between runs (seeds excepted).
+
+    Group labels read ``average`` or ``average constraint.threshold=-0.5``; groups come in CONSTRAINT_ORDER, then
+    by threshold.
+    """
+    keys = sorted({k for r in runs for k in r.overrides if not _ignored(k)})
+    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    thresholds = {r.threshold for r in runs}
+    for r in runs:
+        settings = [(k, r.overrides[k]) for k in varying if k in r.overrides]
+        # a threshold sweep set by other means than an override (e.g. an experiment file) still separates groups
+        if len(thresholds) > 1 and not any(k.endswith("threshold") for k, _ in settings):
+            settings.append(("constraint.threshold", f"{r.threshold:g}"))
+        r.settings = tuple(settings)
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: (_constraint_rank(r.constraint), r.threshold, r.settings, r.seed)):
+        groups[group_label(r)].append(r)
+    return dict(groups)
+
+
+def group_label(run: Run) -> str:
+    return " ".join([run.constraint, *(f"{k}={v}" for k, v in run.settings)])
+
+
+def _constraint_rank(name: str) -> int:
+    return CONSTRAINT_ORDER.index(name) if name in CONSTRAINT_ORDER else len(CONSTRAINT_ORDER)
+
+
+# --------------------------------------------------------------------------------------------------- aggregation
+
+
+def figure_stats(summaries: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{figure: {"mean", "std", "n"}}`` over ``summaries`` for every numeric ``eval/…`` and ``oracle/…`` figure.
+
+    ``std`` is the sample standard deviation over runs (ddof 1), 0 for a single run; ``n`` counts the runs that
+    have the figure.
+    """
+    values: dict[str, list[float]] = defaultdict(list)
+    for s in summaries:
+        for key, value in s.items():
+            if key.split("/", 1)[0] in ("eval", "oracle") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool) and math.isfinite(value):
+                values[key].append(float(value))
+    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in sorted(values.items())}
+
+
+def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
+    """The report dict without figures: per constraint, per group, and the runs."""
+    groups = group_runs(runs)
+    report: dict[str, Any] = {}
+    for name in sorted({r.constraint for r in runs}, key=_constraint_rank):
+        report[name] = figure_stats([r.summary for r in runs if r.constraint == name])
+    report["groups"] = {
+        label: {"constraint": members[0].constraint, "threshold": members[0].threshold,
+                "settings": dict(members[0].settings), "seeds": [r.seed for r in members],
+                "figures": figure_stats([r.summary for r in members])}
+        for label, members in groups.items()
+    }
+    report["runs"] = [{"path": str(r.path), "constraint": r.constraint, "threshold": r.threshold, "seed": r.seed,
+                       "group": group_label(r)} for r in runs]
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------ figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 10,
+                         "axes.titlesize": 11, "legend.fontsize": 9})
+    return plt
+
+
+def _style(constraint: str) -> tuple[str, str]:
+    return CONSTRAINT_STYLE.get(constraint, ("#333333", constraint))
+
+
+def _settings_text(settings: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in settings)
+
+
+def _paired_costs(run: Run, source: str) -> tuple[list[float], list[float]]:
+    """C̄(x) before and after training for the prompts evaluated both times (``source``: eval or oracle)."""
+    def mean_cost(row):
+        return row["oracle"]["mean_cost"] if source == "oracle" else row["mean_cost"]
+
+    before = {r["prompt_id"]: mean_cost(r) for r in run.initial_rows if source != "oracle" or "oracle" in r}
+    pairs = [(before[r["prompt_id"]], mean_cost(r)) for r in run.rows
+             if r["prompt_id"] in before and (source != "oracle" or "oracle" in r)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "eval") -> bool:
+    """Per-prompt C̄(x) after training (y) against before (x): one panel per group, seeds pooled.
+
+    Lines: the diagonal (no change) and the threshold d on both axes; the region above d is shaded (violating after
+    training). Points above the diagonal (red) are prompts that became less safe. Returns False when no run has an
+    initial evaluation to compare with.
+    """
+    panels = [(label, runs) for label, runs in groups.items() if any(_paired_costs(r, source)[0] for r in runs)]
+    if not panels:
+        return False
+    plt = _pyplot()
+    by_constraint: dict[str, list] = defaultdict(list)
+    for label, runs in panels:
+        by_constraint[runs[0].constraint].append((label, runs))
+    ncols = len(by_constraint)
+    nrows = max(len(v) for v in by_constraint.values())
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.3 * nrows), squeeze=False)
+    all_costs = [c for _, runs in panels for r in runs for side in _paired_costs(r, source) for c in side]
+    all_costs += [0.0] if source == "oracle" else [runs[0].threshold for _, runs in panels]  # keep d in view
+    lo, hi = min(all_costs), max(all_costs)
+    pad = 0.06 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    for col, (constraint, cells) in enumerate(by_constraint.items()):
+        colour, name = _style(constraint)
+        for row in range(nrows):
+            ax = axes[row][col]
+            if row >= len(cells):
+                ax.axis("off")
+                continue
+            label, runs = cells[row]
+            d = 0.0 if source == "oracle" else runs[0].threshold
+            xs, ys = [], []
+            for r in runs:
+                x, y = _paired_costs(r, source)
+                xs += x
+                ys += y
+            ax.axhspan(d, max(hi, d), color="#d62728", alpha=0.07, lw=0)
+            ax.plot([lo, hi], [lo, hi], color="#555555", lw=1, ls=":", label="no change (y = x)")
+            ax.axhline(d, color="#d62728", lw=1.2, ls="--", label=f"threshold d = {d:g}")
+            ax.axvline(d, color="#d62728", lw=0.8, ls="--", alpha=0.5)
+            # identical (before, after) pairs are common with discrete oracle costs: one marker, area ∝ count
+            counts = Counter(zip(xs, ys))
+            for rose, marker, point_colour, text in ((False, "o", colour, "cost fell or held"),
+                                                     (True, "^", "#d62728", "cost rose")):
+                marks = [(x, y, n) for (x, y), n in counts.items() if (y > x) == rose]
+                ax.scatter([m[0] for m in marks], [m[1] for m in marks], s=[20 * m[2] for m in marks],
+                           alpha=0.6, color=point_colour, marker=marker, edgecolor="none", label=text)
+            figs = figure_stats([r.summary for r in runs])
+            pvr = figs.get(f"{source}/prompt_violation_rate", {}).get("mean", float("nan"))
+            inter = figs.get(f"{source}/interference_rate", {}).get("mean", float("nan"))
+            before, after = statistics.fmean(xs), statistics.fmean(ys)
+            setting = _settings_text(runs[0].settings)
+            seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+            ax.set_title(f"{name}" + (f", trained with {setting}" if setting else "") + f" ({seeds})\n"
+                         f"mean C̄ {before:+.2f} → {after:+.2f} · violating {pvr:.0%} · interference {inter:.0%}",
+                         color=colour, fontsize=10)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_aspect("equal", adjustable="box")
+            ax.set_xlabel("C̄(x) before training (initial policy)")
+            if col == 0:
+                ax.set_ylabel("C̄(x) after training")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], color="#555555", lw=1, ls=":", label="no change (y = x)"),
+               Line2D([], [], color="#d62728", lw=1.2, ls="--", label="threshold d"),
+               Patch(color="#d62728", alpha=0.15, label="violating after training (C̄ > d)"),
+               Line2D([], [], color="#777777", marker="o", ls="", ms=6, alpha=0.7,
+                      label="prompt whose C̄ fell or held (colour: constraint)"),
+               Line2D([], [], color="#d62728", marker="^", ls="", ms=7, alpha=0.8, label="prompt whose C̄ rose"),
+               Line2D([], [], color="#777777", marker="o", ls="", ms=10, alpha=0.4,
+                      label="larger marker: several prompts × seeds")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, framealpha=0.9, fontsize=9)
+    what = "oracle cost (ground truth, unsafe when > 0)" if source == "oracle" else "cost model (unsafe when C > d)"
+    fig.suptitle(f"Per-prompt mean cost after vs before training — {what}", fontsize=12)
+    fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1))  # room for the two-line legend
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _sweep_key(runs: Sequence[Run]) -> tuple[str, str]:
+    """The setting a trade-off curve runs along: the threshold when it varies, else the first varying setting."""
+    keys = [k for r in runs for k, _ in r.settings]
+    if any(k.endswith("threshold") for k in keys) or len({r.threshold for r in runs}) > 1:
+        return "threshold", "d"
+    return (keys[0], keys[0].split(".")[-1]) if keys else ("", "")
+
+
+def plot_tradeoff(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Reward against prompt-violation rate, one curve per constraint type through its groups (mean ± std over
+    seeds), each point labelled with the swept setting; a panel for the learned models and one for the oracle."""
+    runs = [r for members in groups.values() for r in members]
+    sources = [s for s in ("eval", "oracle") if all(f"{s}/prompt_violation_rate" in r.summary for r in runs)]
+    if not sources:
+        return False
+    key, short = _sweep_key(runs)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sources), figsize=(6.2 * len(sources), 4.8), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        by_constraint: dict[str, list] = defaultdict(list)
+        for members in groups.values():
+            by_constraint[members[0].constraint].append(members)
+        for constraint, cells in by_constraint.items():
+            colour, name = _style(constraint)
+            points = []
+            for members in cells:
+                figs = figure_stats([r.summary for r in members])
+                x, y = figs[f"{source}/prompt_violation_rate"], figs[f"{source}/reward_mean"]
+                if key == "threshold":
+                    order, text = members[0].threshold, f"{short}={members[0].threshold:g}"
+                else:
+                    value = dict(members[0].settings).get(key, "")
+                    order, text = _as_number(value), f"{short}={value}" if key else ""
+                points.append((order, x, y, text))
+            points.sort(key=lambda p: p[0])
+            ax.errorbar([p[1]["mean"] for p in points], [p[2]["mean"] for p in points],
+                        xerr=[p[1]["std"] for p in points], yerr=[p[2]["std"] for p in points], color=colour,
+                        marker="o", ms=6, lw=1.8, capsize=3, label=name)
+            for _, x, y, text in points:
+                if text:
+                    ax.annotate(text, (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, 5), fontsize=8,
+                                color=colour)
+        units = "oracle reward (≥ 0)" if source == "oracle" else "reward-model score"
+        truth = "oracle: C̄(x) > 0" if source == "oracle" else "cost model: C̄(x) > d"
+        ax.set_xlabel(f"prompt-violation rate (share of prompts with {truth})")
+        ax.set_ylabel(f"mean reward ({units})")
+        ax.set_title(("Ground truth (oracle)" if source == "oracle" else "Learned reward and cost models")
+                     + " — better is up and left")
+        ax.xaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_xlim(-0.03, min(1.03, max(0.25, ax.get_xlim()[1])))
+        ax.legend(loc="best", framealpha=0.9)
+    sweep = f"across {short} (labels)" if key else ""
+    fig.suptitle(f"Reward vs prompt-violation trade-off {sweep}; error bars: ±1 std over seeds", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _as_number(value: str) -> float | str:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def plot_training(groups: dict[str, list[Run]], path: Path) -> bool:
+    """λ, mean cost, unsafe rate and reward per step; one line per group (mean over seeds, ±1 std band)."""
+    if not any(r.steps for members in groups.values() for r in members):
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), squeeze=False)
+    shades = _group_shades(groups)
+    for ax, (key, ylabel) in zip(axes.flat, TRAINING_PANELS):
+        for label, members in groups.items():
+            series = defaultdict(list)
+            for r in members:
+                for row in r.steps:
+                    if isinstance(row.get(key), (int, float)):
+                        series[row["step"]].append(float(row[key]))
+            if not series:
+                continue
+            steps = sorted(series)
+            mean = [statistics.fmean(series[s]) for s in steps]
+            std = [statistics.stdev(series[s]) if len(series[s]) > 1 else 0.0 for s in steps]
+            colour, linestyle = shades[label]
+            ax.plot(steps, mean, color=colour, ls=linestyle, lw=1.8, label=_legend_label(members))
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=colour, alpha=0.15, lw=0)
+        if key == "cost/mean":
+            for d in sorted({r.threshold for members in groups.values() for r in members
+                             if r.constraint != "none"}):
+                ax.axhline(d, color="#444444", ls=(0, (4, 4)), lw=0.8, alpha=0.7)
+                ax.annotate(f"d = {d:g}", (1.0, d), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                            textcoords="offset points", ha="right", fontsize=8, color="#444444")
+        ax.xaxis.set_major_locator(plt.matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(ylabel.split(" (")[0])
+        if key == "cost/unsafe_rate":
+            ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[0][1].get_legend_handles_labels()
+    per_constraint = Counter(members[0].constraint for members in groups.values())
+    # one legend column per constraint type when each has the same number of groups (column-major fill)
+    ncol = len(per_constraint) if len(set(per_constraint.values())) == 1 else min(4, len(labels))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, framealpha=0.9)
+    fig.suptitle("Training curves (mean over seeds, band ±1 std; dashed grey lines on the cost panel: thresholds d)",
+                 fontsize=12)
+    fig.tight_layout(rect=(0, 0.02 + 0.035 * math.ceil(len(labels) / ncol), 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _group_shades(groups: dict[str, list[Run]]) -> dict[str, tuple[str, str]]:
+    """Colour by constraint type, line style by the group's position within it."""
+    styles = ("-", "--", ":", "-.")
+    seen: dict[str, int] = defaultdict(int)
+    out = {}
+    for label, members in groups.items():
+        constraint = members[0].constraint
+        out[label] = (_style(constraint)[0], styles[seen[constraint] % len(styles)])
+        seen[constraint] += 1
+    return out
+
+
+def _legend_label(members: Sequence[Run]) -> str:
+    setting = _settings_text(members[0].settings)
+    name = _style(members[0].constraint)[1]
+    return f"{name}, {setting}" if setting else name
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+def _cell(stats: dict[str, float] | None) -> str:
+    if not stats:
+        return "–"
+    if stats["n"] > 1:
+        return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+    return f"{stats['mean']:.3f}"
+
+
+def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str:
+    groups = report["groups"]
+    lines = [f"# {title}", "",
+             f"{len(report['runs'])} runs in {len(groups)} groups. Cells: mean ± std over seeds (n seeds per group); "
+             "every figure of every group is in `report.json`.", ""]
+    for prefix, heading in (("eval/", "Learned reward and cost models (`eval/…`, at each run's threshold d)"),
+                            ("oracle/", "Ground truth (`oracle/…`, unsafe when the oracle cost > 0)")):
+        present = [(k, name) for k, name in HEADLINE
+                   if k.startswith(prefix) and any(k in g["figures"] for g in groups.values())]
+        if not present:
+            continue
+        lines += [f"### {heading}", ""]
+        lines.append("| group | n | " + " | ".join(name for _, name in present) + " |")
+        lines.append("|---|---|" + "---|" * len(present))
+        for label, g in groups.items():
+            cells = " | ".join(_cell(g["figures"].get(k)) for k, _ in present)
+            lines.append(f"| {label} | {len(g['seeds'])} | {cells} |")
+        lines += ["", "Columns: " + ", ".join(f"{name} = `{k}`" for k, name in present) + ".", ""]
+    captions = {
+        "interference": "Per-prompt mean cost after training against before (cost model); above the diagonal: "
+                        "prompts that became less safe; shaded: violating the threshold after training.",
+        "interference_oracle": "The same with the ground-truth oracle cost (unsafe when > 0).",
+        "tradeoff": "Reward against the share of prompts that violate the constraint, along the sweep.",
+        "training": "λ, mean cost, unsafe rate and reward during training.",
+    }
+    for name, file in figures.items():
+        lines += [f"## {name.replace('_', ' ')}", "", captions.get(name, ""), "", f"![{name}]({file})", ""]
+    lines += ["## Runs", "", "| run | constraint | d | seed |", "|---|---|---|---|"]
+    lines += [f"| `{r['path']}` | {r['constraint']} | {r['threshold']:g} | {r['seed']} |" for r in report["runs"]]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = "repo_exp comparison") \
+        -> dict[str, Any]:
+    """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the PNG figures to ``out_dir``.
+
+    Returns the report dict: ``report[constraint][figure] == {"mean", "std", "n"}`` for each constraint type
+    present, plus ``groups``, ``runs``, ``figures``, ``skipped`` and ``title``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = find_run_dirs(run_dirs)
+    runs, skipped = [], []
+    for folder in folders:
+        run = read_run(folder)
+        (runs.append(run) if run is not None else skipped.append(str(folder)))
+    if not runs:
+        raise NoRunsError(f"none of the {len(folders)} run folders found has eval/summary.json: {skipped[:5]}")
+    report = aggregate(runs)
+    groups = group_runs(runs)
+    figures: dict[str, str] = {}
+    plots = [("interference", lambda p: plot_interference(groups, p, "eval")),
+             ("interference_oracle", lambda p: plot_interference(groups, p, "oracle")
+              if all(r.has_oracle for r in runs) else False),
+             ("tradeoff", lambda p: plot_tradeoff(groups, p)),
+             ("training", lambda p: plot_training(groups, p))]
+    for name, plot in plots:
+        if plot(out / f"{name}.png"):
+            figures[name] = f"{name}.png"
+    report.update({"title": title, "figures": figures, "skipped": skipped})
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "report.json")
+    (out / "report.md").write_text(markdown(report, title, figures))
+    log.info("report of %d runs (%d groups) in %s", len(runs), len(report["groups"]), out)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m repo_exp.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run folders or folders holding runs (multirun sweeps)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and the PNGs")
+    parser.add_argument("--title", default="repo_exp comparison")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = build_report(args.dirs, args.out, title=args.title)
+    except (FileNotFoundError, NoRunsError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(f"{len(report['runs'])} runs → {args.out / 'report.md'}; figures: {', '.join(report['figures'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Helpers shared by the reliability tests (resume, faults, bad input, untrusted files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repo_exp.config import validate
+from repo_exp.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+# tiny models and short runs: no evaluation, one thread (two threads on a shared two-core machine are several times
+# slower than one)
+QUICK = ("eval.at_start=false", "eval.at_end=false", "trainer.num_threads=1")
+
+
+@pytest.fixture
+def one_thread():
+    """Trainers set torch's thread count from ``trainer.num_threads``: give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(smoke_cfg, run_dir: Path, *overrides: str) -> Trainer:
+    """A trainer of the smoke experiment in ``run_dir``, built in this process."""
+    cfg = smoke_cfg(*QUICK, *overrides)
+    return Trainer(validate(cfg), cfg, run_dir)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The final checkpoint of a real two-step smoke run (``constraint=rectified``, the default), made once per test
+    module; its run folder is the checkpoint's grandparent."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from repo_exp.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=smoke", "logger=none", "trainer.progress=false", "trainer.total_steps=2", *QUICK])
+    threads = torch.get_num_threads()
+    run_dir = tmp_path_factory.mktemp("source") / "run"
+    Trainer(validate(cfg), cfg, run_dir).fit()
+    torch.set_num_threads(threads)
+    return run_dir / "checkpoints" / "step_000002"
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m repo_exp ARGS`` from the project root; stdout and stderr together in ``.stdout``."""
+    full_env = dict(os.environ)
+    full_env.update({"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "repo_exp", *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)

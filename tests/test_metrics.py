@@ -1,0 +1,141 @@
+"""SPEC §4 evaluation figures on hand-made per-prompt results whose answers are worked out by hand below."""
+
+from __future__ import annotations
+
+import pytest
+
+from repo_exp.evaluate import summarize
+from repo_exp.metrics import FIGURES, eval_figures, prompt_stats, tail_mean
+
+# Four prompts, k = 2 samples each, threshold d = 0 (C > 0 is unsafe).
+#   prompt  costs       C̄(x)   rewards   initial costs (C̄0)   initial rewards
+#   0       [-2, -2]    -2      [1, 1]    [-1, -1]  (-1)        [1, 0]
+#   1       [-3,  1]    -1      [2, 0]    [-1, -1]  (-1)        [2, 1]
+#   2       [0.5, 0.5]  0.5     [3, 1]    [ 0,  0]  ( 0)        [5, 1]
+#   3       [-1,  2]    0.5     [4, 2]    [ 1,  1]  ( 1)        [0, 3]
+COSTS = [[-2.0, -2.0], [-3.0, 1.0], [0.5, 0.5], [-1.0, 2.0]]
+REWARDS = [[1.0, 1.0], [2.0, 0.0], [3.0, 1.0], [4.0, 2.0]]
+INITIAL_COSTS = [[-1.0, -1.0], [-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]
+INITIAL_REWARDS = [[1.0, 0.0], [2.0, 1.0], [5.0, 1.0], [0.0, 3.0]]
+
+
+def test_compensation_case_by_hand():
+    """mean_x C̄ = (−2 − 1 + 0.5 + 0.5)/4 = −0.5 ≤ 0 although prompts 2 and 3 violate: compensation."""
+    f = eval_figures(REWARDS, COSTS, 0.0, INITIAL_REWARDS, INITIAL_COSTS)
+    assert f["mean_cost"] == pytest.approx(-0.5)
+    assert f["prompt_violation_rate"] == pytest.approx(2 / 4)
+    assert f["compensation"] == 1.0
+    # prompts 1, 2 and 3 each have a sample with C > 0
+    assert f["prompt_any_unsafe_rate"] == pytest.approx(3 / 4)
+    assert f["violation_mass"] == pytest.approx((0.5 + 0.5) / 4)
+    assert f["slack_mass"] == pytest.approx((2 + 1) / 4)
+    # fewer than 10 prompts: the worst 10 % lies inside the worst prompt
+    assert f["cvar10_cost"] == pytest.approx(0.5)
+    # unsafe samples: 1 (prompt 1) + 2 (prompt 2) + 1 (prompt 3) of 8
+    assert f["unsafe_rate"] == pytest.approx(4 / 8)
+    assert f["reward_mean"] == pytest.approx((1 + 1 + 2 + 0 + 3 + 1 + 4 + 2) / 8)
+    # R·1[C ≤ 0]: 1 + 1 | 2 + 0 | 0 + 0 | 4 + 0
+    assert f["safe_reward_mean"] == pytest.approx(8 / 8)
+
+
+def test_interference_and_win_rate_with_ties_by_hand():
+    f = eval_figures(REWARDS, COSTS, 0.0, INITIAL_REWARDS, INITIAL_COSTS)
+    # mean C̄ went from (−1 − 1 + 0 + 1)/4 = −0.25 to −0.5: it fell, yet prompt 2 rose 0 → 0.5
+    # (prompt 1 stayed at −1: not a rise)
+    assert f["mean_cost_change"] == pytest.approx(-0.25)
+    assert f["interference_rate"] == pytest.approx(1 / 4)
+    # slot pairs (new, old): (1,1) tie, (1,0) win, (2,2) tie, (0,1) loss, (3,5) loss, (1,1) tie, (4,0) win, (2,3) loss
+    assert f["win_rate"] == pytest.approx((0.5 + 1 + 0.5 + 0 + 0 + 0.5 + 1 + 0) / 8)
+
+
+def test_no_interference_counted_when_the_mean_cost_rose():
+    # every prompt's cost rises by 1: the mean rose, so rising prompts are not interference
+    higher = [[c + 1.0 for c in cs] for cs in INITIAL_COSTS]
+    f = eval_figures(REWARDS, higher, 0.0, INITIAL_REWARDS, INITIAL_COSTS)
+    assert f["mean_cost_change"] == pytest.approx(1.0)
+    assert f["interference_rate"] == 0.0
+
+
+def test_no_compensation_when_the_average_itself_is_violated_or_nothing_violates():
+    above = [[1.0, 1.0], [-0.5, -0.5]]  # mean 0.25 > 0 with one violating prompt
+    assert eval_figures([[0.0, 0.0]] * 2, above, 0.0)["compensation"] == 0.0
+    all_safe = [[-1.0, -1.0], [-0.5, -0.5]]
+    f = eval_figures([[0.0, 0.0]] * 2, all_safe, 0.0)
+    assert f["compensation"] == 0.0 and f["prompt_violation_rate"] == 0.0 and f["violation_mass"] == 0.0
+
+
+def test_threshold_shifts_every_figure_and_the_boundary_counts_as_safe():
+    """d = −0.5: C̄ = [−2, −1, 0.5, 0.5]; the mean −0.5 equals d, which satisfies the average constraint."""
+    f = eval_figures(REWARDS, COSTS, -0.5)
+    assert f["prompt_violation_rate"] == pytest.approx(2 / 4)
+    assert f["compensation"] == 1.0
+    assert f["violation_mass"] == pytest.approx((1.0 + 1.0) / 4)
+    assert f["slack_mass"] == pytest.approx((1.5 + 0.5) / 4)
+    # samples with C > −0.5: prompt 1 one, prompt 2 two, prompt 3 one (−1 is safe) → 4 of 8
+    assert f["unsafe_rate"] == pytest.approx(4 / 8)
+    # a cost exactly at d is safe: C = 0 with d = 0
+    g = eval_figures([[2.0]], [[0.0]], 0.0)
+    assert g["unsafe_rate"] == 0.0 and g["safe_reward_mean"] == 2.0 and g["prompt_violation_rate"] == 0.0
+
+
+def test_cvar10_is_the_tail_expectation():
+    # 20 prompts with C̄ = 0 … 19: the worst 10 % are 19 and 18
+    assert tail_mean([float(i) for i in range(20)], 0.1) == pytest.approx((19 + 18) / 2)
+    # 15 prompts: the tail holds 1.5 prompts, 14 with weight 1 and 13 with weight 0.5
+    assert tail_mean([float(i) for i in range(15)], 0.1) == pytest.approx((14 + 0.5 * 13) / 1.5)
+    # 30 prompts: 0.1 · 30 is not exactly 3 in floating point; still the mean of the worst three
+    assert tail_mean([float(i) for i in range(30)], 0.1) == pytest.approx((29 + 28 + 27) / 3)
+    # fewer than 10 prompts: the worst prompt alone
+    assert tail_mean([0.3, -1.0, 0.9], 0.1) == pytest.approx(0.9)
+    costs = [[float(i)] for i in range(15)]
+    assert eval_figures([[0.0]] * 15, costs, 0.0)["cvar10_cost"] == pytest.approx((14 + 0.5 * 13) / 1.5)
+
+
+def test_every_figure_is_present_with_an_initial_policy():
+    f = eval_figures(REWARDS, COSTS, 0.0, INITIAL_REWARDS, INITIAL_COSTS)
+    assert set(FIGURES) <= set(f)
+
+
+def test_mismatched_initial_results_fail_clearly():
+    with pytest.raises(ValueError, match="different number of prompts"):
+        eval_figures(REWARDS, COSTS, 0.0, INITIAL_REWARDS[:2], INITIAL_COSTS[:2])
+    with pytest.raises(ValueError, match="k must match"):
+        eval_figures(REWARDS, COSTS, 0.0, [r[:1] for r in INITIAL_REWARDS], INITIAL_COSTS)
+
+
+def test_prompt_stats_by_hand():
+    s = prompt_stats([4.0, 2.0, -1.0], [-1.0, 2.0, 0.0], 0.0)
+    assert s == {"mean_reward": pytest.approx(5 / 3), "mean_cost": pytest.approx(1 / 3),
+                 "unsafe_share": pytest.approx(1 / 3), "safe_reward": pytest.approx((4 - 1) / 3), "k": 3}
+
+
+def _rows(rewards, costs, oracle_costs, families, styles):
+    rows = []
+    for i, (r, c, oc, fam, st) in enumerate(zip(rewards, costs, oracle_costs, families, styles)):
+        oracle_rewards = [1.0] * len(oc)
+        rows.append({"prompt_id": i, "prompt": f"p{i}", "family": fam, **prompt_stats(r, c, 0.0), "rewards": r,
+                     "costs": c, "lengths": [3] * len(c),
+                     "oracle": {**prompt_stats(oracle_rewards, oc, 0.0), "rewards": oracle_rewards, "costs": oc,
+                                "styles": st}})
+    return rows
+
+
+def test_summarize_prefixes_learned_and_oracle_figures():
+    families = ["benign", "benign", "harmful", "dual_use"]
+    styles = [["refuse", "safe"], ["safe", "safe"], ["unsafe", "refuse"], ["refuse", "refuse"]]
+    oracle_costs = [[-0.5, -0.5], [-0.5, -0.5], [1.0, -1.0], [-1.0, -1.0]]
+    rows = _rows(REWARDS, COSTS, oracle_costs, families, styles)
+    initial = _rows(INITIAL_REWARDS, INITIAL_COSTS, oracle_costs, families, styles)
+    s = summarize(rows, 0.0, initial)
+    assert s["eval/compensation"] == 1.0
+    assert s["eval/interference_rate"] == pytest.approx(1 / 4)
+    assert s["eval/num_prompts"] == 4 and s["eval/samples_per_prompt"] == 2
+    # oracle C̄: harmful prompt 0.0 (not > 0), so no prompt violates; one unsafe sample of 8
+    assert s["oracle/prompt_violation_rate"] == 0.0
+    assert s["oracle/unsafe_rate"] == pytest.approx(1 / 8)
+    assert s["oracle/prompt_any_unsafe_rate"] == pytest.approx(1 / 4)
+    # refusals among benign and dual-use samples: 1 + 0 + 2 of 6
+    assert s["oracle/benign_refusal_rate"] == pytest.approx(3 / 6)
+    assert s["oracle/refusal_rate/harmful"] == pytest.approx(1 / 2)
+    # every SPEC §4 figure under both prefixes
+    assert all(f"eval/{k}" in s and f"oracle/{k}" in s for k in FIGURES)

@@ -1,0 +1,143 @@
+"""``repo_exp.report`` on hand-made run folders: discovery, grouping, mean and std over seeds, figures, CLI."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repo_exp.report import NoRunsError, build_report, find_run_dirs, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run(folder: Path, constraint: str, threshold: float, seed: int, figures: dict[str, float],
+             prompt_costs: tuple[list[float], list[float]] = ([0.2, -0.4, 0.6], [0.1, -0.6, 0.9]),
+             lambdas: tuple[float, ...] = (1.0, 1.2, 1.5), overrides: list[str] | None = None) -> Path:
+    """A run folder as ``python -m repo_exp`` leaves it, with chosen figures and per-prompt costs."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\nconstraint:\n  name: {constraint}\n  threshold: {threshold}\n")
+    if overrides is None:
+        overrides = [f"constraint={constraint}", f"constraint.threshold={threshold}", f"seed={seed}",
+                     "experiment=smoke"]
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / "eval" / "initial").mkdir(parents=True)
+    summary = {"eval/threshold": threshold, "eval/step": 3, "timing/eval": 0.1, **figures}
+    (folder / "eval" / "summary.json").write_text(json.dumps(summary))
+    before, after = prompt_costs
+    for sub, costs in ((folder / "eval" / "initial", before), (folder / "eval", after)):
+        with open(sub / "per_prompt.jsonl", "w") as f:
+            for i, c in enumerate(costs):
+                f.write(json.dumps({"prompt_id": i, "prompt": f"p{i}", "mean_cost": c, "mean_reward": 1.0, "k": 2,
+                                    "oracle": {"mean_cost": -1.0 if c < 0 else 1.0}}) + "\n")
+    with open(folder / "metrics.jsonl", "w") as f:
+        for step, lam in enumerate(lambdas, start=1):
+            f.write(json.dumps({"step": step, "reward/mean": 0.1 * step, "cost/mean": -0.1 * step,
+                                "cost/unsafe_rate": 0.5 / step, "constraint/lambda": lam}) + "\n")
+        f.write(json.dumps({"step": 3, **summary}) + "\n")  # evaluation rows share the file
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Two constraint types × two thresholds × two seeds, as a multirun folder."""
+    root = tmp_path / "multirun"
+    values = {}
+    n = 0
+    for constraint in ("rectified", "average"):
+        for threshold in (0.0, -0.5):
+            for seed in (1, 2):
+                pvr = {"average": 0.5, "rectified": 0.1}[constraint] + 0.1 * seed - threshold
+                reward = 1.0 + seed + threshold
+                figures = {"eval/prompt_violation_rate": pvr, "eval/reward_mean": reward,
+                           "oracle/prompt_violation_rate": pvr / 2, "oracle/reward_mean": reward / 2,
+                           "eval/interference_rate": 0.25, "oracle/interference_rate": 0.0}
+                values[(constraint, threshold, seed)] = figures
+                make_run(root / f"{n}_job", constraint, threshold, seed, figures, lambdas=(1.0, 1.0 + seed))
+                n += 1
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root, values
+
+
+def test_groups_means_and_stds_over_seeds(sweep, tmp_path):
+    root, values = sweep
+    report = build_report([root], tmp_path / "out", title="t")
+    assert len(report["runs"]) == 8 and report["skipped"] == []
+    # report[constraint] pools that constraint's runs: 2 thresholds × 2 seeds
+    pooled = [values[("average", d, s)]["eval/prompt_violation_rate"] for d in (0.0, -0.5) for s in (1, 2)]
+    stats = report["average"]["eval/prompt_violation_rate"]
+    assert stats["mean"] == pytest.approx(statistics.fmean(pooled))
+    assert stats["std"] == pytest.approx(statistics.stdev(pooled)) and stats["n"] == 4
+    # groups split by the swept threshold (the seed is a replicate, experiment=smoke does not vary)
+    assert set(report["groups"]) == {f"{c} constraint.threshold={d}" for c in ("average", "rectified")
+                                     for d in ("0.0", "-0.5")}
+    group = report["groups"]["rectified constraint.threshold=-0.5"]
+    # rectified, d = −0.5: violation rates 0.1 + 0.1·s + 0.5 for s = 1, 2 → 0.7 and 0.8
+    assert group["figures"]["eval/prompt_violation_rate"]["mean"] == pytest.approx(0.75)
+    assert group["figures"]["eval/prompt_violation_rate"]["std"] == pytest.approx(statistics.stdev([0.7, 0.8]))
+    assert group["figures"]["oracle/reward_mean"]["mean"] == pytest.approx((1.5 / 2 + 2.5 / 2) / 2)
+    assert group["seeds"] == [1, 2] and group["threshold"] == -0.5
+    assert "timing/eval" not in group["figures"]
+    # groups come in a fixed constraint order, average before rectified
+    assert list(report["groups"])[0].startswith("average")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["average"] == report["average"]
+
+
+def test_writes_the_figures_and_the_table(sweep, tmp_path):
+    import matplotlib.image as mpimg
+
+    root, _ = sweep
+    out = tmp_path / "out"
+    report = build_report([root], out)
+    assert set(report["figures"]) == {"interference", "interference_oracle", "tradeoff", "training"}
+    for file in report["figures"].values():
+        path = out / file
+        assert path.stat().st_size > 8_000, file
+        pixels = mpimg.imread(path)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 500 and pixels.std() > 0.05, file
+    md = (out / "report.md").read_text()
+    assert "| average constraint.threshold=-0.5 | 2 |" in md
+    assert "![interference](interference.png)" in md and "eval/prompt_violation_rate" in md
+
+
+def test_single_seed_has_zero_std_and_runs_are_found_at_any_depth(tmp_path):
+    make_run(tmp_path / "a" / "b" / "run", "average", 0.0, 0, {"eval/mean_cost": -0.25})
+    report = build_report([tmp_path / "a"], tmp_path / "out")
+    assert report["average"]["eval/mean_cost"] == {"mean": -0.25, "std": 0.0, "n": 1}
+    assert list(report["groups"]) == ["average"]  # nothing varies: the constraint alone names the group
+
+
+def test_unfinished_runs_are_skipped_and_no_runs_fail_clearly(tmp_path):
+    make_run(tmp_path / "sweep" / "0", "rectified", 0.0, 0, {"eval/mean_cost": 0.5})
+    broken = tmp_path / "sweep" / "1"
+    (broken / ".hydra").mkdir(parents=True)
+    (broken / ".hydra" / "config.yaml").write_text("constraint: {name: average}\n")
+    report = build_report([tmp_path / "sweep"], tmp_path / "out")
+    assert report["skipped"] == [str(broken.resolve())] and "average" not in report
+    with pytest.raises(NoRunsError, match="no run folders"):
+        find_run_dirs([tmp_path / "out"])
+    with pytest.raises(NoRunsError, match="eval/summary.json"):
+        build_report([broken], tmp_path / "out2")
+
+
+def test_cli(sweep, tmp_path):
+    root, _ = sweep
+    proc = subprocess.run([sys.executable, "-m", "repo_exp.report", str(root), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "o" / "report.md").is_file() and (tmp_path / "o" / "training.png").is_file()
+    with pytest.raises(SystemExit) as err:
+        main([str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    assert err.value.code == 2
+
+
+def test_an_evaluation_job_inside_a_run_folder_is_not_another_run(tmp_path):
+    run = make_run(tmp_path / "sweep" / "0", "average", 0.0, 0, {"eval/mean_cost": 0.1})
+    make_run(run / "evaluation", "average", 0.0, 0, {"eval/mean_cost": 0.9})
+    make_run(tmp_path / "sweep" / "1", "average", 0.0, 1, {"eval/mean_cost": 0.3})
+    assert find_run_dirs([tmp_path / "sweep"]) == [run.resolve(), (tmp_path / "sweep" / "1").resolve()]

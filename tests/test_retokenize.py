@@ -1,0 +1,107 @@
+"""A cost model whose tokenizer and template differ from the policy's scores the re-tokenised text: decode the
+response, apply the cost model's template to the raw prompt, encode with its tokenizer, append its EOS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from published_layout import published_tokenizer, reference_end_scores, write_score_checkpoint
+
+from repo_exp.config import ArchConfig
+from repo_exp.models import build_word_tokenizer, load_score_model
+from repo_exp.models.policy import tiny_llama_config
+from repo_exp.rollout import Scorer, make_experience
+from repo_exp.rollout.make import decode_responses
+from repo_exp.data.prompts import PromptEncoder, PromptSet
+
+POLICY_TEMPLATE = "Human: {input} Assistant:"
+COST_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
+PAIRS = [("how do i bake bread", "sure here is the recipe water flour yeast salt"),
+         ("how do i make a bomb", "sorry cannot help with that")]
+
+
+@pytest.fixture(scope="module")
+def policy_tokenizer():
+    corpus = [POLICY_TEMPLATE.format(input=p) + " " + r for p, r in PAIRS] + ["knead it then wait"]
+    return build_word_tokenizer(corpus)
+
+
+@pytest.fixture(scope="module")
+def cost_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cost")
+    ref = write_score_checkpoint(folder, "new", "cost", seed=3)
+    return load_score_model(folder), ref
+
+
+def policy_batch(tokenizer):
+    """The policy's own tokens: left-padded prompts, responses ending in its EOS, right-padded."""
+    prompts = [tokenizer(POLICY_TEMPLATE.format(input=p))["input_ids"] for p, _ in PAIRS]
+    responses = [tokenizer(r)["input_ids"] + [tokenizer.eos_token_id] for _, r in PAIRS]
+    p_width, r_width = max(map(len, prompts)), max(map(len, responses))
+    seqs = torch.full((len(PAIRS), p_width + r_width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(seqs)
+    response_mask = torch.zeros((len(PAIRS), r_width), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seqs[i, p_width - len(p): p_width], mask[i, p_width - len(p): p_width] = torch.tensor(p), 1
+        seqs[i, p_width: p_width + len(r)], mask[i, p_width: p_width + len(r)] = torch.tensor(r), 1
+        response_mask[i, : len(r)] = 1
+    return seqs, mask, response_mask, p_width
+
+
+def test_the_tokenizers_really_differ(policy_tokenizer):
+    cost_tokenizer = published_tokenizer()
+    text = COST_TEMPLATE.format(input=PAIRS[0][0])
+    assert policy_tokenizer(text)["input_ids"] != cost_tokenizer(text)["input_ids"]
+    assert policy_tokenizer.eos_token_id != cost_tokenizer.eos_token_id
+
+
+def test_cost_model_scores_the_retokenised_text(policy_tokenizer, cost_model):
+    model, ref = cost_model
+    cost_tokenizer = published_tokenizer()
+    scorer = Scorer(model, cost_tokenizer, COST_TEMPLATE, policy_tokenizer, POLICY_TEMPLATE)
+    assert scorer.retokenize
+
+    seqs, mask, response_mask, width = policy_batch(policy_tokenizer)
+    responses = decode_responses(policy_tokenizer, seqs, response_mask, width)
+    assert responses == [r for _, r in PAIRS]  # decoding drops the policy's EOS
+    got = scorer(seqs, mask, [p for p, _ in PAIRS], responses)
+
+    # what the cost model should see: its template, the response, its own BOS and EOS
+    expected_rows = [cost_tokenizer(COST_TEMPLATE.format(input=p) + " " + r)["input_ids"] + [2] for p, r in PAIRS]
+    assert expected_rows[0][0] == 1 and expected_rows[0][-1] == 2
+    torch.testing.assert_close(got, reference_end_scores(ref, expected_rows), rtol=1e-4, atol=1e-5)
+    # scoring the policy's ids as they are would be wrong: they mean other words in the cost model's vocabulary
+    with torch.no_grad():
+        direct = model.end_scores(seqs, mask)
+    assert not torch.allclose(direct, got, atol=1e-3)
+
+
+def test_matching_tokenizers_score_the_policy_tokens_as_they_are(cost_model):
+    model, ref = cost_model
+    tokenizer = published_tokenizer()
+    scorer = Scorer(model, tokenizer, COST_TEMPLATE, published_tokenizer(), COST_TEMPLATE)
+    assert not scorer.retokenize
+    rows = [tokenizer(COST_TEMPLATE.format(input=p) + " " + r)["input_ids"] + [2] for p, r in PAIRS]
+    width = max(map(len, rows))
+    seqs = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    got = scorer(seqs, mask, ["unused"] * 2, ["unused"] * 2)
+    torch.testing.assert_close(got, reference_end_scores(ref, rows), rtol=1e-4, atol=1e-5)
+
+
+def test_rollout_costs_come_from_the_cost_models_own_encoding(policy_tokenizer, cost_model):
+    """Through ``make_experience``: sampled responses are decoded, re-encoded for the cost model and scored."""
+    model, ref = cost_model
+    cost_tokenizer = published_tokenizer()
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+
+    policy = LlamaForCausalLM(tiny_llama_config(ArchConfig(hidden_size=32, intermediate_size=64), policy_tokenizer))
+    encoder = PromptEncoder(PromptSet([p for p, _ in PAIRS]), policy_tokenizer, POLICY_TEMPLATE, 32)
+    batch = encoder.batch([0, 1], repeats=2)
+    cost = Scorer(model, cost_tokenizer, COST_TEMPLATE, policy_tokenizer, POLICY_TEMPLATE)
+    exp = make_experience(policy.eval(), policy, cost, cost, policy_tokenizer, batch, seed=0, step=0, row_offset=0,
+                          global_batch=4, chunk_size=4, max_new_tokens=6)
+    rows = [cost_tokenizer(COST_TEMPLATE.format(input=p) + " " + r.strip())["input_ids"] + [2]
+            for p, r in zip(exp.prompts, exp.responses)]
+    torch.testing.assert_close(exp.costs, reference_end_scores(ref, rows), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,214 @@
+"""Sweeps: every ``experiments/`` launch line and every ``conf/sweep`` file composes job by job; a two-job sweep runs
+through the joblib launcher in parallel and lands in one W&B group."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shlex
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from repo_exp.config import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p for p in (ROOT / "experiments").rglob("*") if p.is_file() and p.suffix in (".sh", ".sbatch"))
+SWEEPS = sorted(p.stem for p in (ROOT / "conf" / "sweep").glob("*.yaml"))
+
+
+def repo_exp_commands(script: Path) -> list[list[str]]:
+    """The override lists of every ``python -m repo_exp`` or ``python -m repo_exp.evaluate`` command in ``script``
+    (both compose the same config); shell variables and ``"$@"`` are left out, the multirun flag kept."""
+    text = re.sub(r"\\\n", " ", script.read_text())
+    commands = []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line.startswith("#"):
+            continue
+        tokens = shlex.split(line, posix=True) if re.search(r" -m repo_exp(\.evaluate)? ", f"{line} ") else []
+        module = next((t for t in tokens if t in ("repo_exp", "repo_exp.evaluate")), None)
+        if module is None:
+            continue
+        args = tokens[tokens.index(module) + 1:]
+        commands.append([a for a in args if "$" not in a and not a.startswith(("--cfg", "--info"))])
+    return commands
+
+
+def expand_jobs(compose, args: list[str]) -> list[list[str]]:
+    """The override list of each job Hydra's basic sweeper would launch for ``args`` (CLI sweeps win over
+    ``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    multirun = any(a in ("--multirun", "-m") for a in args)
+    args = [a for a in args if a not in ("--multirun", "-m")]
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(args)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {o.key_or_group: o.input_line for o in parsed if o.is_sweep_override()}
+    if multirun:
+        hydra_cfg = compose(*fixed, return_hydra_config=True).hydra
+        for key, value in (hydra_cfg.sweeper.params or {}).items():
+            sweeps.setdefault(key, f"{key}={value}")
+    axes = []
+    for line in sweeps.values():
+        override = parser.parse_override(line)
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        axes.append([f"{override.get_key_element()}={v}" for v in values])
+    return [fixed + list(combo) for combo in itertools.product(*axes)]
+
+
+@pytest.fixture
+def compose_hydra():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from repo_exp.config import register_configs
+
+    register_configs()
+
+    def _compose(*overrides: str, return_hydra_config: bool = False):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    return _compose
+
+
+def test_experiment_scripts_exist_and_are_listed_in_the_readme():
+    assert len(SCRIPTS) >= 4
+    readme = (ROOT / "experiments" / "README.md").read_text()
+    for script in SCRIPTS:
+        assert str(script.relative_to(ROOT / "experiments")) in readme, f"{script.name} is not in experiments/README"
+
+
+def _dry_run_arguments(script: Path) -> list[list[str]]:
+    """One argument list per choice of a script's required first argument (``${1:?usage: $0 a|b …}``)."""
+    match = re.search(r"\$\{1:\?usage: \S+ ([\w|]+)", script.read_text())
+    return [[choice] for choice in match.group(1).split("|")] if match else [[]]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[str(s.relative_to(ROOT)) for s in SCRIPTS])
+def test_every_experiment_script_composes(script, compose_hydra):
+    text = script.read_text()
+    if script.suffix == ".sbatch":  # a batch file hands over to a launch script, which is tested itself
+        called = re.findall(r"experiments/[\w/.-]+\.sh", text)
+        assert called and all((ROOT / c).is_file() for c in called), script
+        return
+    if "DRY_RUN" in text:  # scripts built from shell arrays print their composed config with DRY_RUN=1
+        env = {**__import__("os").environ, "DRY_RUN": "1", "PYTHON": sys.executable, "PY": sys.executable,
+               "HF_HUB_OFFLINE": "1"}
+        for args in _dry_run_arguments(script):
+            proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == 0 and "constraint:" in proc.stdout, proc.stderr[-2000:]
+        return
+    commands = repo_exp_commands(script)
+    assert commands, f"{script} runs no `python -m repo_exp` command"
+    for args in commands:
+        jobs = expand_jobs(compose_hydra, args)
+        for overrides in jobs:
+            validate(compose_hydra(*overrides))  # every schema check runs, nothing is built
+        compose_hydra(*[a for a in jobs[0]], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_file_composes_job_by_job(name, compose_hydra):
+    jobs = expand_jobs(compose_hydra, ["--multirun", f"+sweep={name}", "experiment=smoke"])
+    assert len(jobs) >= 3
+    configs = [validate(compose_hydra(*overrides)) for overrides in jobs]
+    swept = compose_hydra(f"+sweep={name}", return_hydra_config=True).hydra.sweeper.params
+    for key in swept:  # each swept key takes as many values as the sweep lists
+        values = {str(OmegaConf.select(OmegaConf.structured(c), key if key != "constraint" else "constraint.name"))
+                  for c in configs}
+        assert len(values) == len(str(swept[key]).split(",")), key
+
+
+def test_threshold_sweep_values_and_launchers(compose_hydra):
+    jobs = expand_jobs(compose_hydra, ["--multirun", "+sweep=threshold"])
+    pairs = {(validate(compose_hydra(*j)).constraint.name, validate(compose_hydra(*j)).constraint.threshold)
+             for j in jobs}
+    assert pairs == {(c, d) for c in ("average", "rectified") for d in (-0.5, 0.0, 0.5)}
+    local = compose_hydra("hydra/launcher=local", return_hydra_config=True).hydra.launcher
+    assert local._target_.endswith("JoblibLauncher") and local.n_jobs == 2
+    slurm = compose_hydra("hydra/launcher=slurm", return_hydra_config=True).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
+
+
+def wandb_run_records(path: Path):
+    """The records of an offline W&B run file (LevelDB log format: 32 KiB blocks of checksum, length, type)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, partial = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(partial + chunk if kind == 4 else chunk)
+            partial = b""
+            yield record
+        else:
+            partial = chunk if kind == 2 else partial + chunk
+
+
+def _job_span(job: Path) -> tuple[float, float]:
+    """When a job started (Hydra writes its .hydra/ folder first) and ended (its final evaluation is written last)."""
+    return (job / ".hydra" / "config.yaml").stat().st_mtime, (job / "eval" / "summary.json").stat().st_mtime
+
+
+@pytest.mark.slow
+def test_two_job_sweep_runs_in_parallel_through_joblib_in_one_wandb_group(tmp_path):
+    sweep = tmp_path / "sweep_thresholds"
+    env_dir = tmp_path / "wandb"
+    env_dir.mkdir()
+    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_DIR": str(env_dir),
+           "WANDB_CACHE_DIR": str(env_dir), "WANDB_CONFIG_DIR": str(env_dir), "WANDB_DATA_DIR": str(env_dir),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "repo_exp", "--multirun", "experiment=smoke", "logger=wandb", "logger.mode=offline",
+         "hydra/launcher=local", "hydra.launcher.n_jobs=2", "constraint=average,rectified", "trainer.total_steps=2",
+         "trainer.progress=false", "trainer.num_threads=1", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    launcher = OmegaConf.load(sweep / "multirun.yaml").hydra.launcher
+    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
+    (a_start, a_end), (b_start, b_end) = map(_job_span, jobs)
+    assert a_start < b_end and b_start < a_end, "the two jobs did not overlap in time"
+    names = []
+    for job in jobs:
+        assert (job / "eval" / "summary.json").is_file()
+        (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
+        run = next(r.run for r in wandb_run_records(run_file) if r.WhichOneof("record_type") == "run")
+        assert run.run_group == sweep.name
+        names.append(run.display_name)
+        # the per-prompt W&B table of the final evaluation, with the prompt text and its figures
+        (table_file,) = job.glob("wandb/offline-run-*/files/media/table/eval/per_prompt/final_*.table.json")
+        table = json.loads(table_file.read_text())
+        assert {"prompt", "mean_cost", "mean_reward", "unsafe_share", "k"} <= set(table["columns"])
+        assert len(table["data"]) == 8
+    common = "experiment=smoke,logger.mode=offline,trainer.num_threads=1,trainer.total_steps=2"
+    assert sorted(names) == [f"constraint=average,{common}", f"constraint=rectified,{common}"]
+    # the sweep reports: one group per constraint type, with the interference figure from the initial evaluation
+    from repo_exp.report import build_report
+
+    report = build_report([sweep], tmp_path / "report")
+    assert set(report["groups"]) == {"average", "rectified"} and "interference" in report["figures"]
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["rectified"]["eval/mean_cost"]["n"] == 1
