@@ -90,8 +90,9 @@ def check_checkpoint(folder: str | os.PathLike, option: str) -> Path:
     if not path.is_dir():
         raise ValueError(f"{where} is a file; a checkpoint is a folder checkpoints/step_NNNNNN of a run")
     if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+        hint = f", or run in it (hydra.run.dir={folder}) with trainer.resume=auto" if option == "trainer.resume" else ""
         raise ValueError(f"{where} is a run folder, not a checkpoint: give one of its checkpoints/step_NNNNNN "
-                         f"folders, or run in it (hydra.run.dir={folder}) with trainer.resume=auto")
+                         f"folders{hint}")
     if not (path / MANIFEST).is_file() and (path / "config.json").is_file():
         try:
             architectures = json.loads((path / "config.json").read_text()).get("architectures")

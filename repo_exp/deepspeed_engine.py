@@ -171,17 +171,14 @@ class DeepSpeedEngine:
         optimizer = self.module.optimizer
         if hasattr(optimizer, "_overflow_clean_up"):  # ZeRO-3
             optimizer._overflow_clean_up(optimizer.loss_scale)
-        else:
+        else:  # ZeRO-1/2 keep the reduced gradients of this rank's partition in these two stores until step()
             optimizer.zero_grad(set_to_none=True)
             if hasattr(optimizer, "_release_preflattened_grad_buffers"):
                 optimizer._release_preflattened_grad_buffers()
-            if getattr(optimizer, "cpu_offload", False):
-                optimizer.reset_cpu_buffers()
-            elif hasattr(optimizer, "averaged_gradients"):
-                for key in list(optimizer.averaged_gradients):
-                    optimizer.averaged_gradients[key] = None
-                    if hasattr(optimizer, "all_grad_tensors"):
-                        optimizer.all_grad_tensors[key] = None
+            for store in ("averaged_gradients", "all_grad_tensors"):
+                buffers = getattr(optimizer, store, None)
+                for key in list(buffers or {}):
+                    buffers[key] = None
         self._backward_since_step = False
 
     # ---- state
@@ -196,11 +193,13 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"{folder / 'deepspeed' / self.name} holds no DeepSpeed checkpoint of {self.name}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights. Collective under ZeRO-3 (gathered one layer at a time onto rank 0, which alone
-        gets them; other ranks get None); below stage 3 every rank holds them already."""
+        """The whole model's weights on rank 0 (None elsewhere). Collective under ZeRO-3: gathered one layer at a time
+        onto rank 0; below stage 3 every rank holds them already."""
         if self.zero_stage == 3:
             return self.module._zero3_consolidated_16bit_state_dict()
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        import torch.distributed as dist
+
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if dist.get_rank() == 0 else None
 
     def load_full_state_dict(self, folder: Path) -> None:
         """Weights saved by ``save_weights`` into the (possibly partitioned) model, and the optimizer's master copy."""

@@ -152,7 +152,7 @@ def train_score_model(model: ScoreModel, encoder: PreferenceEncoder, train_rows:
         optimizer.step()
         schedule.step()
     metrics = evaluate_score_model(model, encoder, test_rows, kind) if test_rows else {}
-    metrics[f"{kind}/train_loss"] = float(loss)
+    metrics[f"{kind}/train_loss"] = float(loss.detach())
     model.eval()
     return metrics
 
@@ -201,9 +201,23 @@ def init_score_model(init: str | None, tokenizer, arch: ArchConfig, kind: str, s
         model.score_type = kind
         return model
     config = AutoConfig.from_pretrained(init)
-    trunk = AutoModel.from_pretrained(init)
+    trunk = quietly(AutoModel.from_pretrained, init)  # a causal LM's lm_head is expected to be left out
     model = ScoreModel(config, score_type=kind, trunk=trunk)
     return model
+
+
+def quietly(load, *args, **kwargs):
+    """Call a transformers loader without its progress bars and load report."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def load_preference_rows(data: DataConfig, split: str) -> list[dict]:

@@ -148,3 +148,16 @@ def test_bad_constraint_values_are_refused():
         AverageConstraint(threshold=float("nan"))
     with pytest.raises(ValueError, match="lambda_init"):
         AverageConstraint(lambda_init=0.0)
+
+
+def test_average_projected_update_by_hand():
+    c = AverageConstraint(threshold=0.0, lambda_init=0.5, lambda_lr=0.2, lambda_update="projected", lambda_max=3.0)
+    c.update(torch.tensor([-1.0, -3.0]), torch.arange(2), 0)  # J_c = −2: 0.5 − 0.4 = 0.1
+    assert c.multiplier == pytest.approx(0.1)
+    c.update(torch.tensor([-10.0, -10.0]), torch.arange(2), 1)  # J_c = −5.5: clipped at 0
+    assert c.multiplier == 0.0
+    c.update(torch.tensor([100.0] * 20), torch.arange(20), 2)  # capped at 3
+    assert c.multiplier == 3.0
+    d = AverageConstraint(lambda_update="projected", lambda_init=0.0)
+    d.load_state_dict(c.state_dict())
+    assert d.multiplier == 3.0

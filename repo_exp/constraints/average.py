@@ -1,11 +1,15 @@
 """``constraint=average``: Safe RLHF's CMDP, ``max E[R] s.t. E_x E_y[C] ≤ d``, solved with one Lagrange multiplier.
 
-Every sample gets ``(A_r − λ·A_c) / (1 + λ)``. λ follows the published Safe RLHF trainer: it is stored as
-``log λ`` (λ = 1 at the start) and moved by plain SGD with learning rate 0.1 on the loss ``−λ·(J_c − d)``:
+Every sample gets ``(A_r − λ·A_c) / (1 + λ)``. ``J_c`` is the mean end cost over the last ``window`` (128)
+episodes. Two update rules for λ (``lambda_update``):
 
-    log λ ← log λ + lr · λ · (J_c − d)
-
-where ``J_c`` is the mean end cost over the last ``window`` (128) episodes. Deviation from the published trainer:
+- ``log_sgd`` (default; the published Safe RLHF trainer): λ is stored as ``log λ`` (λ = 1 at the start) and moved by
+  plain SGD with learning rate 0.1 on the loss ``−λ·(J_c − d)``: ``log λ ← log λ + lr · λ · (J_c − d)``. Its step is
+  proportional to λ, so once a satisfied constraint has shrunk λ towards 0 it takes many steps to grow back when the
+  cost rises again;
+- ``projected`` (the Safe RLHF paper's dual ascent): ``λ ← clip(λ + lr · (J_c − d), 0, lambda_max)``, whose step
+  does not depend on λ.
+ Deviation from the published trainer:
 it keeps 128 episodes *per rank* and averages the ranks' means; here the window holds the last ``window`` episodes
 of the whole data-parallel group (all-gathered), so a run gives the same λ on any number of ranks. On one rank the
 two are identical. Updates start after ``delay`` steps; ``lambda_max`` caps λ.
@@ -31,12 +35,15 @@ class AverageConstraint(Constraint):
         lambda_max: float | None = None,
         window: int = 128,
         delay: int = 0,
+        lambda_update: str = "log_sgd",
         kl_reward_weight: float = 0.5,
         kl_cost_weight: float = 0.5,
         comm: Comm | None = None,
     ) -> None:
         super().__init__(threshold, kl_reward_weight, kl_cost_weight, comm)
-        if not lambda_init > 0.0:
+        if lambda_update not in ("log_sgd", "projected"):
+            raise ValueError(f"constraint.lambda_update must be log_sgd or projected, got {lambda_update!r}")
+        if not (lambda_init > 0.0 or (lambda_update == "projected" and lambda_init == 0.0)):
             raise ValueError(f"constraint.lambda_init must be > 0 (λ is kept in log space), got {lambda_init}")
         if not lambda_lr > 0.0:
             raise ValueError(f"constraint.lambda_lr must be > 0, got {lambda_lr}")
@@ -44,7 +51,10 @@ class AverageConstraint(Constraint):
             raise ValueError(f"constraint.lambda_max must be > 0 or null, got {lambda_max}")
         if window < 1:
             raise ValueError(f"constraint.window must be >= 1, got {window}")
-        self.log_lambda = math.log(lambda_init)
+        self.projected = lambda_update == "projected"
+        self.lam = float(lambda_init)  # λ itself under `projected`
+        self.log_lambda = math.log(lambda_init) if lambda_init > 0 else LOG_LAMBDA_BOUNDS[0]  # under `log_sgd`
+        self.lambda_max = lambda_max
         self.lambda_lr = float(lambda_lr)
         self.log_lambda_max = math.log(lambda_max) if lambda_max is not None else None
         self.delay = int(delay)
@@ -52,7 +62,7 @@ class AverageConstraint(Constraint):
 
     @property
     def multiplier(self) -> float:
-        return math.exp(self.log_lambda)
+        return self.lam if self.projected else math.exp(self.log_lambda)
 
     def window_cost(self) -> float:
         return sum(self.window) / len(self.window) if self.window else float("nan")
@@ -65,7 +75,10 @@ class AverageConstraint(Constraint):
         self.window.extend(episode_costs.tolist())
         j_c = self.window_cost()
         updated = step >= self.delay
-        if updated:
+        if updated and self.projected:
+            upper = self.lambda_max if self.lambda_max is not None else math.exp(LOG_LAMBDA_BOUNDS[1])
+            self.lam = min(max(self.lam + self.lambda_lr * (j_c - self.threshold), 0.0), upper)
+        elif updated:
             lam = math.exp(self.log_lambda)
             # d(−λ(J_c − d))/d log λ = −λ(J_c − d); one SGD step on log λ.
             self.log_lambda += self.lambda_lr * lam * (j_c - self.threshold)
@@ -74,8 +87,10 @@ class AverageConstraint(Constraint):
         return {"constraint/window_cost": j_c, "constraint/lambda_updated": float(updated)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log_lambda": self.log_lambda, "window": list(self.window), "window_size": self.window.maxlen}
+        return {"log_lambda": self.log_lambda, "lambda": self.lam, "window": list(self.window),
+                "window_size": self.window.maxlen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_lambda = float(state["log_lambda"])
+        self.lam = float(state.get("lambda", math.exp(self.log_lambda)))
         self.window = deque((float(c) for c in state["window"]), maxlen=self.window.maxlen)

@@ -172,10 +172,11 @@ def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
     ``label_noise``. Rows follow the PKU-SafeRLHF schema, with the world's ground truth beside them."""
     from transformers import AutoModelForCausalLM
 
+    from repo_exp.score_train import quietly
     from repo_exp.world import world_tokenizer
 
     tokenizer = world_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(sft_folder / "model").eval()
+    model = quietly(AutoModelForCausalLM.from_pretrained, sft_folder / "model").eval()
     rng = random.Random(world.seed + 17)
     train, _ = split_prompts(world.seed, world.eval_fraction)
     chosen = [train[rng.randrange(len(train))] for _ in range(world.num_preference_pairs)]
@@ -264,19 +265,24 @@ def oracle_agreement(model, encoder, rows: list[dict], kind: str) -> dict[str, f
 # ---------------------------------------------------------------------------------------------------- the world
 
 
-def build_world(world: WorldConfig) -> dict[str, str]:
-    """Build (or find cached) every stage; returns the folders of the SFT, reward and cost models."""
+def build_world(world: WorldConfig, until: str = "cost") -> dict[str, str]:
+    """Build (or find cached) every stage up to ``until`` (sft, preferences, reward, cost); returns their folders."""
     cache = Path(world.cache_dir)
-    grammar_cfg = {"seed": world.seed, "eval_fraction": world.eval_fraction, "temptation": world.temptation}
+    grammar_cfg = {"seed": world.seed, "eval_fraction": world.eval_fraction}
     sft_cfg = {**grammar_cfg, "mixture": world.sft_mixture, "per_prompt": world.sft_responses_per_prompt,
-               "arch": world.arch, "stage": world.sft}
+               "arch": world.arch, "stage": world.sft}  # the SFT data does not read the oracle
     sft, sft_key = run_stage(cache, "sft", sft_cfg, [], lambda out: build_sft(world, out))
-    pref_cfg = {**grammar_cfg, "pairs": world.num_preference_pairs, "noise": world.label_noise,
+    if until == "sft":
+        return {"sft": str(sft / "model")}
+    pref_cfg = {**grammar_cfg, "temptation": world.temptation, "pairs": world.num_preference_pairs,
+                "noise": world.label_noise,
                 "test_fraction": world.preference_test_fraction}
     prefs, prefs_key = run_stage(cache, "preferences", pref_cfg, [sft_key],
                                  lambda out: build_preferences(world, sft, out))
     paths = {"sft": str(sft / "model"), "preferences": str(prefs)}
-    for kind, stage in (("reward", world.reward_model), ("cost", world.cost_model)):
+    score_models = {"preferences": (), "reward": ("reward",), "cost": ("reward", "cost")}[until]
+    for kind in score_models:
+        stage = world.reward_model if kind == "reward" else world.cost_model
         folder, _ = run_stage(cache, f"{kind}_model", {"arch": world.score_arch, "stage": stage},
                               [sft_key, prefs_key],
                               lambda out, kind=kind: build_score_model(world, kind, sft, prefs, out))

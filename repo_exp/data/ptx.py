@@ -1,0 +1,96 @@
+"""Supervised text for the PTX loss (SPEC §2: an optional pre-training loss mixed into the actor's with
+``ppo.ptx_coeff``, as the published Safe RLHF run does with coefficient 16 on its SFT data).
+
+Each example is ``template(prompt) + " " + response + EOS``; the loss counts the response tokens only, as in SFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from repo_exp.config import PtxConfig, WorldConfig
+
+
+@dataclass
+class PtxBatch:
+    input_ids: torch.Tensor  # (B, L) right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    loss_mask: torch.Tensor  # (B, L) 1 on the response tokens (and EOS) to learn
+
+
+def load_ptx_pairs(ptx: PtxConfig, world: WorldConfig | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of the PTX source."""
+    if ptx.source == "world":
+        import random
+
+        from repo_exp.world.pipeline import sft_examples
+
+        return [(p.text, r) for p, r in sft_examples(world, random.Random(world.sft.seed))]
+    import datasets
+
+    if ptx.source == "file":
+        from repo_exp.data.prompts import FILE_BUILDERS
+        from pathlib import Path
+
+        builder = FILE_BUILDERS.get(Path(ptx.path).suffix.lower())
+        if builder is None:
+            raise ValueError(f"ptx.path {ptx.path!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}")
+        ds = datasets.load_dataset(builder, data_files=ptx.path, split="train")
+    else:
+        ds = datasets.load_dataset(ptx.path, revision=ptx.revision, split=ptx.split)
+    for column in (ptx.prompt_column, ptx.response_column):
+        if column not in ds.column_names:
+            raise ValueError(f"the PTX data {ptx.path!r} has no column {column!r} (columns: {ds.column_names})")
+    pairs = [(str(p), str(r)) for p, r in zip(ds[ptx.prompt_column], ds[ptx.response_column])]
+    if not pairs:
+        raise ValueError(f"the PTX data {ptx.path!r} is empty")
+    return pairs
+
+
+class PtxStream:
+    """Batches of PTX examples in a seeded order, a new permutation each pass; ``state_dict`` is the position."""
+
+    def __init__(self, pairs: list[tuple[str, str]], tokenizer, template: str, max_length: int, seed: int) -> None:
+        self.examples = []
+        for prompt, response in pairs:
+            prompt_ids = tokenizer(template.format(input=prompt))["input_ids"]
+            response_ids = tokenizer(" " + response.strip())["input_ids"]
+            if response_ids and response_ids[0] == tokenizer.bos_token_id:
+                response_ids = response_ids[1:]
+            ids = (prompt_ids + response_ids)[: max_length - 1] + [tokenizer.eos_token_id]
+            self.examples.append((ids, min(len(prompt_ids), len(ids) - 1)))
+        self.pad_id = tokenizer.pad_token_id
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7_927 + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next(self, n: int) -> PtxBatch:
+        rows = []
+        while len(rows) < n:
+            order = self._order()
+            take = order[self.position : self.position + n - len(rows)]
+            rows += [self.examples[i] for i in take]
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        loss_mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (ids, prompt_len) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            loss_mask[i, prompt_len : len(ids)] = 1
+        return PtxBatch(input_ids, attention, loss_mask)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
