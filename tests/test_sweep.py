@@ -212,3 +212,37 @@ def test_two_job_sweep_runs_in_parallel_through_joblib_in_one_wandb_group(tmp_pa
     report = build_report([sweep], tmp_path / "report")
     assert set(report["groups"]) == {"average", "rectified"} and "interference" in report["figures"]
     assert json.loads((tmp_path / "report" / "report.json").read_text())["rectified"]["eval/mean_cost"]["n"] == 1
+
+
+@pytest.mark.slow
+def test_four_job_multirun_gives_four_wandb_runs_in_one_group(tmp_path):
+    """`--multirun experiment=smoke constraint=average,rectified constraint.threshold=0,0.5` with W&B offline:
+    four jobs, four runs, one group named after the sweep, the overrides in each run's name, the resolved config."""
+    sweep = tmp_path / "sweep_four"
+    env_dir = tmp_path / "wandb"
+    env_dir.mkdir()
+    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_DIR": str(env_dir),
+           "WANDB_CACHE_DIR": str(env_dir), "WANDB_CONFIG_DIR": str(env_dir), "WANDB_DATA_DIR": str(env_dir),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "repo_exp", "--multirun", "experiment=smoke", "logger=wandb", "logger.mode=offline",
+         "constraint=average,rectified", "constraint.threshold=0,0.5", "trainer.total_steps=2",
+         "trainer.progress=false", "eval.at_start=false", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4 and all((job / "metrics.jsonl").is_file() for job in jobs)
+    names, groups = [], set()
+    for job in jobs:
+        (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
+        records = list(wandb_run_records(run_file))
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        groups.add(run.run_group)
+        names.append(run.display_name)
+        config = {item.key: item.value_json for item in run.config.update}
+        assert json.loads(config["constraint"])["name"] in ("average", "rectified")  # the resolved config
+    assert groups == {sweep.name}
+    for constraint in ("average", "rectified"):
+        for threshold in ("0", "0.5"):
+            assert sum(f"constraint={constraint}" in n and f"constraint.threshold={threshold}," in n + ","
+                       for n in names) == 1, names
