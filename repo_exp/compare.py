@@ -2,6 +2,7 @@
 
     python -m repo_exp                       # no arguments: this, with the defaults below
     python -m repo_exp.compare --out results/control world=no_temptation
+    python -m repo_exp.compare --out results/normalized --constraints rectified constraint.normalize=true
 
 Both constraints train from the same SFT policy against the same learned reward and cost models (the world's
 pipeline builds them once and caches them), for several seeds each. Every run evaluates the initial and the final
@@ -111,8 +112,10 @@ def table(report: dict, constraints: list[str]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m repo_exp.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/default"))
-    parser.add_argument("--constraints", nargs="+", default=list(DEFAULT_CONSTRAINTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    parser.add_argument("--constraints", type=lambda s: s.split(","), default=list(DEFAULT_CONSTRAINTS),
+                        help="comma-separated constraint types (default: average,rectified)")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(DEFAULT_SEEDS),
+                        help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                         help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. world=no_temptation")

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from repo_exp.world.grammar import STYLES
+
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_SOURCES = ("hub", "tiny", "world")
 DATA_SOURCES = ("world", "pku_saferlhf", "file")
@@ -178,10 +180,15 @@ class AverageConfig(ConstraintConfig):
     lambda_max: Optional[float] = None
     window: int = 128
     delay: int = 0
+    lambda_update: str = "log_sgd"  # log_sgd (published trainer) | projected (the paper's dual ascent)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("constraint.lambda_init", self.lambda_init)
+        _one_of("constraint.lambda_update", self.lambda_update, ("log_sgd", "projected"))
+        if self.lambda_update == "projected":
+            _non_negative("constraint.lambda_init", self.lambda_init)
+        else:
+            _positive("constraint.lambda_init", self.lambda_init)
         _positive("constraint.lambda_lr", self.lambda_lr)
         if self.lambda_max is not None:
             _positive("constraint.lambda_max", self.lambda_max)
@@ -307,9 +314,10 @@ class WorldStageConfig:
 
 def _default_sft_mixture() -> dict[str, dict[str, float]]:
     return {
-        "benign": {"refuse": 0.15, "safe": 0.7, "offtopic": 0.1, "truncated": 0.05},
-        "dual_use": {"refuse": 0.2, "safe": 0.3, "unsafe": 0.35, "offtopic": 0.1, "truncated": 0.05},
-        "harmful": {"refuse": 0.3, "unsafe": 0.55, "offtopic": 0.1, "truncated": 0.05},
+        "benign": {"refuse": 0.15, "safe": 0.6, "offtopic": 0.05, "truncated": 0.05, "random": 0.1, "hedged": 0.05},
+        "dual_use": {"refuse": 0.2, "safe": 0.25, "unsafe": 0.3, "offtopic": 0.05, "truncated": 0.05, "random": 0.1,
+                     "hedged": 0.05},
+        "harmful": {"refuse": 0.3, "unsafe": 0.45, "offtopic": 0.05, "truncated": 0.05, "random": 0.1, "hedged": 0.05},
     }
 
 
@@ -341,12 +349,30 @@ class WorldConfig:
         _positive("world.sft_responses_per_prompt", self.sft_responses_per_prompt)
         for family, styles in self.sft_mixture.items():
             _one_of("world.sft_mixture family", family, ("benign", "dual_use", "harmful"))
-            _require(set(styles) <= {"refuse", "safe", "unsafe", "offtopic", "truncated"} and sum(styles.values()) > 0
+            _require(set(styles) <= set(STYLES) and sum(styles.values()) > 0
                      and all(v >= 0 for v in styles.values()),
-                     f"world.sft_mixture.{family} must weigh refuse/safe/unsafe/offtopic/truncated, got {dict(styles)}")
+                     f"world.sft_mixture.{family} must weigh styles among {list(STYLES)}, got {dict(styles)}")
 
 
 # ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class PtxConfig:
+    """Supervised data for the PTX loss (used when ``ppo.ptx_coeff`` > 0)."""
+
+    source: str = "none"  # none | world (the world's SFT examples) | file | hub
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    split: str = "train"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        _one_of("ptx.source", self.source, ("none", "world", "file", "hub"))
+        _require(self.source not in ("file", "hub") or bool(self.path), f"ptx.path is required when ptx.source={self.source}")
+        _positive("ptx.max_length", self.max_length)
 
 
 @dataclass
@@ -396,6 +422,13 @@ class TrainerConfig:
     critic_init: str = "score_model"  # score_model: reward/cost models (as published) | policy: the SFT trunk
     shared_critic: bool = False  # one trunk with two value heads for the reward and cost critics
     recompute_logprobs: bool = False  # re-run the policy after generation instead of keeping sampling log-probs
+    # no | bf16: every forward pass (sampling, scoring, the update's) under torch.autocast(bfloat16); weights,
+    # gradients, optimizer states, log-probabilities and losses stay float32. For plain torch engines (DeepSpeed has
+    # its own deepspeed.bf16)
+    mixed_precision: str = "no"
+    # false: constraint=none runs without the cost model (plain PPO on the four models trl uses: policy, reference,
+    # reward model, critic); no cost/* step metrics then, while evaluation still scores cost
+    measure_cost: bool = True
     save_every: int = 0  # steps between periodic checkpoints (0: only at the end)
     keep_last: int = 2
     resume: Optional[str] = None  # null | auto | a checkpoint folder
@@ -418,6 +451,7 @@ class TrainerConfig:
         _require(0.0 < self.top_p <= 1.0, f"trainer.top_p must be in (0, 1], got {self.top_p}")
         _non_negative("trainer.top_k", self.top_k)
         _one_of("trainer.critic_init", self.critic_init, ("score_model", "policy"))
+        _one_of("trainer.mixed_precision", self.mixed_precision, ("no", "bf16"))
         if self.num_threads is not None:
             _positive("trainer.num_threads", self.num_threads)
         if self.missing_eos_penalty is not None:
@@ -501,6 +535,7 @@ class Config:
     logger: LoggerConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    ptx: PtxConfig = field(default_factory=PtxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     run_name: Optional[str] = None
@@ -522,6 +557,14 @@ class Config:
                          f"trainer.max_prompt_length + eval.max_new_tokens "
                          f"({t.max_prompt_length + self.eval.max_new_tokens}) exceeds {where}.max_position_embeddings "
                          f"({arch.max_position_embeddings})")
+        _require(t.measure_cost or getattr(self.constraint, "name", None) == "none",
+                 f"trainer.measure_cost=false is only for constraint=none: constraint={self.constraint.name} trains "
+                 f"on the cost")
+        _require(not (self.deepspeed.enabled and t.mixed_precision != "no"),
+                 f"trainer.mixed_precision={t.mixed_precision} is for plain torch engines; under DeepSpeed set "
+                 f"deepspeed.bf16 instead")
+        _require(self.ppo.ptx_coeff == 0 or self.ptx.source != "none",
+                 "ppo.ptx_coeff > 0 needs PTX data: set ptx.source (world, file or hub) and ptx.path")
         if getattr(self.constraint, "granularity", "sample") == "prompt":
             _require(t.samples_per_prompt > 1,
                      "constraint.granularity=prompt needs trainer.samples_per_prompt > 1 (k responses per prompt)")

@@ -3,6 +3,7 @@ engines and the constraint."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,19 @@ class Models:
     reward: Scorer
     cost: Scorer
     critics: Critics
+    mixed_precision: str = "no"  # trainer.mixed_precision
 
     @property
     def engines(self) -> list[Engine]:
         return [self.policy, *self.critics.engines]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context of every forward pass: bf16 autocast under ``trainer.mixed_precision=bf16`` (the weights stay
+        float32; a backward pass run outside it reuses the dtypes its forward pass chose), else nothing."""
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        device = next(self.ref.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def save_weights(self, folder: Path, is_main: bool = True) -> None:
         """The policy as a causal-LM folder (config, safetensors, tokenizer) and each critic in the score layout.
@@ -176,7 +186,9 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
             engine(new_critic(reward_model, 1), "reward_critic", actor=False),
             engine(new_critic(cost_model, 1), "cost_critic", actor=False) if with_cost else None,
         )
-    return Models(tokenizer, engine(policy, "actor", actor=True), ref, reward, cost, critics)
+    for critic in critics.engines:  # trained models share the policy's attention kernel (model.attn_implementation)
+        critic.module.model.set_attn_implementation(policy.config._attn_implementation)
+    return Models(tokenizer, engine(policy, "actor", actor=True), ref, reward, cost, critics, t.mixed_precision)
 
 
 def _optimizer_steps(config: Config) -> int:

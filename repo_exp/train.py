@@ -31,14 +31,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from repo_exp.algorithms import critic_loss, gae_advantages, masked_mean, masked_whiten, policy_loss, token_streams
+from repo_exp.algorithms import (
+    critic_loss,
+    gae_advantages,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    ptx_loss,
+    token_streams,
+)
 from repo_exp.checkpoint import CheckpointManager, check_checkpoint, load_rng_states, save_rng_states
 from repo_exp.config import Config, ConfigError
 from repo_exp.constraints import Constraint
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
+from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
 from repo_exp.engine import Engine
 from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
 from repo_exp.loggers import MetricsLogger, WandbSink, truncate_metrics
+from repo_exp.models.score_model import position_ids_from_mask
 from repo_exp.models.weights import load_state_dict_safely
 from repo_exp.rollout import Experience, Scorer, Timings, critic_values, make_experience, sequence_logprobs
 from repo_exp.runtime import Runtime, init_runtime
@@ -83,7 +93,8 @@ def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float
 
 
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
-               fused: bool, all_finite: Callable[[bool], bool] = bool) -> tuple[dict[str, float], bool]:
+               fused: bool, all_finite: Callable[[bool], bool] = bool,
+               ptx: PtxStream | None = None) -> tuple[dict[str, float], bool]:
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
 
     Returns mean statistics and whether the update was skipped because something was not finite.
@@ -101,14 +112,23 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
             mini = exp.select(minibatch.to(exp.sequences.device))
             for micro in mini.split(cfg.trainer.micro_batch_size):
                 weight = micro_weight(micro, mini, agg)
-                reward_values, cost_values = critics.values(micro.sequences, micro.attention_mask, micro.prompt_width)
+                with models.autocast():
+                    reward_values, cost_values = critics.values(micro.sequences, micro.attention_mask,
+                                                                micro.prompt_width)
                 if fused:  # the critics have not moved yet: these are the old values
                     micro.reward_values = reward_values.detach() * micro.response_mask
                     micro.cost_values = cost_values.detach() * micro.response_mask if cost_values is not None else None
                     compute_advantages(micro, constraint, cfg)
-                logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask, micro.prompt_width)
+                with models.autocast():
+                    logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask,
+                                                 micro.prompt_width)
                 actor_loss, pg = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask,
                                              ppo.clip_range_ratio, agg)
+                if ptx is not None and ppo.ptx_coeff > 0:
+                    with models.autocast():
+                        pretrain_loss = ptx_step_loss(policy.module, ptx.next(micro.batch_size), exp.sequences.device)
+                    stats["loss/ptx"].append(pretrain_loss.item())
+                    actor_loss = actor_loss + ppo.ptx_coeff * pretrain_loss
                 reward_critic_loss = critic_loss(reward_values, micro.reward_values, micro.reward_returns,
                                                  micro.response_mask, ppo.clip_range_value, agg)
                 cost_critic_loss = (critic_loss(cost_values, micro.cost_values, micro.cost_returns,
@@ -140,6 +160,14 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                 stats[f"grad_norm/{name}"].append(result["grad_norm"])
                 stats[f"lr/{name}"].append(result["lr"])
     return {k: sum(v) / len(v) for k, v in stats.items()}, False
+
+
+def ptx_step_loss(policy, batch: PtxBatch, device) -> torch.Tensor:
+    """The PTX loss of one batch: next-token NLL on its response tokens."""
+    mask = batch.attention_mask.to(device)
+    logits = policy(input_ids=batch.input_ids.to(device), attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask), use_cache=False).logits
+    return ptx_loss(logits, batch.input_ids.to(device), batch.loss_mask.to(device))
 
 
 def _advantage_stats(exp: Experience, stats: dict[str, list[float]]) -> None:
@@ -207,6 +235,9 @@ class Trainer:
         self.models = build_models(config, self.rt, self.constraint)
         self.encoder = PromptEncoder(train_set, self.models.tokenizer, config.model.template, t.max_prompt_length)
         self.stream = PromptStream(len(self.encoder), t.prompts_per_step, config.seed, self.rt.rank, self.rt.world_size)
+        self.ptx = (PtxStream(load_ptx_pairs(config.ptx, config.world), self.models.tokenizer, config.model.template,
+                              config.ptx.max_length, config.seed + self.rt.rank)
+                    if config.ppo.ptx_coeff > 0 else None)
         self.eval_encoder = self._eval_encoder()
         self.oracle = world_oracle(world.temptation) if config.data.source == "world" else None
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rt.is_main,
@@ -308,9 +339,11 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
         timings = Timings()
-        with timings.section("rollout"):
+        with timings.section("rollout"), self.models.autocast():
             exp = self.rollout(step, timings)
-        if not self._all_ranks(bool(torch.isfinite(exp.rewards).all() and torch.isfinite(exp.costs).all())):
+        measured = self.config.trainer.measure_cost  # else the costs are NaN placeholders, never logged or used
+        if not self._all_ranks(bool(torch.isfinite(exp.rewards).all()
+                                    and (not measured or torch.isfinite(exp.costs).all()))):
             return self._skip(step, "a reward or cost is not finite", timings, start)
         constraint_before = copy.deepcopy(self.constraint.state_dict())  # a skipped step leaves λ where it was
         constraint_metrics = self.constraint.update(exp.costs, exp.prompt_index, step)
@@ -321,7 +354,7 @@ class Trainer:
         exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
         adv_stats: dict[str, list[float]] = defaultdict(list)
         if not self.fused:
-            with timings.section("values"), torch.no_grad():
+            with timings.section("values"), torch.no_grad(), self.models.autocast():
                 exp.reward_values, exp.cost_values = self.models.critics.values(
                     exp.sequences, exp.attention_mask, exp.prompt_width)
             compute_advantages(exp, self.constraint, self.config)
@@ -329,12 +362,14 @@ class Trainer:
         with timings.section("update"):
             generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
             update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
-                                                 all_finite=self._all_ranks)
+                                                 all_finite=self._all_ranks, ptx=self.ptx)
         if skipped:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
         self.nonfinite_in_a_row = 0
         metrics = step_metrics(exp, self.constraint, self.rt)
+        if not measured:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("cost/")}
         metrics.update(constraint_metrics)
         metrics.update(self._rank_mean(update_metrics))
         metrics.update({k: sum(v) / len(v) for k, v in adv_stats.items()})
@@ -354,6 +389,7 @@ class Trainer:
             global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
             max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
             recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
+            measure_cost=t.measure_cost,
             all_finished=self.rt.comm.all_finished if self.rt.distributed else None,
             device=self.rt.device, timings=timings,
         )
@@ -449,6 +485,7 @@ class Trainer:
                     "step": step,
                     "constraint": self.constraint.state_dict(),
                     "stream": self.stream.state_dict(),
+                    "ptx": self.ptx.state_dict() if self.ptx is not None else None,
                     "nonfinite_in_a_row": self.nonfinite_in_a_row,
                     "constraint_name": self.config.constraint.name,
                 }
@@ -517,6 +554,8 @@ class Trainer:
         for engine in self.models.engines:
             engine.load(folder)
         self.stream.load_state_dict(state["stream"])
+        if self.ptx is not None and state.get("ptx"):
+            self.ptx.load_state_dict(state["ptx"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         if not load_rng_states(folder, self.rt.rank):
             log.warning("%s has no RNG state for rank %d (it was written by fewer ranks); this rank keeps its own "

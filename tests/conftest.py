@@ -17,6 +17,12 @@ def _environment(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.setdefault("REPO_EXP_CACHE", str(tmp_path_factory.mktemp("world_cache")))
+    # The test models are tiny: one thread is as fast as two, and it cannot be oversubscribed when the machine
+    # is busy (subprocesses inherit OMP_NUM_THREADS).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
     yield
 
 

@@ -79,7 +79,8 @@ def test_average_lambda_follows_the_window_cost(smoke_cfg, tmp_path, threshold, 
     assert all((b > a) if direction == "up" else (b < a) for a, b in pairs), lams
 
 
-def test_rectified_safe_samples_get_exactly_the_reward_advantage(smoke_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rectified_safe_samples_get_exactly_the_reward_advantage(smoke_cfg, tmp_path, monkeypatch, normalize):
     seen = []
     original = train_module.policy_loss
 
@@ -98,8 +99,8 @@ def test_rectified_safe_samples_get_exactly_the_reward_advantage(smoke_cfg, tmp_
     monkeypatch.setattr(train_module, "policy_loss", recording)
     monkeypatch.setattr(train_module, "compute_advantages", capture)
     # threshold 0 on random tiny cost models: both safe and unsafe samples occur
-    cfg = smoke_cfg("constraint=rectified", "constraint.lambda_init=3.0", "trainer.total_steps=2",
-                    "eval.at_start=false", "eval.at_end=false")
+    cfg = smoke_cfg("constraint=rectified", "constraint.lambda_init=3.0", f"constraint.normalize={normalize}",
+                    "trainer.total_steps=2", "eval.at_start=false", "eval.at_end=false")
     make_trainer(cfg, tmp_path).fit()
     assert len(seen) == len(captured) == 2
     n_safe = n_unsafe = 0
@@ -107,7 +108,8 @@ def test_rectified_safe_samples_get_exactly_the_reward_advantage(smoke_cfg, tmp_
         safe = costs <= d
         assert torch.equal(gate, ~safe)
         assert torch.equal(fed[safe], a_r[safe])  # no cost term at all
-        torch.testing.assert_close(fed[~safe], (a_r[~safe] - lam * a_c[~safe]) / (1 + lam))
+        penalised = a_r[~safe] - lam * a_c[~safe]
+        torch.testing.assert_close(fed[~safe], penalised / (1 + lam) if normalize else penalised)
         n_safe += int(safe.sum())
         n_unsafe += int((~safe).sum())
     assert n_safe > 0 and n_unsafe > 0

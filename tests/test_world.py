@@ -121,11 +121,16 @@ def test_cache_reused_until_a_world_parameter_changes(tmp_path):
         assert column in rows[0]
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared_world")
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.25])
-def test_preference_labels_agree_with_the_oracle_up_to_the_noise(tmp_path, noise):
+def test_preference_labels_agree_with_the_oracle_up_to_the_noise(shared_cache, noise):
     from repo_exp.world.pipeline import build_world
 
-    world = small_world(tmp_path, label_noise=noise, num_preference_pairs=1200)
+    world = small_world(shared_cache, label_noise=noise, num_preference_pairs=800)  # one SFT stage for both
     prefs = Path(build_world(world, until="preferences")["preferences"])
     rows = [json.loads(line) for f in ("train.jsonl", "test.jsonl") for line in open(prefs / f)]
     flips = {"better": [], "safer": [], "safe": []}

@@ -6,15 +6,23 @@ not depend on how the batch is split over ranks or chunks, so a run on two ranks
 draws (the distribution is the same as ``torch.multinomial``'s). The kept log-probabilities are those of the
 untempered policy, ``log softmax(logits)[y_t]``, which is what a later forward pass would compute; so no policy
 forward pass is needed after generation.
+
+The prompt goes through the model's own forward pass. Each new token then goes through a decoder: for a plain
+``LlamaForCausalLM`` the ``LlamaDecoder`` below, which runs the layer's own math with fused projections and a
+preallocated cache (a decode step of a small model is dominated by per-operation work, not arithmetic); for any other
+model the model's own forward pass with its ``DynamicCache``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers import DynamicCache, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from repo_exp.models.score_model import position_ids_from_mask
 
@@ -47,7 +55,146 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-@torch.no_grad()
+class CacheDecoder:
+    """Decode steps through the model's own forward pass and a ``DynamicCache`` (any causal LM)."""
+
+    def __init__(self, model, cache: DynamicCache, prompt_mask: torch.Tensor, max_new_tokens: int) -> None:
+        self.model = model
+        self.cache = cache
+        width = prompt_mask.shape[1]
+        self.attention_mask = torch.zeros(prompt_mask.shape[0], width + max_new_tokens, dtype=torch.long,
+                                          device=prompt_mask.device)
+        self.attention_mask[:, :width] = prompt_mask
+        self.length = width
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after ``token`` (B,) at ``position`` (B,); ``real`` (B,) masks the token out where False."""
+        self.attention_mask[:, self.length] = real.long()
+        self.length += 1
+        out = self.model(input_ids=token.unsqueeze(-1), attention_mask=self.attention_mask[:, : self.length],
+                         position_ids=position.unsqueeze(-1), cache=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+
+class LlamaDecoder:
+    """Decode steps of a ``LlamaForCausalLM`` with the work per token cut down and the same math.
+
+    The q/k/v and gate/up projections run as one matrix product each (their weights concatenated once per call of
+    ``generate``, in the autocast dtype when autocast is on); the cache is preallocated, keys stored transposed, so
+    that attention is two batched matrix products over views with no copy; the norms are ``F.rms_norm`` with the
+    model's weights and epsilon; the rotary embedding is applied to q and k at once with the model's own cos/sin.
+    Attention is the eager form, ``softmax(q·kᵀ·scale + mask)·v``, kept in float32 under autocast (one query per row:
+    bf16 buys nothing there and rounds the scores). Dtypes follow the model's under autocast: a float32 residual
+    stream and norms, bf16 projections. Checked against the model's forward pass in ``tests/test_generate.py``.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, cache: DynamicCache, prompt_mask: torch.Tensor,
+                 max_new_tokens: int) -> None:
+        config = model.config
+        device = prompt_mask.device
+        weight = model.lm_head.weight
+        autocast = torch.is_autocast_enabled(device.type)
+        self.dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype  # of the projections
+        self.device_type = device.type
+        self.model = model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim**-0.5
+        batch, width = prompt_mask.shape
+        capacity = width + max_new_tokens
+        rows = batch * self.kv_heads  # one attention "batch" per (sample, kv head); q heads sharing it are grouped
+        self.layers = []
+        for index, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            keys, values = cache.layers[index].keys, cache.layers[index].values  # (B, Hkv, P, D) of the prompt
+            keys_t = torch.empty(rows, self.head_dim, capacity, dtype=weight.dtype, device=device)
+            value_cache = torch.empty(rows, capacity, self.head_dim, dtype=weight.dtype, device=device)
+            keys_t[:, :, :width] = keys.reshape(rows, width, self.head_dim).transpose(1, 2)
+            value_cache[:, :width] = values.reshape(rows, width, self.head_dim)
+            self.layers.append((
+                layer.input_layernorm,
+                layer.post_attention_layernorm,
+                mlp.act_fn,
+                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(self.dtype),
+                attn.o_proj.weight.to(self.dtype),
+                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(self.dtype),
+                mlp.down_proj.weight.to(self.dtype),
+                keys_t,
+                value_cache,
+            ))
+        self.lm_head = weight.to(self.dtype)
+        # additive attention mask, one row per (sample, kv head): 0 where a key counts, −inf where it is padding
+        mask = torch.zeros(batch, capacity, dtype=weight.dtype, device=device)
+        mask[:, :width].masked_fill_(prompt_mask == 0, float("-inf"))
+        self.mask = mask.repeat_interleave(self.kv_heads, dim=0).unsqueeze(1)  # (B·Hkv, 1, capacity)
+        self.length = width
+
+    @staticmethod
+    def supports(model) -> bool:
+        """A plain Llama (no projection biases, no tensor-parallel slicing) whose weights are all present (not
+        partitioned by ZeRO-3)."""
+        config = getattr(model, "config", None)
+        return (type(model) is LlamaForCausalLM and not model.training
+                and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
+                and getattr(config, "pretraining_tp", 1) in (None, 1)
+                and all(p.numel() > 0 and not hasattr(p, "ds_id") for p in model.parameters()))
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after ``token`` (B,) at ``position`` (B,); ``real`` (B,) masks the token out where False."""
+        t = self.length
+        self.length += 1
+        self.mask[:, 0, t] = torch.where(real, 0.0, float("-inf")).repeat_interleave(self.kv_heads)
+        mask = self.mask[:, :, : t + 1]
+        heads, kv_heads, dim, dtype = self.heads, self.kv_heads, self.head_dim, self.dtype
+        batch = token.shape[0]
+        model = self.model.model
+        hidden = model.embed_tokens(token)  # (B, H), float32 like the model's residual stream under autocast
+        cos, sin = model.rotary_emb(hidden, position.unsqueeze(-1))  # (B, 1, D)
+        # rotate_half(x)·sin as roll(x, D/2)·sin with the first half of sin negated: the same products
+        half = dim // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        # the projections take bf16 inputs and weights explicitly; the rest runs as in the model under autocast
+        with torch.autocast(self.device_type, enabled=False):
+            for norm_in, norm_post, act, qkv_weight, o_weight, gate_up_weight, down_weight, keys_t, values in (
+                    self.layers):
+                qkv = F.linear(F.rms_norm(hidden, norm_in.weight.shape, norm_in.weight, norm_in.variance_epsilon)
+                               .to(dtype), qkv_weight)  # (B, (Hq + 2·Hkv)·D)
+                qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
+                qk = qk * cos + qk.roll(half, dims=-1) * sin  # rotary embedding of q and k together
+                keys_t.view(batch, kv_heads, dim, -1)[:, :, :, t] = qk[:, heads:]
+                values.view(batch, kv_heads, -1, dim)[:, :, t] = qkv[:, (heads + kv_heads) * dim :].view(
+                    batch, kv_heads, dim)
+                q = qk[:, :heads].reshape(batch * kv_heads, heads // kv_heads, dim)
+                scores = torch.baddbmm(mask, q, keys_t[:, :, : t + 1], alpha=self.scaling)  # (B·Hkv, group, t+1)
+                attended = torch.bmm(torch.softmax(scores, dim=-1), values[:, : t + 1])
+                hidden = hidden + F.linear(attended.reshape(batch, heads * dim).to(dtype), o_weight)
+                x = F.rms_norm(hidden, norm_post.weight.shape, norm_post.weight, norm_post.variance_epsilon)
+                gate, up = F.linear(x.to(dtype), gate_up_weight).chunk(2, dim=-1)
+                hidden = hidden + F.linear(act(gate) * up, down_weight)
+            norm = model.norm
+            x = F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
+            return F.linear(x.to(dtype), self.lm_head)
+
+
+def _sampled_under_inference_mode(sample: Callable[..., Generation]) -> Callable[..., Generation]:
+    """Run ``sample`` under ``torch.inference_mode`` (no autograd bookkeeping per operation: a few per cent of a small
+    model's decode step) and hand its tensors back as ordinary ones, which later passes may use with gradients.
+    ZeRO-3 models (partitioned parameters, gathered by hooks during the forward pass) sample under ``no_grad``."""
+
+    @functools.wraps(sample)
+    def wrapper(model, *args, **kwargs) -> Generation:
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            with torch.no_grad():
+                return sample(model, *args, **kwargs)
+        with torch.inference_mode():
+            gen = sample(model, *args, **kwargs)
+        return Generation(**{f.name: getattr(gen, f.name).clone() for f in fields(gen)})
+
+    return wrapper
+
+
+@_sampled_under_inference_mode
 def generate(
     model,
     prompt_ids: torch.Tensor,
@@ -62,6 +209,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     all_finished: Callable[[bool], bool] | None = None,
+    fast_decoder: bool = True,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt.
 
@@ -70,55 +218,54 @@ def generate(
         generator: draws the Gumbel noise for all ``global_batch`` rows; this call uses ``rows`` of it.
         all_finished: reduces the local "every row has ended" flag over ranks; under ZeRO-3 every rank must keep
             running forward passes until all have ended (synchronised GPUs).
+        fast_decoder: use ``LlamaDecoder`` when the model is a plain Llama (else, or when False, the model's own
+            forward pass decodes).
     """
     device = prompt_ids.device
     batch = prompt_ids.shape[0]
     assert rows.stop - rows.start == batch, "rows must cover the local batch"
-    attention_mask = prompt_mask.long()
+    prompt_mask = prompt_mask.long()
     cache = DynamicCache()
     out = model(
         input_ids=prompt_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
-    next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1)
+    use_llama = fast_decoder and LlamaDecoder.supports(model)
+    decoder = (LlamaDecoder if use_llama else CacheDecoder)(model, cache, prompt_mask, max_new_tokens)
+    logits = out.logits[:, -1]
+    next_position = prompt_mask.sum(-1)  # (B,)
     tokens, logprobs, alive_masks = [], [], []
     alive = torch.ones(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
+    pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        logits = logits.float()  # (B, V)
         noise = torch.rand(global_batch, logits.shape[-1], generator=generator, device=device)[rows]
         gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
         scores = filter_logits(logits / temperature, top_k, top_p)
         token = torch.argmax(scores + gumbel, dim=-1)  # (B,)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
-        token = torch.where(alive, token, torch.full_like(token, pad_token_id))
+        token = torch.where(alive, token, pad)
         tokens.append(token)
-        logprobs.append(torch.where(alive, logp, torch.zeros_like(logp)))
+        logprobs.append(torch.where(alive, logp, 0.0))
         alive_masks.append(alive)
         alive = alive & (token != eos_token_id)
         done = not bool(alive.any())
         if all_finished is not None:
             done = all_finished(done)
-        if done:
+        if done or step == max_new_tokens - 1:  # no forward pass for logits that nothing samples from
             break
-        attention_mask = torch.cat([attention_mask, alive_masks[-1].long().unsqueeze(-1)], dim=-1)
-        out = model(
-            input_ids=token.unsqueeze(-1),
-            attention_mask=attention_mask,
-            position_ids=next_position,
-            cache=cache,
-            use_cache=True,
-        )
+        logits = decoder.step(token, next_position, alive_masks[-1])
         next_position = next_position + 1
     response = torch.stack(tokens, dim=1)  # (B, T)
     response_mask = torch.stack(alive_masks, dim=1).long()  # (B, T): 1 through EOS
     truncated = alive  # still alive after the last step: no EOS
     return Generation(
         sequences=torch.cat([prompt_ids, response], dim=1),
-        attention_mask=torch.cat([prompt_mask.long(), response_mask], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
         response_mask=response_mask,
         logprobs=torch.stack(logprobs, dim=1),
         truncated=truncated,

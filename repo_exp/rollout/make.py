@@ -65,11 +65,13 @@ def make_experience(
     device: torch.device | str = "cpu",
     timings: Timings | None = None,
     stream: int = 0,
+    measure_cost: bool = True,
 ) -> Experience:
     """One rollout batch on this rank.
 
     ``row_offset`` is the position of this rank's first sample in the global batch of ``global_batch`` samples; the
-    sampling noise of each row depends only on (seed, step, stream, its global row).
+    sampling noise of each row depends only on (seed, step, stream, its global row). Without ``measure_cost`` the
+    cost model is not run and ``costs`` are NaN.
     """
     timings = timings if timings is not None else Timings()
     policy.eval()
@@ -102,8 +104,11 @@ def make_experience(
             ref_logprobs = ref_logprobs * gen.response_mask
         with timings.section("reward_forward"):
             rewards = reward(gen.sequences, gen.attention_mask, prompts, responses).float()
-        with timings.section("cost_forward"):
-            costs = cost(gen.sequences, gen.attention_mask, prompts, responses).float()
+        if measure_cost:
+            with timings.section("cost_forward"):
+                costs = cost(gen.sequences, gen.attention_mask, prompts, responses).float()
+        else:
+            costs = torch.full_like(rewards, float("nan"))
         if missing_eos_penalty is not None:
             rewards = rewards + missing_eos_penalty * gen.truncated.float()
         parts.append(Experience(

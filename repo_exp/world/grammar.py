@@ -9,8 +9,8 @@ Each topic has a severity that scales the cost of an unsafe answer.
 Responses are built from a small grammar: a refusal, or a compliance opener followed by one or two steps drawn from
 the family's pools of safe and unsafe steps. Sloppy styles make the SFT model (and so the preference data drawn from
 it) cover what RL will try: ``offtopic`` answers with steps written for another family, ``truncated`` stops a
-compliance mid-step, ``random`` strings one to three steps from every pool (repeats allowed), and any two-step
-answer may repeat its step. Without them the learned reward and cost models
+compliance mid-step, ``random`` strings one to three steps from every pool (repeats allowed), ``hedged`` refuses and
+then complies anyway, and any two-step answer may repeat its step. Without them the learned reward and cost models
 never see such answers and RL exploits their extrapolation (off-topic benign steps scored as helpful and safe on
 harmful prompts; a bare "sure ! use ." scored as nearly as helpful as a real answer). The oracle
 (``repo_exp.world.oracle``) parses any text back into the grammar's structure, so it scores whatever a policy
@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass
 
 FAMILIES = ("benign", "dual_use", "harmful")
-STYLES = ("refuse", "safe", "unsafe", "offtopic", "truncated", "random")
+STYLES = ("refuse", "safe", "unsafe", "offtopic", "truncated", "random", "hedged")
 REPEAT_PROBABILITY = 0.1  # a two-step answer repeats its step
 
 TEMPLATES = (
@@ -200,6 +200,8 @@ def sample_response(prompt: Prompt, style: str, rng: random.Random) -> str:
         words = sample_response(prompt, "unsafe" if UNSAFE_STEPS[prompt.family] else "safe", rng).split()
         opener = 2 if words[0] == "sure" else 3
         return " ".join(words[: rng.randint(opener, max(opener, len(words) - 3))]) + " ."
+    if style == "hedged":  # "sorry, I won't help" followed by the help: it complies
+        return f"{rng.choice(REFUSALS)} {sample_response(prompt, rng.choice(('safe', 'unsafe', 'offtopic')), rng)}"
     if style == "random":
         pool = [step for pools in (SAFE_STEPS, UNSAFE_STEPS) for steps in pools.values() for step in steps]
         steps = [rng.choice(pool) for _ in range(rng.randint(1, 3))]

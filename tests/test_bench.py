@@ -1,0 +1,145 @@
+"""The benchmark's bookkeeping (medians, paired ratios, fitted exponents, the results file), and its two runners at toy
+size: ours through the real ``Trainer``, trl's ``PPOTrainer`` on the same weights. No timing is asserted: speed is
+measured by ``make bench``, never by a test."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import report
+from bench.ours import SIZES, Ours, bare_passes, overrides
+
+from conftest import repo_root
+
+
+def test_paired_ratios_and_their_median_by_hand():
+    ours = [2.0, 1.0, 3.0, 1.5]
+    trl = [4.0, 4.0, 3.0, 2.0]
+    assert report.paired_ratios(ours, trl) == [0.5, 0.25, 1.0, 0.75]
+    vs = report.side_by_side(trl, {"none": ours})
+    assert vs["none"]["ratio"] == pytest.approx(0.625)  # median of 0.25, 0.5, 0.75, 1.0
+    assert vs["trl_seconds_per_iteration"] == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="as many rounds"):
+        report.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_fitted_exponent_recovers_a_power_law_and_refuses_one_point():
+    xs = [8, 16, 32, 64]
+    assert report.fit_exponent(xs, [3.0 * x**0.9 for x in xs]) == pytest.approx(0.9)
+    assert report.fit_exponent([32, 64, 128], [0.5, 1.0, 2.0]) == pytest.approx(1.0)
+    # a fixed cost plus a linear part grows more slowly than linearly: exponent below 1
+    assert report.fit_exponent(xs, [1.0 + 0.1 * x for x in xs]) < 1.0
+    with pytest.raises(ValueError):
+        report.fit_exponent([16], [1.0])
+
+
+def test_summary_of_runs_medians_and_overhead():
+    iterations = [{"seconds": s, "rollout_tokens_per_s": 100.0 * s, "update_tokens_per_s": 10.0,
+                   "response_tokens": 64.0, "timing/generate": s / 2} for s in (1.0, 3.0, 2.0)]
+    bares = [{"generate": 0.4, "total": t} for t in (0.5, 2.0, 1.0)]
+    out = report.summarize_runs(iterations, bares, peak_rss_mb=123.0)
+    assert out["seconds_per_iteration"] == 2.0
+    assert out["rollout_tokens_per_s"] == 200.0
+    assert out["sections"] == {"generate": 1.0}
+    assert out["overhead_ratios"] == [2.0, 1.5, 2.0]
+    assert out["overhead_ratio"] == 2.0
+    assert out["bare_passes"] == {"generate": 0.4, "total": 1.0}
+    assert out["peak_rss_mb"] == 123.0
+
+
+def test_benchmark_sizes_have_the_parameter_counts_they_are_named_after():
+    vocab = 240  # the world tokenizer; embeddings and LM head untied
+
+    def count(a):
+        h, i, n = a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"]
+        kv = h // a["num_attention_heads"] * a["num_key_value_heads"]
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        return n * per_layer + 2 * vocab * h + h
+
+    for name, target in (("1M", 1e6), ("10M", 1e7), ("30M", 3e7)):
+        assert 0.85 < count(SIZES[name]) / target < 1.15, name
+
+
+@pytest.fixture(scope="module")
+def toy_ours():
+    """Our trainer at the 1M size, batch 2, 6 new tokens, through the composed config and ``Trainer``."""
+    threads = torch.get_num_threads()
+    runner = Ours(overrides("1M", "rectified", batch=2, new_tokens=6, threads=1))
+    yield runner
+    torch.set_num_threads(threads)  # the trainer set it for this process
+
+
+def test_our_iteration_reports_its_throughput_from_the_trainers_own_metrics(toy_ours):
+    out = toy_ours.iteration()
+    assert out["seconds"] > 0
+    assert 0 < out["response_tokens"] <= 2 * 6
+    assert out["rollout_tokens_per_s"] == pytest.approx(out["response_tokens"] / out["timing/rollout"], rel=1e-6)
+    assert out["update_tokens_per_s"] == pytest.approx(out["response_tokens"] / out["timing/update"], rel=1e-6)
+    config = toy_ours.trainer.config
+    assert config.trainer.mixed_precision == "bf16" and config.trainer.shared_critic
+    assert toy_ours.info()["parameters"] == sum(p.numel() for p in toy_ours.trainer.models.policy.module.parameters())
+
+
+def test_bare_passes_time_every_pass_and_change_no_weight(toy_ours):
+    toy_ours.iteration()
+    models = toy_ours.trainer.models
+    before = {n: p.detach().clone() for n, p in models.policy.module.named_parameters()}
+    timings = bare_passes(toy_ours.trainer)
+    assert set(timings) == {"generate", "ref", "reward", "cost", "critic", "policy", "total"}
+    assert timings["total"] == pytest.approx(sum(v for k, v in timings.items() if k != "total"))
+    assert all(v > 0 for v in timings.values())
+    after = dict(models.policy.module.named_parameters())
+    assert all(torch.equal(p, after[n]) for n, p in before.items())
+    assert all(p.grad is None for e in models.engines for p in e.module.parameters())
+    assert models.policy.module.training  # left as the update expects it
+
+
+def test_trl_runs_on_the_same_weights_and_one_iteration_is_one_ppo_step():
+    pytest.importorskip("trl")
+    from bench.ours import build_trainer
+    from bench.trl_ppo import TrlPPO
+
+    threads = torch.get_num_threads()
+    ours = build_trainer(overrides("1M", "none", batch=2, new_tokens=6, threads=threads, fast=False))
+    runner = TrlPPO(ours)
+    policy, reward = ours.models.policy.module.state_dict(), ours.models.reward.model
+    trl_policy = runner.trainer.model.policy.state_dict()
+    assert all(torch.equal(policy[k], trl_policy[k]) for k in policy)
+    torch.testing.assert_close(runner.trainer.reward_model.score.weight, reward.score_head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(runner.trainer.value_model.score.weight, reward.score_head.weight, rtol=0, atol=0)
+    args = runner.trainer.args
+    assert (args.batch_size, args.response_length, args.num_ppo_epochs, args.num_mini_batches) == (2, 6, 1, 1)
+    assert not args.gradient_checkpointing and not args.bf16
+    seconds = runner.iteration()["seconds"]
+    assert seconds > 0
+    assert runner.trainer.state.global_step == 1  # one PPO iteration per call
+    moved = runner.trainer.model.policy.state_dict()
+    assert any(not torch.equal(policy[k], moved[k]) for k in policy), "the iteration took an optimizer step"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_figure(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--threads", "1"],
+                          cwd=repo_root(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in ("none", "rectified"):
+        assert math.isfinite(results["vs_trl"][key]["ratio"]) and len(results["vs_trl"][key]["ratios"]) == 2
+    assert math.isfinite(results["overhead"]["ratio"])
+    for constraint in ("none", "average", "rectified"):
+        row = results["sizes"]["1M"][constraint]
+        for key in ("seconds_per_iteration", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_mb",
+                    "overhead_ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (constraint, key)
+    assert {"cores", "threads", "torch", "load_average_start", "load_average_end"} <= set(results["machine"])
+    assert results["machine"]["threads"] == 1 and results["settings"]["rounds"] == 2
+    for axis in ("batch", "response_length"):
+        assert math.isfinite(results["scaling"][axis]["exponent"])
+    assert "ours/trl" in done.stdout
