@@ -556,6 +556,10 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
     for name, plot in plots:
         if plot(out / f"{name}.png"):
             figures[name] = f"{name}.png"
+    for entry in report["runs"]:  # paths under the report folder are written relative to it, so it can move
+        path = Path(entry["path"]).resolve()
+        if path.is_relative_to(out.resolve()):
+            entry["path"] = str(path.relative_to(out.resolve()))
     report.update({"title": title, "figures": figures, "skipped": skipped})
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))

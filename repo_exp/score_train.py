@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 
 from repo_exp.config import ArchConfig, DataConfig, _one_of, _positive, _require
-from repo_exp.models.score_model import ScoreModel
+from repo_exp.models.score_model import ScoreModel, right_pad, score_input_ids
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,11 @@ class PreferenceEncoder:
     def ids(self, prompt: str, response: str) -> list[int]:
         key = (prompt, response)
         if key not in self._cache:
-            text = self.template.format(input=prompt) + " " + response.strip()
-            ids = self.tokenizer(text)["input_ids"][: self.max_length - 1]
-            self._cache[key] = ids + [self.tokenizer.eos_token_id]
+            self._cache[key] = score_input_ids(self.tokenizer, self.template, prompt, response, self.max_length)
         return self._cache[key]
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return ids, mask
+        return right_pad(rows, self.tokenizer.pad_token_id)
 
     def batch(self, rows: Sequence[dict], kind: str) -> PairBatch:
         firsts, seconds, first_sign, second_sign = [], [], [], []

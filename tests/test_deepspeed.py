@@ -189,9 +189,9 @@ def _run(args: list[str], run_dir: Path, ranks: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 @pytest.mark.deepspeed
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case.startswith("zero2") else pytest.mark.slow)
+                                  for case in sorted(CASES)])  # ZeRO-2 in the fast suite, ZeRO-3 in make test-slow
 def test_two_zero_ranks_reproduce_one_process(tmp_path, case):
     from safetensors.torch import load_file
 

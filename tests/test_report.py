@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,10 @@ def test_groups_means_and_stds_over_seeds(sweep, tmp_path):
     root, values = sweep
     report = build_report([root], tmp_path / "out", title="t")
     assert len(report["runs"]) == 8 and report["skipped"] == []
+    assert all(Path(r["path"]).is_absolute() for r in report["runs"])  # runs outside the report folder
+    moved = shutil.copytree(root, tmp_path / "moved")  # a report written beside its runs names them relatively
+    inside = build_report([moved], moved, title="t")
+    assert sorted(r["path"] for r in inside["runs"]) == sorted(f"{n}_job" for n in range(8))
     # report[constraint] pools that constraint's runs: 2 thresholds × 2 seeds
     pooled = [values[("average", d, s)]["eval/prompt_violation_rate"] for d in (0.0, -0.5) for s in (1, 2)]
     stats = report["average"]["eval/prompt_violation_rate"]

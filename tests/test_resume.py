@@ -173,7 +173,6 @@ def test_in_process_sigterm_and_resume_equal_an_uninterrupted_run(name, smoke_cf
     assert_same_rows(comparable(run_dir), comparable(reference))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
 def test_sigterm_then_sigkill_resume_equals_uninterrupted_run(name, tmp_path, uninterrupted):
     overrides = (*CONSTRAINTS[name], f"trainer.total_steps={TOTAL_STEPS}")

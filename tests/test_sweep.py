@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shlex
 import struct
@@ -101,7 +102,7 @@ def test_every_experiment_script_composes(script, compose_hydra):
         assert called and all((ROOT / c).is_file() for c in called), script
         return
     if "DRY_RUN" in text:  # scripts built from shell arrays print their composed config with DRY_RUN=1
-        env = {**__import__("os").environ, "DRY_RUN": "1", "PYTHON": sys.executable, "PY": sys.executable,
+        env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "PY": sys.executable,
                "HF_HUB_OFFLINE": "1"}
         for args in _dry_run_arguments(script):
             proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -167,6 +168,14 @@ def wandb_run_records(path: Path):
             partial = chunk if kind == 2 else partial + chunk
 
 
+def _offline_wandb_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a sweep subprocess: W&B offline, every W&B folder under ``tmp_path``, no hub access."""
+    folder = tmp_path / "wandb"
+    folder.mkdir()
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(folder), "WANDB_CACHE_DIR": str(folder),
+            "WANDB_CONFIG_DIR": str(folder), "WANDB_DATA_DIR": str(folder), "HF_HUB_OFFLINE": "1"}
+
+
 def _job_span(job: Path) -> tuple[float, float]:
     """When a job started (Hydra writes its .hydra/ folder first) and ended (its final evaluation is written last)."""
     return (job / ".hydra" / "config.yaml").stat().st_mtime, (job / "eval" / "summary.json").stat().st_mtime
@@ -175,11 +184,7 @@ def _job_span(job: Path) -> tuple[float, float]:
 @pytest.mark.slow
 def test_two_job_sweep_runs_in_parallel_through_joblib_in_one_wandb_group(tmp_path):
     sweep = tmp_path / "sweep_thresholds"
-    env_dir = tmp_path / "wandb"
-    env_dir.mkdir()
-    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_DIR": str(env_dir),
-           "WANDB_CACHE_DIR": str(env_dir), "WANDB_CONFIG_DIR": str(env_dir), "WANDB_DATA_DIR": str(env_dir),
-           "HF_HUB_OFFLINE": "1"}
+    env = _offline_wandb_env(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "repo_exp", "--multirun", "experiment=smoke", "logger=wandb", "logger.mode=offline",
          "hydra/launcher=local", "hydra.launcher.n_jobs=2", "constraint=average,rectified", "trainer.total_steps=2",
@@ -214,16 +219,11 @@ def test_two_job_sweep_runs_in_parallel_through_joblib_in_one_wandb_group(tmp_pa
     assert json.loads((tmp_path / "report" / "report.json").read_text())["rectified"]["eval/mean_cost"]["n"] == 1
 
 
-@pytest.mark.slow
 def test_four_job_multirun_gives_four_wandb_runs_in_one_group(tmp_path):
     """`--multirun experiment=smoke constraint=average,rectified constraint.threshold=0,0.5` with W&B offline:
     four jobs, four runs, one group named after the sweep, the overrides in each run's name, the resolved config."""
     sweep = tmp_path / "sweep_four"
-    env_dir = tmp_path / "wandb"
-    env_dir.mkdir()
-    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_DIR": str(env_dir),
-           "WANDB_CACHE_DIR": str(env_dir), "WANDB_CONFIG_DIR": str(env_dir), "WANDB_DATA_DIR": str(env_dir),
-           "HF_HUB_OFFLINE": "1"}
+    env = _offline_wandb_env(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "repo_exp", "--multirun", "experiment=smoke", "logger=wandb", "logger.mode=offline",
          "constraint=average,rectified", "constraint.threshold=0,0.5", "trainer.total_steps=2",

@@ -46,6 +46,25 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
 NORMALIZE_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"}
 
 
+def score_input_ids(tokenizer, template: str, prompt: str, response: str, max_length: int | None = None) -> list[int]:
+    """What a score model reads for one (prompt, response): ``template(prompt) + " " + response`` and EOS last."""
+    ids = tokenizer(template.format(input=prompt) + " " + response.strip())["input_ids"]
+    if max_length is not None:
+        ids = ids[: max_length - 1]
+    return ids + [tokenizer.eos_token_id]
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest: (B, L) ids and the 0/1 attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 class Normalizer(nn.Module):
     """The published score normaliser's buffers (``mean``, ``var``, ``count``) and its ``normalize``:
     affine ``(x − mean) / (std + eps)``, scale ``x / (std + eps)`` or identity."""

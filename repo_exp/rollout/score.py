@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from repo_exp.algorithms.losses import token_logprobs
-from repo_exp.models.score_model import ScoreModel, position_ids_from_mask
+from repo_exp.models.score_model import ScoreModel, position_ids_from_mask, right_pad, score_input_ids
 from repo_exp.models.tokenizers import same_tokenizer
 
 
@@ -58,18 +58,7 @@ class Scorer:
 
     def encode(self, prompts: list[str], responses: list[str], device: torch.device | str = "cpu"):
         """The scorer's own tokens for (prompt, response) pairs, EOS appended, right-padded: (B, L') ids and mask."""
-        eos = self.tokenizer.eos_token_id
-        rows = []
-        for prompt, response in zip(prompts, responses):
-            text = self.template.format(input=prompt) + " " + response.strip()
-            ids = self.tokenizer(text)["input_ids"]
-            if self.max_length is not None:
-                ids = ids[: self.max_length - 1]
-            rows.append(ids + [eos])
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
+        rows = [score_input_ids(self.tokenizer, self.template, prompt, response, self.max_length)
+                for prompt, response in zip(prompts, responses)]
+        input_ids, mask = right_pad(rows, self.tokenizer.pad_token_id)
         return input_ids.to(device), mask.to(device)
