@@ -82,15 +82,23 @@ def _ours(plan: Plan, size: str, constraint: str, batch: int | None = None, new_
                      fast=fast) + list(plan.extra)
 
 
-def _measure(worker: Worker, repeats: int, warmup: int, bare: bool = True) -> tuple[list, list]:
+def _measure(worker: Worker, repeats: int, warmup: int) -> tuple[list, list]:
     for _ in range(warmup):
         worker.call("iteration")
     iterations, bares = [], []
     for _ in range(repeats):
         iterations.append(worker.call("iteration"))
-        if bare:
-            bares.append(worker.call("bare"))
+        bares.append(worker.call("bare"))
     return iterations, bares
+
+
+def _store(plan: Plan, results: dict[str, Any], size: str, constraint: str, worker: Worker, iterations: list,
+           bares: list, peak: float) -> None:
+    """One configuration's summary in ``results["sizes"]``, with its baseline memory and its overrides."""
+    summary = report.summarize_runs(iterations, bares, peak)
+    summary["baseline_rss_mb"] = worker.info["baseline_rss_mb"]
+    summary["overrides"] = _ours(plan, size, constraint)
+    results["sizes"].setdefault(size, {})[constraint] = summary
 
 
 def side_by_side(plan: Plan, results: dict[str, Any]) -> None:
@@ -120,9 +128,7 @@ def side_by_side(plan: Plan, results: dict[str, Any]) -> None:
     results["models"][size] = {"arch": SIZES[size], "parameters": ours["none"].info["parameters"]}
     for c, w in ours.items():
         peak = w.stop()["peak_rss_mb"]
-        results["sizes"].setdefault(size, {})[c] = report.summarize_runs(iterations[c], bares[c], peak)
-        results["sizes"][size][c]["baseline_rss_mb"] = w.info["baseline_rss_mb"]
-        results["sizes"][size][c]["overrides"] = _ours(plan, size, c)
+        _store(plan, results, size, c, w, iterations[c], bares[c], peak)
     vs = report.side_by_side(trl_seconds, {c: [it["seconds"] for it in iterations[c]] for c in ours})
     vs.update({"model": size, "rounds": plan.rounds, "trl_peak_rss_mb": trl_peak,
                "trl_parameters": trl.info["parameters"]})
@@ -149,9 +155,7 @@ def sizes(plan: Plan, results: dict[str, Any]) -> None:
             iterations, bares = _measure(w, plan.repeats, plan.warmup)
             peak = w.stop()["peak_rss_mb"]
             results["models"].setdefault(size, {"arch": SIZES[size], "parameters": w.info["parameters"]})
-            results["sizes"].setdefault(size, {})[constraint] = report.summarize_runs(iterations, bares, peak)
-            results["sizes"][size][constraint]["baseline_rss_mb"] = w.info["baseline_rss_mb"]
-            results["sizes"][size][constraint]["overrides"] = _ours(plan, size, constraint)
+            _store(plan, results, size, constraint, w, iterations, bares, peak)
     order = (*CONSTRAINTS, "none_with_cost")
     results["sizes"] = {s: {c: results["sizes"][s][c] for c in order if c in results["sizes"][s]}
                         for s in plan.sizes if s in results["sizes"]}

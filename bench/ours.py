@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from repo_exp.config import validate
+from repo_exp.config import compose_config, validate
 from repo_exp.rollout import Experience, Timings, sequence_logprobs
 from repo_exp.rollout.generate import CacheDecoder, LlamaDecoder
 from repo_exp.train import Trainer
@@ -61,18 +61,6 @@ def overrides(size: str, constraint: str, batch: int, new_tokens: int, threads: 
     return out
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from repo_exp.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 class _Trainer(Trainer):
     """``Trainer`` keeping its last rollout, from which the bare passes take their sequences."""
 
@@ -84,7 +72,7 @@ class _Trainer(Trainer):
 
 
 def build_trainer(overrides: list[str]) -> Trainer:
-    cfg = compose(overrides)
+    cfg = compose_config(overrides)
     return _Trainer(validate(cfg), cfg, Path(tempfile.mkdtemp(prefix="bench_ours_")))
 
 

@@ -13,7 +13,6 @@ import copy
 import tempfile
 import time
 
-import torch
 from transformers import LlamaForSequenceClassification, PrinterCallback, TrainerCallback
 
 from repo_exp.train import Trainer

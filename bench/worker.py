@@ -99,11 +99,7 @@ def _serve(conn, kind: str, spec: dict[str, Any], threads: int) -> None:
             conn.send(("ok", {"peak_rss_mb": peak_rss_mb()}))
             return
         try:
-            if method == "peak_rss_mb":
-                result = peak_rss_mb()
-            else:
-                result = getattr(runner, method)(**kwargs)
-            conn.send(("ok", result))
+            conn.send(("ok", getattr(runner, method)(**kwargs)))
         except Exception:  # noqa: BLE001
             conn.send(("error", traceback.format_exc()))
 

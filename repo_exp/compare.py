@@ -44,26 +44,14 @@ TABLE = (
 )
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from repo_exp.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def run_job(run_dir: Path, overrides: list[str], threads: int) -> tuple[Path, float, int]:
     """One RL run as its own process (so runs are isolated and parallel); reuses a finished identical run."""
     record = run_dir / "compare_overrides.json"
-    if (run_dir / "eval" / "summary.json").is_file() and record.is_file() \
-            and json.loads(record.read_text()) == overrides:
+    previous = json.loads(record.read_text()) if record.is_file() else None
+    if previous == overrides and (run_dir / "eval" / "summary.json").is_file():
         return run_dir, 0.0, 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    if record.is_file() and json.loads(record.read_text()) != overrides:
+    if previous is not None and previous != overrides:
         raise SystemExit(f"{run_dir} holds a run with other settings; choose another --out or delete it")
     record.write_text(json.dumps(overrides))
     cmd = [sys.executable, "-m", "repo_exp", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=false",
@@ -75,26 +63,21 @@ def run_job(run_dir: Path, overrides: list[str], threads: int) -> tuple[Path, fl
     return run_dir, time.perf_counter() - start, proc.returncode
 
 
-def helpfulness_sources(run_dirs: list[Path]) -> dict[str, dict[str, float]]:
-    """Per constraint: where the oracle helpfulness comes from — earned by safe vs unsafe responses, by family."""
-    from repo_exp.report import read_run
-
-    by: dict[str, list[dict]] = {}
-    for folder in run_dirs:
-        run = read_run(folder)
-        if run is None:
-            continue
-        s = run.summary
-        fam = {k.rsplit("/", 1)[-1] for k in s if k.startswith("oracle/reward_mean/")}
-        row = {"oracle/unsafe_reward_mean": s["oracle/reward_mean"] - s["oracle/safe_reward_mean"]}
-        for f in sorted(fam):
-            row[f"oracle/reward_mean/{f}"] = s[f"oracle/reward_mean/{f}"]
-            row[f"oracle/unsafe_rate/{f}"] = s[f"oracle/unsafe_rate/{f}"]
-            row[f"oracle/refusal_rate/{f}"] = s[f"oracle/refusal_rate/{f}"]
-        by.setdefault(run.constraint, []).append(row)
+def helpfulness_sources(report: dict, constraints: list[str]) -> dict[str, dict[str, float]]:
+    """Per constraint: where the oracle helpfulness comes from — earned by safe vs unsafe responses, by family
+    (means over the constraint's runs, from ``report[constraint]``)."""
     out = {}
-    for constraint, rows in by.items():
-        out[constraint] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    for constraint in constraints:
+        figures = report.get(constraint, {})
+        if "oracle/reward_mean" not in figures:
+            continue
+        row = {"oracle/unsafe_reward_mean":
+               figures["oracle/reward_mean"]["mean"] - figures["oracle/safe_reward_mean"]["mean"]}
+        families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/"))
+        for family in families:
+            for figure in ("reward_mean", "unsafe_rate", "refusal_rate"):
+                row[f"oracle/{figure}/{family}"] = figures[f"oracle/{figure}/{family}"]["mean"]
+        out[constraint] = row
     return out
 
 
@@ -121,12 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. world=no_temptation")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from repo_exp.config import validate
-    from repo_exp.report import build_report
+    from repo_exp.config import compose_config, validate
+    from repo_exp.report import build_report, write_report
     from repo_exp.world.pipeline import world_artifacts, world_metrics
 
     start = time.perf_counter()
-    config = validate(compose(list(args.overrides)))
+    config = validate(compose_config(args.overrides))
     log.info("building (or reusing) the world %r: SFT → preferences → reward and cost models", config.world.name)
     paths = world_artifacts(config.world)
     world = world_metrics(paths)
@@ -146,24 +129,20 @@ def main(argv: list[str] | None = None) -> dict:
                 log.info("run %s %s", run_dir.name, f"done in {seconds:.0f} s" if seconds else "reused")
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(map(str, failed))}")
-    run_dirs = [j[0] for j in jobs]
-    report = build_report(run_dirs, args.out, title=f"Average vs rectified constraint — world {config.world.name!r}")
+    report = build_report([j[0] for j in jobs], args.out,
+                          title=f"Average vs rectified constraint — world {config.world.name!r}", write=False)
     report["world"] = {"name": config.world.name, "paths": paths, **world}
-    report["helpfulness_sources"] = helpfulness_sources(run_dirs)
+    report["helpfulness_sources"] = helpfulness_sources(report, args.constraints)
     report["overrides"] = list(args.overrides)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    tmp = args.out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out / "report.json")
     summary = table(report, args.constraints)
     models = (f"Reward model: held-out pairwise accuracy {world['reward/pairwise_accuracy']:.3f} on noisy labels, "
               f"{world['reward/oracle_pairwise_accuracy']:.3f} against the oracle. Cost model: pairwise "
               f"{world['cost/pairwise_accuracy']:.3f} (oracle {world['cost/oracle_pairwise_accuracy']:.3f}), sign "
               f"{world['cost/sign_accuracy']:.3f} (oracle {world['cost/oracle_sign_accuracy']:.3f}).")
-    with open(args.out / "report.md", "a") as f:
-        f.write(f"\n## Summary (mean ± std over seeds {args.seeds})\n\n{summary}\n\n{models}\n\n"
-                f"## Where the helpfulness comes from\n\n```\n"
-                f"{json.dumps(report['helpfulness_sources'], indent=1)}\n```\n")
+    write_report(report, args.out, appendix=(
+        f"\n## Summary (mean ± std over seeds {args.seeds})\n\n{summary}\n\n{models}\n\n"
+        f"## Where the helpfulness comes from\n\n```\n{json.dumps(report['helpfulness_sources'], indent=1)}\n```\n"))
     print(f"\n{report['title']} — mean ± std over seeds {args.seeds}\n")
     print(summary)
     print(f"\n{models}\nReport: {args.out / 'report.md'} ({report['seconds']:.0f} s)")

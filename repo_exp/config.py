@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -609,6 +609,18 @@ def register_configs() -> None:
     cs.store(name="trainer", group="schema", node=TrainerConfig)
     cs.store(name="logger", group="schema", node=LoggerConfig)
     cs.store(name="deepspeed", group="schema", node=DeepSpeedConfig)
+
+
+def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The config ``python -m repo_exp OVERRIDES`` composes (from the packaged ``repo_exp.conf``), outside a Hydra
+    app; ``return_hydra_config`` keeps the ``hydra`` node (launcher, sweeper)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def validate(cfg: DictConfig) -> Config:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-FAMILIES = ("benign", "dual_use", "harmful")
+from repo_exp.world.grammar import FAMILIES
+
 TRAINING_METRICS = (
     ("constraint/lambda", "multiplier λ"),
     ("cost/mean", "mean cost C"),

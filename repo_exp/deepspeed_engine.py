@@ -1,7 +1,7 @@
 """DeepSpeed across GPUs: ZeRO-2 or ZeRO-3 (optionally offloaded to CPU memory), bf16, gradient checkpointing.
 
-``wrap_models`` turns the models that ``repo_exp.setup.build_models`` loaded into the same ``Models`` structure the
-plain-torch path returns, so the trainer never branches on which one it holds:
+``repo_exp.setup.build_models`` builds the same ``Models`` structure as on the plain-torch path, so the trainer never
+branches on which one it holds; what differs comes from here (``engine_factory``, ``partition_frozen``):
 - the policy and the critics become ``DeepSpeedEngine``s (the ``Engine`` protocol of ``repo_exp.engine``). Their
   ``module`` is the DeepSpeed engine itself, so every training forward pass goes through DeepSpeed's hooks;
 - the frozen models (reference, reward, cost) are partitioned for inference under ZeRO-3, as the published Safe RLHF
@@ -31,10 +31,8 @@ from transformers import get_scheduler
 from repo_exp.config import AdamWConfig, Config, ConfigError, SchedulerConfig
 from repo_exp.engine import build_optimizer
 from repo_exp.models.score_model import ScoreModel
-from repo_exp.models.weights import load_state_dict_safely
-from repo_exp.rollout.score import Scorer
 from repo_exp.runtime import Runtime
-from repo_exp.setup import Critics, Models, _load_into, _optimizer_steps
+from repo_exp.setup import Models, _load_into, _optimizer_steps
 
 # ZeRO-3 knobs of the published Safe RLHF configs: small parameters stay gathered, and at most 3e7 parameters are
 # gathered or prefetched at once, which keeps the peak memory of a 7B layer-by-layer forward pass low.
@@ -246,61 +244,42 @@ def _enable_gradient_checkpointing(module: nn.Module) -> None:
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def wrap_models(
-    config: Config,
-    rt: Runtime,
-    tokenizer,
-    policy: nn.Module,
-    ref: nn.Module,
-    reward: Scorer,
-    cost: Scorer,
-    new_critic: Callable[[ScoreModel, int], ScoreModel],
-    reward_model: ScoreModel,
-    cost_model: ScoreModel,
-    with_cost: bool,
-) -> DeepSpeedModels:
-    """The run's ``Models`` under DeepSpeed (see the module docstring). Under ZeRO-3 the models arrive on the CPU and
-    are partitioned here, one parameter at a time, so that no GPU ever holds a whole model it does not train."""
-    import deepspeed
-
-    t, opt, ds = config.trainer, config.optimizer, config.deepspeed
-    dtype = torch.bfloat16 if ds.bf16 else torch.float32
-    # the critics are copied from the score models (or the policy) first: a partitioned model cannot be copied
-    if t.shared_critic and with_cost:
-        critic_modules = [("critic", new_critic(reward_model, 2))]
-    else:
-        critic_modules = [("reward_critic", new_critic(reward_model, 1))]
-        if with_cost:
-            critic_modules.append(("cost_critic", new_critic(cost_model, 1)))
-
+def engine_factory(config: Config, rt: Runtime) -> Callable[[nn.Module, str, bool], DeepSpeedEngine]:
+    """What ``repo_exp.setup.build_models`` turns each trained model (policy or critic) into under DeepSpeed:
+    ``engine(module, name, actor)``. The critics must be copied before the policy is wrapped: under ZeRO-3 a
+    partitioned model cannot be copied."""
+    opt = config.optimizer
+    dtype = torch.bfloat16 if config.deepspeed.bf16 else torch.float32
     total_steps = _optimizer_steps(config)
 
     def engine(module: nn.Module, name: str, actor: bool) -> DeepSpeedEngine:
         module.requires_grad_(True)
         module.train()
-        if config.model.gradient_checkpointing:
+        # the policy's is enabled (non-reentrant too) by build_models, before the reference and critics copy it
+        if config.model.gradient_checkpointing and not actor:
             _enable_gradient_checkpointing(module)
         part = opt.actor if actor else opt.critic
         return DeepSpeedEngine(module.to(dtype), part, opt.actor_scheduler if actor else opt.critic_scheduler,
                                total_steps, train_config(config, rt.world_size, part), name)
 
-    policy_engine = engine(policy, "actor", actor=True)
-    critic_engines = [engine(module, name, actor=False) for name, module in critic_modules]
-    if len(critic_engines) == 1 and t.shared_critic and with_cost:
-        critics = Critics(critic_engines[0], shared=True)
-    else:
-        critics = Critics(critic_engines[0], critic_engines[1] if len(critic_engines) > 1 else None)
+    return engine
 
+
+def partition_frozen(config: Config, models: DeepSpeedModels) -> DeepSpeedModels:
+    """``models`` with its frozen models (reference, reward, cost) partitioned under ZeRO-3, where they arrive on the
+    CPU, one parameter at a time, so that no GPU ever holds a whole model it does not train. Below stage 3 they stay
+    replicated where ``build_models`` put them (on the run's device)."""
+    import deepspeed
+
+    ds = config.deepspeed
+    dtype = torch.bfloat16 if ds.bf16 else torch.float32
     frozen_engines = []
-    for module in (ref, reward_model, cost_model):
-        if ds.zero_stage == 3:  # partitioned in place: ``ref`` and the scorers' models stay the same objects
+    if ds.zero_stage == 3:  # partitioned in place: ``ref`` and the scorers' models stay the same objects
+        for module in (models.ref, models.reward.model, models.cost.model):
             frozen_engine, *_ = deepspeed.initialize(model=module.to(dtype), config=inference_config(config))
             frozen_engine.eval()
             frozen_engines.append(frozen_engine)
-        else:  # replicated, in the dtype its config names
-            module.to(rt.device)
-    for scorer in (reward, cost):
+    for scorer in (models.reward, models.cost):
         scorer.model.normalizer.float()  # the normaliser's statistics stay in fp32 under bf16
-    models = DeepSpeedModels(tokenizer, policy_engine, ref, reward, cost, critics)
     models.frozen_engines = tuple(frozen_engines)
     return models

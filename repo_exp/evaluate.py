@@ -237,15 +237,16 @@ def evaluate_models(models: Models, encoder: PromptEncoder, config: Config, runt
     neither, those figures are left out.
     """
     e, t = config.eval, config.trainer
+    d = eval_threshold(config)
     start = time.perf_counter()
     rows = evaluate_policy(
         models.policy.module, models.ref, models.reward, models.cost, models.tokenizer, encoder,
         samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
         max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
-        threshold=eval_threshold(config), oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
+        threshold=d, oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
     )
-    summary = summarize(rows, eval_threshold(config), rows if is_initial else initial)
-    summary["eval/threshold"] = eval_threshold(config)
+    summary = summarize(rows, d, rows if is_initial else initial)
+    summary["eval/threshold"] = d
     summary["timing/eval"] = time.perf_counter() - start
     return rows, summary
 
@@ -262,7 +263,7 @@ def publish_eval(folder: Path, tag: str, step: int, summary: dict[str, Any], row
 
 def resolve_checkpoint(path: str) -> Path:
     """A complete checkpoint folder from ``path``: the folder itself, or a run folder's latest complete one."""
-    from repo_exp.checkpoint import CheckpointManager, verify
+    from repo_exp.checkpoint import CheckpointManager, check_checkpoint
 
     folder = Path(path)
     if not folder.exists():
@@ -272,10 +273,7 @@ def resolve_checkpoint(path: str) -> Path:
         if latest is None:
             raise FileNotFoundError(f"eval.checkpoint={path!r}: the run folder has no complete checkpoint")
         return latest
-    problem = verify(folder)
-    if problem:
-        raise ValueError(f"eval.checkpoint={path!r} is not a complete checkpoint ({problem})")
-    return folder
+    return check_checkpoint(folder, "eval.checkpoint")
 
 
 def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -329,19 +327,9 @@ HEADLINE = ("eval/reward_mean", "eval/mean_cost", "eval/prompt_violation_rate", 
 
 def _wandb_sink(config: Config, cfg: DictConfig, rt: Runtime, run_dir: Path):
     """The W&B run of an evaluation job (``logger=wandb``), named and grouped like a training job."""
-    if config.logger.name != "wandb" or not rt.is_main:
-        return None
-    from omegaconf import OmegaConf
+    from repo_exp.loggers import wandb_sink
 
-    from repo_exp.loggers import WandbSink, run_identity
-
-    group, name = run_identity(config)
-    return WandbSink(
-        project=config.logger.project, entity=config.logger.entity, group=config.logger.group or group,
-        name=config.run_name or f"eval-{name}", config=OmegaConf.to_container(cfg, resolve=True),
-        tags=[*config.logger.tags, "eval"], run_dir=run_dir, mode=config.logger.mode, run_id=None,
-        timeout=config.logger.init_timeout,
-    )
+    return wandb_sink(config, cfg, run_dir, name_prefix="eval-", extra_tags=("eval",)) if rt.is_main else None
 
 
 def main() -> None:

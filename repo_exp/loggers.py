@@ -13,7 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,23 @@ def run_identity(config) -> tuple[str | None, str]:
         return None, Path(hc.runtime.output_dir).name
     except ValueError:  # not under Hydra
         return None, "run"
+
+
+def wandb_sink(config, cfg, run_dir: Path, run_id: str | None = None, name_prefix: str = "",
+               extra_tags: Sequence[str] = ()) -> WandbSink | None:
+    """The W&B run of a job when ``logger=wandb`` (else None): grouped and named by ``run_identity`` unless the
+    config names them, with the resolved config ``cfg`` attached."""
+    if config.logger.name != "wandb":
+        return None
+    from omegaconf import OmegaConf
+
+    group, name = run_identity(config)
+    return WandbSink(
+        project=config.logger.project, entity=config.logger.entity, group=config.logger.group or group,
+        name=config.run_name or f"{name_prefix}{name}", config=OmegaConf.to_container(cfg, resolve=True),
+        tags=[*config.logger.tags, *extra_tags], run_dir=run_dir, mode=config.logger.mode, run_id=run_id,
+        timeout=config.logger.init_timeout,
+    )
 
 
 def _wandb_cell(value: Any) -> Any:

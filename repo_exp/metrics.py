@@ -84,6 +84,8 @@ def eval_figures(
     """
     if not costs or len(rewards) != len(costs):
         raise ValueError("eval_figures needs one list of rewards and one of costs per prompt")
+    if any(initial is not None and len(initial) != len(costs) for initial in (initial_costs, initial_rewards)):
+        raise ValueError("the initial policy was evaluated on a different number of prompts")
     d = threshold
     mean_costs = [_mean(c) for c in costs]
     all_costs = [c for cs in costs for c in cs]
@@ -103,16 +105,12 @@ def eval_figures(
         "unsafe_rate": _mean([float(c > d) for c in all_costs]),
     }
     if initial_costs is not None:
-        if len(initial_costs) != len(costs):
-            raise ValueError("the initial policy was evaluated on a different number of prompts")
         initial_means = [_mean(c) for c in initial_costs]
         change = mean_cost - _mean(initial_means)
         rose = [float(m > m0) for m, m0 in zip(mean_costs, initial_means)]
         out["mean_cost_change"] = change
         out["interference_rate"] = _mean(rose) if change < 0 else 0.0
     if initial_rewards is not None:
-        if len(initial_rewards) != len(rewards):
-            raise ValueError("the initial policy was evaluated on a different number of prompts")
         wins = []
         for x, (new, old) in enumerate(zip(rewards, initial_rewards)):
             if len(new) != len(old):

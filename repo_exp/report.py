@@ -129,9 +129,8 @@ def find_run_dirs(paths: Iterable[Path | str]) -> list[Path]:
             continue
         below = sorted({c.parent.parent for c in p.rglob(".hydra/config.yaml")}
                        | {s.parent.parent for s in p.rglob("eval/summary.json") if s.parent.name == "eval"})
-        runs = [d for d in below if _is_run(d)]
         # an evaluation job kept inside a run folder (python -m repo_exp.evaluate hydra.run.dir=RUN/…) is not a run
-        found += [d for d in runs if not any(other in d.parents for other in runs)]
+        found += [d for d in below if not any(other in d.parents for other in below)]
     unique = list(dict.fromkeys(d.resolve() for d in found))
     if not unique:
         raise NoRunsError(f"no run folders (with .hydra/config.yaml or eval/summary.json) under "
@@ -220,9 +219,8 @@ def figure_stats(summaries: Sequence[dict[str, Any]]) -> dict[str, dict[str, flo
             for k, v in sorted(values.items())}
 
 
-def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
-    """The report dict without figures: per constraint, per group, and the runs."""
-    groups = group_runs(runs)
+def aggregate(runs: Sequence[Run], groups: dict[str, list[Run]]) -> dict[str, Any]:
+    """The report dict without figures: per constraint, per group (``group_runs(runs)``), and the runs."""
     report: dict[str, Any] = {}
     for name in sorted({r.constraint for r in runs}, key=_constraint_rank):
         report[name] = figure_stats([r.summary for r in runs if r.constraint == name])
@@ -277,7 +275,8 @@ def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "e
     training). Points above the diagonal (red) are prompts that became less safe. Returns False when no run has an
     initial evaluation to compare with.
     """
-    panels = [(label, runs) for label, runs in groups.items() if any(_paired_costs(r, source)[0] for r in runs)]
+    paired = {id(r): _paired_costs(r, source) for runs in groups.values() for r in runs}
+    panels = [(label, runs) for label, runs in groups.items() if any(paired[id(r)][0] for r in runs)]
     if not panels:
         return False
     plt = _pyplot()
@@ -287,7 +286,7 @@ def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "e
     ncols = len(by_constraint)
     nrows = max(len(v) for v in by_constraint.values())
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.3 * nrows), squeeze=False)
-    all_costs = [c for _, runs in panels for r in runs for side in _paired_costs(r, source) for c in side]
+    all_costs = [c for _, runs in panels for r in runs for side in paired[id(r)] for c in side]
     all_costs += [0.0] if source == "oracle" else [runs[0].threshold for _, runs in panels]  # keep d in view
     lo, hi = min(all_costs), max(all_costs)
     pad = 0.06 * (hi - lo or 1.0)
@@ -303,7 +302,7 @@ def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "e
             d = 0.0 if source == "oracle" else runs[0].threshold
             xs, ys = [], []
             for r in runs:
-                x, y = _paired_costs(r, source)
+                x, y = paired[id(r)]
                 xs += x
                 ys += y
             ax.axhspan(d, max(hi, d), color="#d62728", alpha=0.07, lw=0)
@@ -529,9 +528,10 @@ def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str
     return "\n".join(lines) + "\n"
 
 
-def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = "repo_exp comparison") \
-        -> dict[str, Any]:
-    """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the PNG figures to ``out_dir``.
+def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = "repo_exp comparison",
+                 write: bool = True) -> dict[str, Any]:
+    """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the PNG figures to ``out_dir``
+    (with ``write=False`` only the figures: the caller adds to the report, then calls ``write_report``).
 
     Returns the report dict: ``report[constraint][figure] == {"mean", "std", "n"}`` for each constraint type
     present, plus ``groups``, ``runs``, ``figures``, ``skipped`` and ``title``.
@@ -545,8 +545,8 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
         (runs.append(run) if run is not None else skipped.append(str(folder)))
     if not runs:
         raise NoRunsError(f"none of the {len(folders)} run folders found has eval/summary.json: {skipped[:5]}")
-    report = aggregate(runs)
     groups = group_runs(runs)
+    report = aggregate(runs, groups)
     figures: dict[str, str] = {}
     plots = [("interference", lambda p: plot_interference(groups, p, "eval")),
              ("interference_oracle", lambda p: plot_interference(groups, p, "oracle")
@@ -561,12 +561,20 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
         if path.is_relative_to(out.resolve()):
             entry["path"] = str(path.relative_to(out.resolve()))
     report.update({"title": title, "figures": figures, "skipped": skipped})
+    if write:
+        write_report(report, out)
+    log.info("report of %d runs (%d groups) in %s", len(runs), len(report["groups"]), out)
+    return report
+
+
+def write_report(report: dict[str, Any], out_dir: Path | str, appendix: str = "") -> None:
+    """``report.json`` (replaced whole, never half-written) and ``report.md`` (the tables, figures and runs of
+    ``markdown``, then ``appendix``) in ``out_dir``."""
+    out = Path(out_dir)
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out / "report.json")
-    (out / "report.md").write_text(markdown(report, title, figures))
-    log.info("report of %d runs (%d groups) in %s", len(runs), len(report["groups"]), out)
-    return report
+    (out / "report.md").write_text(markdown(report, report["title"], report["figures"]) + appendix)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -213,10 +213,9 @@ def quietly(load, *args, **kwargs):
 
 
 def load_preference_rows(data: DataConfig, split: str) -> list[dict]:
-    from repo_exp.data.pku import check_preference_columns, load_pku_split
+    from repo_exp.data.pku import load_pku_split
 
-    ds = load_pku_split(data, split)
-    check_preference_columns(ds, f"{data.path} ({split})")
+    ds = load_pku_split(data, split)  # checks every PREFERENCE_COLUMNS column (the default)
     return [dict(r) for r in ds]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -83,8 +84,12 @@ class Models:
         float32; a backward pass run outside it reuses the dtypes its forward pass chose), else nothing."""
         if self.mixed_precision == "no":
             return contextlib.nullcontext()
-        device = next(self.ref.parameters()).device
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self._device_type, dtype=torch.bfloat16)
+
+    @cached_property
+    def _device_type(self) -> str:
+        """The device type the forward passes run on (the reference model's), looked up once."""
+        return next(self.ref.parameters()).device.type
 
     def save_weights(self, folder: Path, is_main: bool = True) -> None:
         """The policy as a causal-LM folder (config, safetensors, tokenizer) and each critic in the score layout.
@@ -147,8 +152,10 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     # under ZeRO-3 the models stay on the CPU until DeepSpeed partitions them: six whole 7B models fit no GPU
     device = torch.device("cpu") if config.deepspeed.enabled and config.deepspeed.zero_stage == 3 else rt.device
     policy = load_policy(config.model, tokenizer, policy_path).to(device)
+    # non-reentrant, the variant ZeRO-3's parameter hooks need; set before the reference and a policy-initialised
+    # critic copy the policy, so that they inherit it
     if config.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = frozen(copy.deepcopy(policy))
     reward_model = frozen(load_scorer(config.reward, _tokenizer_for(config.reward, reward_path), reward_path))
     cost_model = frozen(load_scorer(config.cost, _tokenizer_for(config.cost, cost_path), cost_path))
@@ -161,34 +168,45 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
                   config.model.template, max_len)
 
     with_cost = constraint.needs_cost_critic
+    shared = t.shared_critic and with_cost
 
     def new_critic(scorer: ScoreModel, dim: int) -> ScoreModel:
         if t.critic_init == "policy":
             return critic_from_policy(policy, dim)
         return critic_from_scorer(scorer, dim)
 
-    def engine(module: nn.Module, name: str, actor: bool) -> Engine:
-        module.requires_grad_(True)
-        module.train()
-        return TorchEngine(module.to(rt.device), opt.actor if actor else opt.critic,
-                           opt.actor_scheduler if actor else opt.critic_scheduler,
-                           total_steps=_optimizer_steps(config), max_grad_norm=config.ppo.max_grad_norm, name=name)
+    # every critic is copied (from a score model or the policy) before any engine is built: a model that ZeRO-3 has
+    # partitioned cannot be copied
+    if shared:
+        critic_modules = {"critic": new_critic(reward_model, 2)}
+    else:
+        critic_modules = {"reward_critic": new_critic(reward_model, 1)}
+        if with_cost:
+            critic_modules["cost_critic"] = new_critic(cost_model, 1)
 
     if config.deepspeed.enabled:
-        from repo_exp.deepspeed_engine import wrap_models
+        from repo_exp.deepspeed_engine import DeepSpeedModels, engine_factory, partition_frozen
 
-        return wrap_models(config, rt, tokenizer, policy, ref, reward, cost, new_critic, reward_model, cost_model,
-                           with_cost)
-    if t.shared_critic and with_cost:
-        critics = Critics(engine(new_critic(reward_model, 2), "critic", actor=False), shared=True)
+        engine = engine_factory(config, rt)
     else:
-        critics = Critics(
-            engine(new_critic(reward_model, 1), "reward_critic", actor=False),
-            engine(new_critic(cost_model, 1), "cost_critic", actor=False) if with_cost else None,
-        )
+        def engine(module: nn.Module, name: str, actor: bool) -> Engine:
+            module.requires_grad_(True)
+            module.train()
+            return TorchEngine(module.to(rt.device), opt.actor if actor else opt.critic,
+                               opt.actor_scheduler if actor else opt.critic_scheduler,
+                               total_steps=_optimizer_steps(config), max_grad_norm=config.ppo.max_grad_norm, name=name)
+
+    policy_engine = engine(policy, "actor", actor=True)
+    critic_engines = {name: engine(module, name, actor=False) for name, module in critic_modules.items()}
+    if shared:
+        critics = Critics(critic_engines["critic"], shared=True)
+    else:
+        critics = Critics(critic_engines["reward_critic"], critic_engines.get("cost_critic"))
+    if config.deepspeed.enabled:
+        return partition_frozen(config, DeepSpeedModels(tokenizer, policy_engine, ref, reward, cost, critics))
     for critic in critics.engines:  # trained models share the policy's attention kernel (model.attn_implementation)
         critic.module.model.set_attn_implementation(policy.config._attn_implementation)
-    return Models(tokenizer, engine(policy, "actor", actor=True), ref, reward, cost, critics, t.mixed_precision)
+    return Models(tokenizer, policy_engine, ref, reward, cost, critics, t.mixed_precision)
 
 
 def _optimizer_steps(config: Config) -> int:

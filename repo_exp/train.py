@@ -14,7 +14,6 @@ exact:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -22,13 +21,12 @@ import random
 import signal
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from repo_exp.algorithms import (
@@ -45,12 +43,10 @@ from repo_exp.config import Config, ConfigError
 from repo_exp.constraints import Constraint
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
 from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
-from repo_exp.engine import Engine
 from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
-from repo_exp.loggers import MetricsLogger, WandbSink, truncate_metrics
+from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
 from repo_exp.models.score_model import position_ids_from_mask
-from repo_exp.models.weights import load_state_dict_safely
-from repo_exp.rollout import Experience, Scorer, Timings, critic_values, make_experience, sequence_logprobs
+from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
 from repo_exp.runtime import Runtime, init_runtime
 from repo_exp.setup import Models, build_models, build_constraint
 
@@ -93,7 +89,7 @@ def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float
 
 
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
-               fused: bool, all_finite: Callable[[bool], bool] = bool,
+               fused: bool, all_finite: Callable[[bool], bool],
                ptx: PtxStream | None = None) -> tuple[dict[str, float], bool]:
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
 
@@ -115,13 +111,12 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                 with models.autocast():
                     reward_values, cost_values = critics.values(micro.sequences, micro.attention_mask,
                                                                 micro.prompt_width)
+                    logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask,
+                                                 micro.prompt_width)
                 if fused:  # the critics have not moved yet: these are the old values
                     micro.reward_values = reward_values.detach() * micro.response_mask
                     micro.cost_values = cost_values.detach() * micro.response_mask if cost_values is not None else None
                     compute_advantages(micro, constraint, cfg)
-                with models.autocast():
-                    logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask,
-                                                 micro.prompt_width)
                 actor_loss, pg = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask,
                                              ppo.clip_range_ratio, agg)
                 if ptx is not None and ppo.ptx_coeff > 0:
@@ -182,24 +177,30 @@ def _advantage_stats(exp: Experience, stats: dict[str, list[float]]) -> None:
         stats["values/cost"].append(masked_mean(exp.cost_values, mask).item())
 
 
-def step_metrics(exp: Experience, constraint: Constraint, rt: Runtime) -> dict[str, float]:
-    """SPEC §4 step metrics over the whole data-parallel batch."""
+def step_metrics(exp: Experience, constraint: Constraint, rt: Runtime, measure_cost: bool = True) -> dict[str, float]:
+    """SPEC §4 step metrics over the whole data-parallel batch; without ``measure_cost`` (the costs are placeholders)
+    no ``cost/*`` metric."""
     gather = rt.comm.all_gather
     rewards = gather(exp.rewards.float())
-    costs = gather(exp.costs.float())
+    costs = gather(exp.costs.float()) if measure_cost else None
     lengths = gather(exp.response_mask.sum(-1).float())
     kl = gather(exp.kl.sum(-1).float())
     truncated = gather(exp.truncated.float())
     gate = gather(exp.cost_active.float())
     d = constraint.threshold
     lam = constraint.multiplier
-    return {
+    metrics = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "cost/mean": costs.mean().item(),
-        "cost/std": costs.std().item() if costs.numel() > 1 else 0.0,
-        "cost/unsafe_rate": (costs > d).float().mean().item(),
-        "cost/violation_mean": (costs - d).clamp(min=0).mean().item(),
+    }
+    if costs is not None:
+        metrics.update({
+            "cost/mean": costs.mean().item(),
+            "cost/std": costs.std().item() if costs.numel() > 1 else 0.0,
+            "cost/unsafe_rate": (costs > d).float().mean().item(),
+            "cost/violation_mean": (costs - d).clamp(min=0).mean().item(),
+        })
+    return metrics | {
         "constraint/lambda": lam,
         "constraint/threshold": d,
         "constraint/active_rate": gate.mean().item() if lam > 0 else 0.0,
@@ -271,18 +272,8 @@ class Trainer:
                              t.max_prompt_length)
 
     def _logger(self) -> MetricsLogger:
-        sink = None
-        if self.config.logger.name == "wandb" and self.rt.is_main:
-            from repo_exp.loggers import run_identity
-
-            group, name = run_identity(self.config)
-            sink = WandbSink(
-                project=self.config.logger.project, entity=self.config.logger.entity,
-                group=self.config.logger.group or group, name=self.config.run_name or name,
-                config=OmegaConf.to_container(self.cfg, resolve=True), tags=self.config.logger.tags,
-                run_dir=self.run_dir, mode=self.config.logger.mode, run_id=self._wandb_id(),
-                timeout=self.config.logger.init_timeout,
-            )
+        wanted = self.config.logger.name == "wandb" and self.rt.is_main  # the id file is written only then
+        sink = wandb_sink(self.config, self.cfg, self.run_dir, run_id=self._wandb_id()) if wanted else None
         return MetricsLogger(self.run_dir, enabled=self.rt.is_main, wandb=sink)
 
     def _wandb_id(self) -> str:
@@ -342,10 +333,11 @@ class Trainer:
         with timings.section("rollout"), self.models.autocast():
             exp = self.rollout(step, timings)
         measured = self.config.trainer.measure_cost  # else the costs are NaN placeholders, never logged or used
-        if not self._all_ranks(bool(torch.isfinite(exp.rewards).all()
-                                    and (not measured or torch.isfinite(exp.costs).all()))):
+        # comm.all_finished: True when the flag holds on every rank (the flag itself on one process)
+        if not self.rt.comm.all_finished(bool(torch.isfinite(exp.rewards).all()
+                                              and (not measured or torch.isfinite(exp.costs).all()))):
             return self._skip(step, "a reward or cost is not finite", timings, start)
-        constraint_before = copy.deepcopy(self.constraint.state_dict())  # a skipped step leaves λ where it was
+        constraint_before = self.constraint.state_dict()  # a snapshot: a skipped step leaves λ where it was
         constraint_metrics = self.constraint.update(exp.costs, exp.prompt_index, step)
         if not math.isfinite(self.constraint.multiplier):
             self.constraint.load_state_dict(constraint_before)
@@ -362,14 +354,12 @@ class Trainer:
         with timings.section("update"):
             generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
             update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
-                                                 all_finite=self._all_ranks, ptx=self.ptx)
+                                                 all_finite=self.rt.comm.all_finished, ptx=self.ptx)
         if skipped:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
         self.nonfinite_in_a_row = 0
-        metrics = step_metrics(exp, self.constraint, self.rt)
-        if not measured:
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("cost/")}
+        metrics = step_metrics(exp, self.constraint, self.rt, measure_cost=measured)
         metrics.update(constraint_metrics)
         metrics.update(self._rank_mean(update_metrics))
         metrics.update({k: sum(v) / len(v) for k, v in adv_stats.items()})
@@ -456,10 +446,6 @@ class Trainer:
         self.stop_signal = signum
         log.warning("received signal %d: finishing the current step, then saving a checkpoint", signum)
 
-    def _all_ranks(self, local: bool) -> bool:
-        """True when ``local`` holds on every rank."""
-        return self.rt.comm.all_finished(local) if self.rt.distributed else local
-
     def _rank_mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Per-rank update statistics averaged over ranks (every rank has the same keys and micro-batch count)."""
         if not self.rt.distributed or not metrics:
@@ -470,10 +456,8 @@ class Trainer:
         return dict(zip(keys, means.tolist()))
 
     def _agreed_stop(self) -> bool:
-        local = self.stop_signal is not None
-        if not self.rt.distributed:
-            return local
-        return not self.rt.comm.all_finished(not local)
+        """True when a stop signal has reached some rank."""
+        return not self.rt.comm.all_finished(self.stop_signal is None)
 
     def save(self, step: int) -> Path:
         m = self.models

@@ -26,20 +26,23 @@ def _environment(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Trainers set torch's thread count from ``trainer.num_threads``: every test leaves one thread behind."""
+    yield
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def compose():
-    """``compose(*overrides)`` → the composed DictConfig of ``conf/config.yaml``, as ``python -m repo_exp`` sees it."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    """``compose(*overrides)`` → the composed DictConfig of ``conf/config.yaml``, as ``python -m repo_exp`` sees it;
+    ``return_hydra_config=True`` keeps the ``hydra`` node (launcher, sweeper)."""
+    from repo_exp.config import compose_config
 
-    from repo_exp.config import register_configs
-
-    register_configs()
-
-    def _compose(*overrides: str):
-        GlobalHydra.instance().clear()
-        with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+    def _compose(*overrides: str, return_hydra_config: bool = False):
+        return compose_config(overrides, return_hydra_config=return_hydra_config)
 
     return _compose
 

@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from repo_exp.config import validate
+from repo_exp.config import compose_config, validate
 from repo_exp.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import SMOKE, repo_root
+
+ROOT = repo_root()
 # tiny models and short runs: no evaluation, one thread (two threads on a shared two-core machine are several times
 # slower than one)
 QUICK = ("eval.at_start=false", "eval.at_end=false", "trainer.num_threads=1")
-
-
-@pytest.fixture
-def one_thread():
-    """Trainers set torch's thread count from ``trainer.num_threads``: give the other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_trainer(smoke_cfg, run_dir: Path, *overrides: str) -> Trainer:
@@ -38,26 +32,23 @@ def make_trainer(smoke_cfg, run_dir: Path, *overrides: str) -> Trainer:
 def checkpoint(tmp_path_factory) -> Path:
     """The final checkpoint of a real two-step smoke run (``constraint=rectified``, the default), made once per test
     module; its run folder is the checkpoint's grandparent."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from repo_exp.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "experiment=smoke", "logger=none", "trainer.progress=false", "trainer.total_steps=2", *QUICK])
-    threads = torch.get_num_threads()
+    cfg = compose_config([*SMOKE, "trainer.total_steps=2", *QUICK])
     run_dir = tmp_path_factory.mktemp("source") / "run"
     Trainer(validate(cfg), cfg, run_dir).fit()
-    torch.set_num_threads(threads)
     return run_dir / "checkpoints" / "step_000002"
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on (the system just handed it out): free to bind, and a connection to it is
+    refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

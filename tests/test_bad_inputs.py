@@ -23,8 +23,7 @@ from repo_exp.models.tokenizers import build_word_tokenizer, load_tokenizer
 from repo_exp.models.weights import load_state_dict_safely
 from repo_exp.score_train import load_preference_rows
 
-from conftest import SMOKE
-from reliability_support import ROOT, checkpoint, cli, make_trainer, one_thread  # noqa: F401  (fixtures)
+from reliability_support import ROOT, checkpoint, cli, make_trainer  # noqa: F401  (a fixture)
 from test_safety import malicious_bin
 
 SECTION = "## Bad input and the message it gets"
@@ -56,12 +55,12 @@ def chain(exc: BaseException) -> str:
 class Case:
     """What a case may use: the composed-config factory, a scratch folder, a real checkpoint."""
 
-    def __init__(self, compose, smoke_cfg, tmp_path: Path, checkpoint: Path) -> None:
-        self.compose, self.smoke_cfg, self.tmp, self.checkpoint = compose, smoke_cfg, tmp_path, checkpoint
+    def __init__(self, smoke_cfg, tmp_path: Path, checkpoint: Path) -> None:
+        self.smoke_cfg, self.tmp, self.checkpoint = smoke_cfg, tmp_path, checkpoint
 
     def config(self, *overrides: str) -> str:
         with pytest.raises((ConfigError, HydraException)) as info:
-            validate(self.compose(*SMOKE, *overrides))
+            validate(self.smoke_cfg(*overrides))
         return chain(info.value)
 
     def trainer(self, *overrides: str, run_dir: Path | None = None) -> str:
@@ -187,8 +186,8 @@ def test_every_row_has_a_case():
 
 
 @pytest.mark.parametrize("row", sorted(CASES))
-def test_bad_input_gets_its_message(row, compose, smoke_cfg, tmp_path, checkpoint, one_thread):
-    message = CASES[row](Case(compose, smoke_cfg, tmp_path, checkpoint))
+def test_bad_input_gets_its_message(row, smoke_cfg, tmp_path, checkpoint):
+    message = CASES[row](Case(smoke_cfg, tmp_path, checkpoint))
     expected = ROWS[row]
     assert len(expected) > 8, f"{row}: the README gives no message to check"
     assert expected in message, f"{row}: expected {expected!r} in:\n{message[-3000:]}"

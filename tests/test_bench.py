@@ -69,10 +69,7 @@ def test_benchmark_sizes_have_the_parameter_counts_they_are_named_after():
 @pytest.fixture(scope="module")
 def toy_ours():
     """Our trainer at the 1M size, batch 2, 6 new tokens, through the composed config and ``Trainer``."""
-    threads = torch.get_num_threads()
-    runner = Ours(overrides("1M", "rectified", batch=2, new_tokens=6, threads=1))
-    yield runner
-    torch.set_num_threads(threads)  # the trainer set it for this process
+    return Ours(overrides("1M", "rectified", batch=2, new_tokens=6, threads=1))
 
 
 def test_our_iteration_reports_its_throughput_from_the_trainers_own_metrics(toy_ours):

@@ -15,7 +15,7 @@ import torch
 from repo_exp.checkpoint import (CheckpointManager, check_checkpoint, load_rng_states, save_rng_states, step_of,
                                  verify)
 
-from reliability_support import make_trainer, metric_rows, one_thread  # noqa: F401  (a fixture)
+from reliability_support import make_trainer, metric_rows
 
 
 def writer(payload: bytes):
@@ -108,8 +108,7 @@ def test_rng_states_round_trip_per_rank(tmp_path):
 PERIODIC = ("trainer.save_every=1", "trainer.keep_last=3", "trainer.total_steps=3", "constraint=average")
 
 
-def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_truncated(smoke_cfg, tmp_path, caplog,
-                                                                                   one_thread):
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_truncated(smoke_cfg, tmp_path, caplog):
     run_dir = tmp_path / "run"
     make_trainer(smoke_cfg, run_dir, *PERIODIC).fit()
     manager = CheckpointManager(run_dir / "checkpoints")

@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from repo_exp.config import ConfigError, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+
+ROOT = repo_root()
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:

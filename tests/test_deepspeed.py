@@ -15,7 +15,9 @@ import torch
 
 from repo_exp.config import ConfigError, validate
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+
+REPO = repo_root()
 
 
 # ------------------------------------------------------------------------------------------ the DeepSpeed config
@@ -131,14 +133,6 @@ def _rectified_on_ranks(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_rectified_prompt_granularity_is_global_over_ranks(tmp_path):
     """Two gloo ranks holding two prompts each give the violation, λ trajectory and gate of one process with all
     four — and the violation is a mean over prompts, checked by hand."""
@@ -146,7 +140,9 @@ def test_rectified_prompt_granularity_is_global_over_ranks(tmp_path):
 
     from repo_exp.constraints import RectifiedConstraint
 
-    mp.start_processes(_rectified_on_ranks, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    from reliability_support import free_port
+
+    mp.start_processes(_rectified_on_ranks, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     single = RectifiedConstraint(granularity="prompt", multiplier="learned", lambda_init=0.5, lambda_lr=0.5)
@@ -274,8 +270,6 @@ print("same")
 def test_zero_grad_discards_an_abandoned_minibatch(stage):
     """The trainer gives up a minibatch whose loss is not finite: gradients already reduced into ZeRO's partitions
     must not leak into the next step."""
-    import sys as _sys
-
-    result = subprocess.run([_sys.executable, "-c", _DISCARD % stage], cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", _DISCARD % stage], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0 and "same" in result.stdout, result.stderr[-3000:]

@@ -15,7 +15,9 @@ from repo_exp.evaluate import eval_prompt_set, evaluate_job, publish_eval, read_
 from repo_exp.metrics import FIGURES
 from repo_exp.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+
+ROOT = repo_root()
 ROW_FIELDS = ("prompt", "mean_reward", "mean_cost", "unsafe_share", "k")
 
 

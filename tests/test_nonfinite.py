@@ -17,7 +17,7 @@ from repo_exp.checkpoint import CheckpointManager, verify
 from repo_exp.constraints import AverageConstraint, NoConstraint, RectifiedConstraint, ShapingConstraint
 from repo_exp.train import NonFiniteError
 
-from reliability_support import make_trainer, metric_rows, one_thread  # noqa: F401  (a fixture)
+from reliability_support import make_trainer, metric_rows
 
 # one rollout chunk and one micro-batch per step (16 samples): call number n of a scorer or a loss is step n + 1
 RUN = ("trainer.save_every=1", "trainer.keep_last=10", "trainer.max_nonfinite_in_a_row=2", "constraint=average",
@@ -84,7 +84,7 @@ def assert_same_state(a, b) -> None:
 
 @pytest.mark.parametrize("where", ["reward", "cost", "loss", "lambda"])
 def test_nonfinite_steps_are_skipped_logged_and_stop_the_run_with_the_last_good_state(
-        where, smoke_cfg, tmp_path, monkeypatch, caplog, one_thread):
+        where, smoke_cfg, tmp_path, monkeypatch, caplog):
     run_dir = tmp_path / "run"
     trainer = make_trainer(smoke_cfg, run_dir, *RUN, "trainer.total_steps=6")
     why = inject(trainer, monkeypatch, where, math.nan, calls=range(1, 100))
@@ -108,8 +108,7 @@ def test_nonfinite_steps_are_skipped_logged_and_stop_the_run_with_the_last_good_
 
 
 @pytest.mark.parametrize("where, value", [("cost", math.inf), ("reward", -math.inf), ("loss", math.nan)])
-def test_one_nonfinite_step_is_skipped_and_the_run_goes_on(where, value, smoke_cfg, tmp_path, monkeypatch, caplog,
-                                                          one_thread):
+def test_one_nonfinite_step_is_skipped_and_the_run_goes_on(where, value, smoke_cfg, tmp_path, monkeypatch, caplog):
     run_dir = tmp_path / "run"
     trainer = make_trainer(smoke_cfg, run_dir, *RUN, "trainer.total_steps=4")
     why = inject(trainer, monkeypatch, where, value, calls={1})

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +13,9 @@ from omegaconf import OmegaConf
 
 from repo_exp.config import validate
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+
+REPO = repo_root()
 PUBLISHED = ("model=alpaca7b", "reward=beaver7b", "cost=beaver7b", "data=pku_saferlhf", "deepspeed=zero3")
 
 

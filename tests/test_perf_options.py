@@ -7,32 +7,27 @@ under DeepSpeed. ``trainer.measure_cost=false``: ``constraint=none`` as plain PP
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
 
 from repo_exp.config import ConfigError, validate
-from repo_exp.train import Trainer
 
-FAST = ("trainer.mixed_precision=bf16", "model.attn_implementation=eager", "eval.at_start=false",
-        "eval.at_end=false")
+from reliability_support import make_trainer
 
-
-def make_trainer(cfg, tmp_path: Path) -> Trainer:
-    return Trainer(validate(cfg), cfg, tmp_path / "run")
+FAST = ("trainer.mixed_precision=bf16", "model.attn_implementation=eager")
 
 
 def test_default_is_float32_without_autocast(smoke_cfg, tmp_path):
-    trainer = make_trainer(smoke_cfg("eval.at_start=false", "eval.at_end=false"), tmp_path)
+    trainer = make_trainer(smoke_cfg, tmp_path / "run")
     assert trainer.config.trainer.mixed_precision == "no"
     assert isinstance(trainer.models.autocast(), contextlib.nullcontext)
 
 
 def test_bf16_steps_keep_float32_state_and_start_the_ppo_ratio_at_one(smoke_cfg, tmp_path):
-    cfg = smoke_cfg(*FAST, "constraint=rectified", "trainer.shared_critic=true", "trainer.total_steps=2",
-                    "optimizer.actor.lr=1e-3", "optimizer.actor_scheduler.name=constant")
-    trainer = make_trainer(cfg, tmp_path)
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", *FAST, "constraint=rectified", "trainer.shared_critic=true",
+                           "trainer.total_steps=2", "optimizer.actor.lr=1e-3",
+                           "optimizer.actor_scheduler.name=constant")
     models = trainer.models
     # trained models share the policy's attention kernel
     assert all(e.module.model.config._attn_implementation == "eager" for e in models.critics.engines)
@@ -73,11 +68,10 @@ def test_bf16_forward_passes_really_run_in_bf16(smoke_cfg, tmp_path, monkeypatch
 
     monkeypatch.setattr(make_module, "sequence_logprobs", ref_pass)
     monkeypatch.setattr(train_module, "sequence_logprobs", update_pass)
-    make_trainer(smoke_cfg(*FAST, "constraint=none", "trainer.total_steps=1"), tmp_path / "bf16").train_step(0)
+    make_trainer(smoke_cfg, tmp_path / "bf16" / "run", *FAST, "constraint=none", "trainer.total_steps=1").train_step(0)
     assert seen == {"ref": [True], "update": [True]}
     seen = {"ref": [], "update": []}
-    make_trainer(smoke_cfg("eval.at_start=false", "eval.at_end=false", "constraint=none", "trainer.total_steps=1"),
-                 tmp_path / "fp32").train_step(0)
+    make_trainer(smoke_cfg, tmp_path / "fp32" / "run", "constraint=none", "trainer.total_steps=1").train_step(0)
     assert seen == {"ref": [False], "update": [False]}
 
 
@@ -91,9 +85,8 @@ def test_bad_mixed_precision_settings_are_refused_before_anything_loads(smoke_cf
 
 
 def test_plain_ppo_never_runs_the_cost_model_and_logs_no_cost(smoke_cfg, tmp_path, monkeypatch):
-    cfg = smoke_cfg("constraint=none", "trainer.measure_cost=false", "trainer.total_steps=1", "eval.at_start=false",
-                    "eval.at_end=false")
-    trainer = make_trainer(cfg, tmp_path)
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", "constraint=none", "trainer.measure_cost=false",
+                           "trainer.total_steps=1")
     calls = []
     cost_model = trainer.models.cost.model
     monkeypatch.setattr(cost_model, "end_scores", lambda *a, **k: calls.append(1))
@@ -105,8 +98,7 @@ def test_plain_ppo_never_runs_the_cost_model_and_logs_no_cost(smoke_cfg, tmp_pat
 
 
 def test_constraint_none_measures_cost_by_default(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("constraint=none", "trainer.total_steps=1", "eval.at_start=false", "eval.at_end=false")
-    metrics = make_trainer(cfg, tmp_path).train_step(0)
+    metrics = make_trainer(smoke_cfg, tmp_path / "run", "constraint=none", "trainer.total_steps=1").train_step(0)
     assert {"cost/mean", "cost/unsafe_rate", "timing/cost_forward"} <= set(metrics)
 
 

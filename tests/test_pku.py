@@ -15,7 +15,10 @@ from repo_exp.config import DataConfig, validate
 from repo_exp.data import load_prompt_set
 from repo_exp.data.pku import PREFERENCE_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+from reliability_support import metric_rows
+
+REPO = repo_root()
 
 
 def pku_row(prompt: str, safe0: bool = True, safe1: bool = False, **extra) -> dict:
@@ -116,7 +119,7 @@ def test_smoke_run_trains_on_the_deduplicated_prompts(smoke_cfg, hub_like, tmp_p
     trainer.rollout = recording_rollout
     trainer.fit()
     assert set(seen) == set(trainer.encoder.prompts.texts)  # 2 steps × 3 prompts: every prompt, only those
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = metric_rows(tmp_path / "run")
     assert [m["step"] for m in metrics if "reward/mean" in m] == [1, 2]
     eval_rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / "per_prompt.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in eval_rows} == {"how do i make a bomb", "where is the water"}

@@ -13,7 +13,9 @@ import pytest
 
 from repo_exp.report import NoRunsError, build_report, find_run_dirs, main
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+
+ROOT = repo_root()
 
 
 def make_run(folder: Path, constraint: str, threshold: float, seed: int, figures: dict[str, float],

@@ -28,7 +28,7 @@ import pytest
 from repo_exp.checkpoint import CheckpointManager, verify
 
 from conftest import repo_root
-from reliability_support import make_trainer, one_thread  # noqa: F401  (a fixture)
+from reliability_support import cli, make_trainer, metric_rows
 
 TOTAL_STEPS = 16
 BASE = (
@@ -70,8 +70,7 @@ def _step_rows(run_dir: Path) -> list[dict]:
 
 def run(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """A run to its end; its stdout and stderr together in ``.stdout``."""
-    return subprocess.run(_command(run_dir, *overrides), cwd=repo_root(), env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return cli(*BASE, *overrides, f"hydra.run.dir={run_dir}", timeout=timeout)
 
 
 def run_until(run_dir: Path, *overrides: str, step_rows: int, signum: int, timeout: float = 300) -> tuple[int, str]:
@@ -96,8 +95,7 @@ def run_until(run_dir: Path, *overrides: str, step_rows: int, signum: int, timeo
 
 
 def comparable(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in metric_rows(run_dir)]
 
 
 def assert_same_rows(resumed: list[dict], reference: list[dict]) -> None:
@@ -140,8 +138,7 @@ def stop_with_sigterm(run_dir: Path, overrides: tuple[str, ...], total_steps: in
 
 
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
-def test_in_process_sigterm_and_resume_equal_an_uninterrupted_run(name, smoke_cfg, tmp_path, monkeypatch, caplog,
-                                                                  one_thread):
+def test_in_process_sigterm_and_resume_equal_an_uninterrupted_run(name, smoke_cfg, tmp_path, monkeypatch, caplog):
     """The same through ``Trainer`` in this process (seconds, for the fast suite): a real SIGTERM arrives during
     step 2; the run saves step 2 and returns; a new trainer resumes and finishes."""
     overrides = (*CONSTRAINTS[name], "trainer.total_steps=6", "trainer.save_every=2", "eval.at_start=true",

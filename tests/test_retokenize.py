@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from published_layout import published_tokenizer, reference_end_scores, write_score_checkpoint
+from published_layout import pad_rows, published_tokenizer, reference_end_scores, write_score_checkpoint
 
 from repo_exp.config import ArchConfig
 from repo_exp.models import build_word_tokenizer, load_score_model
@@ -82,9 +82,7 @@ def test_matching_tokenizers_score_the_policy_tokens_as_they_are(cost_model):
     scorer = Scorer(model, tokenizer, COST_TEMPLATE, published_tokenizer(), COST_TEMPLATE)
     assert not scorer.retokenize
     rows = [tokenizer(COST_TEMPLATE.format(input=p) + " " + r)["input_ids"] + [2] for p, r in PAIRS]
-    width = max(map(len, rows))
-    seqs = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    seqs, mask = pad_rows(rows, "left", tokenizer.pad_token_id)
     got = scorer(seqs, mask, ["unused"] * 2, ["unused"] * 2)
     torch.testing.assert_close(got, reference_end_scores(ref, rows), rtol=1e-4, atol=1e-5)
 

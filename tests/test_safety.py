@@ -19,7 +19,8 @@ from repo_exp.models.score_model import ScoreModel, load_score_model
 from repo_exp.models.tokenizers import build_word_tokenizer
 from repo_exp.models.weights import UnsafeCheckpointError, load_state_dict_safely
 
-from reliability_support import checkpoint, cli, make_trainer, one_thread  # noqa: F401  (fixtures)
+from conftest import repo_root
+from reliability_support import checkpoint, cli, make_trainer  # noqa: F401  (a fixture)
 from test_wandb_failures import files_containing
 
 
@@ -106,17 +107,13 @@ def test_custom_model_code_runs_only_with_trust_remote_code(tmp_path, tokenizer)
 
 @pytest.mark.parametrize("group", ["model", "reward", "cost"])
 def test_no_shipped_model_config_trusts_remote_code(compose, group):
-    from repo_exp.config import register_configs
-
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf" / group
+    conf = repo_root() / "conf" / group
     for option in sorted(p.stem for p in conf.glob("*.yaml")):
         assert compose(f"{group}={option}")[group].trust_remote_code is False, f"{group}={option}"
 
 
 @pytest.mark.parametrize("target", ["actor.optim.pt", "rng.pt", "policy"])
-def test_a_tampered_checkpoint_with_a_valid_manifest_is_refused_on_resume(target, checkpoint, smoke_cfg, tmp_path,
-                                                                         one_thread):
+def test_a_tampered_checkpoint_with_a_valid_manifest_is_refused_on_resume(target, checkpoint, smoke_cfg, tmp_path):
     """Someone hands over a checkpoint whose manifest matches its files, but one file is a pickled payload."""
     folder, marker = tmp_path / "step_000002", tmp_path / "ran"
     shutil.copytree(checkpoint, folder)

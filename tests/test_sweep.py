@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 
 from repo_exp.config import validate
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+
+ROOT = repo_root()
 SCRIPTS = sorted(p for p in (ROOT / "experiments").rglob("*") if p.is_file() and p.suffix in (".sh", ".sbatch"))
 SWEEPS = sorted(p.stem for p in (ROOT / "conf" / "sweep").glob("*.yaml"))
 
@@ -64,23 +66,6 @@ def expand_jobs(compose, args: list[str]) -> list[list[str]]:
     return [fixed + list(combo) for combo in itertools.product(*axes)]
 
 
-@pytest.fixture
-def compose_hydra():
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from repo_exp.config import register_configs
-
-    register_configs()
-
-    def _compose(*overrides: str, return_hydra_config: bool = False):
-        GlobalHydra.instance().clear()
-        with initialize_config_module(config_module="repo_exp.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
-
-    return _compose
-
-
 def test_experiment_scripts_exist_and_are_listed_in_the_readme():
     assert len(SCRIPTS) >= 4
     readme = (ROOT / "experiments" / "README.md").read_text()
@@ -95,7 +80,7 @@ def _dry_run_arguments(script: Path) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[str(s.relative_to(ROOT)) for s in SCRIPTS])
-def test_every_experiment_script_composes(script, compose_hydra):
+def test_every_experiment_script_composes(script, compose):
     text = script.read_text()
     if script.suffix == ".sbatch":  # a batch file hands over to a launch script, which is tested itself
         called = re.findall(r"experiments/[\w/.-]+\.sh", text)
@@ -112,32 +97,32 @@ def test_every_experiment_script_composes(script, compose_hydra):
     commands = repo_exp_commands(script)
     assert commands, f"{script} runs no `python -m repo_exp` command"
     for args in commands:
-        jobs = expand_jobs(compose_hydra, args)
+        jobs = expand_jobs(compose, args)
         for overrides in jobs:
-            validate(compose_hydra(*overrides))  # every schema check runs, nothing is built
-        compose_hydra(*[a for a in jobs[0]], return_hydra_config=True)
+            validate(compose(*overrides))  # every schema check runs, nothing is built
+        compose(*[a for a in jobs[0]], return_hydra_config=True)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_every_sweep_file_composes_job_by_job(name, compose_hydra):
-    jobs = expand_jobs(compose_hydra, ["--multirun", f"+sweep={name}", "experiment=smoke"])
+def test_every_sweep_file_composes_job_by_job(name, compose):
+    jobs = expand_jobs(compose, ["--multirun", f"+sweep={name}", "experiment=smoke"])
     assert len(jobs) >= 3
-    configs = [validate(compose_hydra(*overrides)) for overrides in jobs]
-    swept = compose_hydra(f"+sweep={name}", return_hydra_config=True).hydra.sweeper.params
+    configs = [validate(compose(*overrides)) for overrides in jobs]
+    swept = compose(f"+sweep={name}", return_hydra_config=True).hydra.sweeper.params
     for key in swept:  # each swept key takes as many values as the sweep lists
         values = {str(OmegaConf.select(OmegaConf.structured(c), key if key != "constraint" else "constraint.name"))
                   for c in configs}
         assert len(values) == len(str(swept[key]).split(",")), key
 
 
-def test_threshold_sweep_values_and_launchers(compose_hydra):
-    jobs = expand_jobs(compose_hydra, ["--multirun", "+sweep=threshold"])
-    pairs = {(validate(compose_hydra(*j)).constraint.name, validate(compose_hydra(*j)).constraint.threshold)
-             for j in jobs}
+def test_threshold_sweep_values_and_launchers(compose):
+    jobs = expand_jobs(compose, ["--multirun", "+sweep=threshold"])
+    constraints = [validate(compose(*j)).constraint for j in jobs]
+    pairs = {(c.name, c.threshold) for c in constraints}
     assert pairs == {(c, d) for c in ("average", "rectified") for d in (-0.5, 0.0, 0.5)}
-    local = compose_hydra("hydra/launcher=local", return_hydra_config=True).hydra.launcher
+    local = compose("hydra/launcher=local", return_hydra_config=True).hydra.launcher
     assert local._target_.endswith("JoblibLauncher") and local.n_jobs == 2
-    slurm = compose_hydra("hydra/launcher=slurm", return_hydra_config=True).hydra.launcher
+    slurm = compose("hydra/launcher=slurm", return_hydra_config=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
 
 

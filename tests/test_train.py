@@ -13,23 +13,17 @@ import torch
 import repo_exp.train as train_module
 from repo_exp.config import validate
 from repo_exp.models.weights import load_state_dict_safely
-from repo_exp.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import repo_root
+from reliability_support import make_trainer, metric_rows
+
+ROOT = repo_root()
 STEP_KEYS = ["reward/mean", "cost/mean", "cost/unsafe_rate", "cost/violation_mean", "constraint/lambda",
              "constraint/active_rate", "kl/mean", "loss/actor", "timing/step"]
 
 
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_rows(path: Path) -> list[dict]:
-    return [r for r in rows(path) if "reward/mean" in r]
-
-
-def make_trainer(cfg, tmp_path: Path) -> Trainer:
-    return Trainer(validate(cfg), cfg, tmp_path / "run")
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in metric_rows(run_dir) if "reward/mean" in r]
 
 
 def test_smoke_cli_writes_metrics_and_checkpoint(tmp_path):
@@ -38,7 +32,7 @@ def test_smoke_cli_writes_metrics_and_checkpoint(tmp_path):
                            "trainer.progress=false", f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    steps = train_rows(run / "metrics.jsonl")
+    steps = train_rows(run)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for key in STEP_KEYS:
         assert all(key in r for r in steps), key
@@ -52,10 +46,9 @@ def test_smoke_cli_writes_metrics_and_checkpoint(tmp_path):
 
 
 def test_short_run_changes_every_trainable_actor_parameter(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("constraint=average", "trainer.total_steps=2", "optimizer.actor.lr=1e-3",
-                    "optimizer.actor_scheduler.name=constant", "optimizer.actor_scheduler.warmup_ratio=0",
-                    "eval.at_start=false", "eval.at_end=false")
-    trainer = make_trainer(cfg, tmp_path)
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", "constraint=average", "trainer.total_steps=2",
+                           "optimizer.actor.lr=1e-3", "optimizer.actor_scheduler.name=constant",
+                           "optimizer.actor_scheduler.warmup_ratio=0")
     before = {n: p.detach().clone() for n, p in trainer.models.policy.module.named_parameters() if p.requires_grad}
     critic_before = {n: p.detach().clone() for n, p in trainer.models.critics.cost.module.named_parameters()}
     trainer.fit()
@@ -71,10 +64,9 @@ def test_short_run_changes_every_trainable_actor_parameter(smoke_cfg, tmp_path):
 
 @pytest.mark.parametrize("threshold,direction", [(-3.0, "up"), (3.0, "down")])
 def test_average_lambda_follows_the_window_cost(smoke_cfg, tmp_path, threshold, direction):
-    cfg = smoke_cfg("constraint=average", f"constraint.threshold={threshold}", "trainer.total_steps=3",
-                    "eval.at_start=false", "eval.at_end=false")
-    make_trainer(cfg, tmp_path).fit()
-    lams = [r["constraint/lambda"] for r in train_rows(tmp_path / "run" / "metrics.jsonl")]
+    make_trainer(smoke_cfg, tmp_path / "run", "constraint=average", f"constraint.threshold={threshold}",
+                 "trainer.total_steps=3").fit()
+    lams = [r["constraint/lambda"] for r in train_rows(tmp_path / "run")]
     pairs = list(zip([1.0] + lams, lams))
     assert all((b > a) if direction == "up" else (b < a) for a, b in pairs), lams
 
@@ -99,9 +91,8 @@ def test_rectified_safe_samples_get_exactly_the_reward_advantage(smoke_cfg, tmp_
     monkeypatch.setattr(train_module, "policy_loss", recording)
     monkeypatch.setattr(train_module, "compute_advantages", capture)
     # threshold 0 on random tiny cost models: both safe and unsafe samples occur
-    cfg = smoke_cfg("constraint=rectified", "constraint.lambda_init=3.0", f"constraint.normalize={normalize}",
-                    "trainer.total_steps=2", "eval.at_start=false", "eval.at_end=false")
-    make_trainer(cfg, tmp_path).fit()
+    make_trainer(smoke_cfg, tmp_path / "run", "constraint=rectified", "constraint.lambda_init=3.0",
+                 f"constraint.normalize={normalize}", "trainer.total_steps=2").fit()
     assert len(seen) == len(captured) == 2
     n_safe = n_unsafe = 0
     for fed, (costs, a_r, a_c, gate, lam, d) in zip(seen, captured):
@@ -120,10 +111,9 @@ def test_accumulation_invariance(smoke_cfg, tmp_path):
     results = []
     initial = None
     for micro in (16, 1):
-        cfg = smoke_cfg("constraint=average", "trainer.total_steps=1", f"trainer.micro_batch_size={micro}",
-                        "eval.at_start=false", "eval.at_end=false", "optimizer.actor.lr=1e-3",
-                        "optimizer.actor_scheduler.name=constant", "optimizer.actor_scheduler.warmup_ratio=0")
-        trainer = make_trainer(cfg, tmp_path / f"m{micro}")
+        trainer = make_trainer(smoke_cfg, tmp_path / f"m{micro}" / "run", "constraint=average",
+                               "trainer.total_steps=1", f"trainer.micro_batch_size={micro}", "optimizer.actor.lr=1e-3",
+                               "optimizer.actor_scheduler.name=constant", "optimizer.actor_scheduler.warmup_ratio=0")
         initial = {n: p.detach().clone() for n, p in trainer.models.policy.module.named_parameters()}
         trainer.fit()
         results.append({n: p.detach().clone() for n, p in trainer.models.policy.module.named_parameters()})
@@ -135,23 +125,22 @@ def test_accumulation_invariance(smoke_cfg, tmp_path):
 
 
 def test_init_from_final_checkpoint_continues(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("constraint=average", "constraint.threshold=-3", "trainer.total_steps=2",
-                    "eval.at_start=false", "eval.at_end=false")
-    first = make_trainer(cfg, tmp_path / "a")
+    first = make_trainer(smoke_cfg, tmp_path / "a" / "run", "constraint=average", "constraint.threshold=-3",
+                         "trainer.total_steps=2")
     first.fit()
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "step_000002"
     lam = first.constraint.multiplier
     assert lam > 1.0
-    cfg2 = smoke_cfg("constraint=average", "constraint.threshold=-3", "trainer.total_steps=1",
-                     f"trainer.init_from={ckpt}", "eval.at_start=false", "eval.at_end=false")
-    second = make_trainer(cfg2, tmp_path / "b")
+    second = make_trainer(smoke_cfg, tmp_path / "b" / "run", "constraint=average", "constraint.threshold=-3",
+                          "trainer.total_steps=1", f"trainer.init_from={ckpt}")
     assert second.constraint.multiplier == pytest.approx(lam)
     saved = load_state_dict_safely(ckpt / "policy")
     for name, p in second.models.policy.module.state_dict().items():
         assert torch.equal(p, saved[name]), name
+    saved_critic = load_state_dict_safely(ckpt / "cost_critic")
     for name, p in second.models.critics.cost.module.state_dict().items():
         if not name.startswith("normalizer."):
-            assert torch.equal(p, load_state_dict_safely(ckpt / "cost_critic")[name]), name
+            assert torch.equal(p, saved_critic[name]), name
 
 
 def test_ptx_loss_is_mixed_into_the_actor_update(smoke_cfg, tmp_path):
@@ -160,11 +149,9 @@ def test_ptx_loss_is_mixed_into_the_actor_update(smoke_cfg, tmp_path):
     from repo_exp.train import ptx_step_loss
 
     def nll_after(coeff: float, folder: str) -> float:
-        cfg = smoke_cfg("constraint=none", "trainer.total_steps=3", f"ppo.ptx_coeff={coeff}", "ptx.source=world",
-                        "optimizer.actor.lr=3e-3", "optimizer.actor_scheduler.name=constant",
-                        "optimizer.actor_scheduler.warmup_ratio=0", "eval.at_start=false", "eval.at_end=false",
-                        "trainer.num_threads=1")
-        trainer = make_trainer(cfg, tmp_path / folder)
+        trainer = make_trainer(smoke_cfg, tmp_path / folder / "run", "constraint=none", "trainer.total_steps=3",
+                               f"ppo.ptx_coeff={coeff}", "ptx.source=world", "optimizer.actor.lr=3e-3",
+                               "optimizer.actor_scheduler.name=constant", "optimizer.actor_scheduler.warmup_ratio=0")
         trainer.fit()
         config = trainer.config
         probe = PtxStream(load_ptx_pairs(config.ptx, config.world), trainer.models.tokenizer, config.model.template,
@@ -174,7 +161,7 @@ def test_ptx_loss_is_mixed_into_the_actor_update(smoke_cfg, tmp_path):
 
     with_ptx, without = nll_after(1.0, "with"), nll_after(0.0, "without")
     assert with_ptx < without - 0.5, (with_ptx, without)
-    metrics = train_rows(tmp_path / "with" / "run" / "metrics.jsonl")
+    metrics = train_rows(tmp_path / "with" / "run")
     assert all(r["loss/ptx"] > 0 for r in metrics)
 
 

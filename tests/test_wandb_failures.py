@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from reliability_support import ROOT, cli, make_trainer, metric_rows, one_thread  # noqa: F401  (a fixture)
+from reliability_support import ROOT, cli, free_port, make_trainer, metric_rows
 
 FAKE_KEY = "f0e1d2c3b4a5968778695a4b3c2d1e0f12345678"  # 40 characters, the shape of a real key
-
-
-def closed_port() -> int:
-    """A localhost port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def files_containing(text: str, *roots: Path) -> list[Path]:
@@ -37,7 +27,7 @@ def files_containing(text: str, *roots: Path) -> list[Path]:
 def test_online_mode_without_network_completes_with_a_full_metrics_file(tmp_path):
     run_dir, wandb_dir, home = tmp_path / "run", tmp_path / "wandb", tmp_path / "home"
     wandb_dir.mkdir(), home.mkdir()
-    env = {"WANDB_MODE": "online", "WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}",
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}",
            "HOME": str(home), **{k: str(wandb_dir) for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR",
                                                              "WANDB_CONFIG_DIR")}}
     done = cli("experiment=smoke", "logger=wandb", "logger.init_timeout=3", "trainer.progress=false",
@@ -69,7 +59,7 @@ class FakeRun:
         self.finished = True
 
 
-def test_a_wandb_crash_mid_run_becomes_one_warning(smoke_cfg, tmp_path, monkeypatch, caplog, one_thread):
+def test_a_wandb_crash_mid_run_becomes_one_warning(smoke_cfg, tmp_path, monkeypatch, caplog):
     import wandb
 
     run = FakeRun(fail_at=3)
@@ -84,7 +74,7 @@ def test_a_wandb_crash_mid_run_becomes_one_warning(smoke_cfg, tmp_path, monkeypa
     assert [r["step"] for r in metric_rows(run_dir)] == [1, 2, 3, 4, 5]
 
 
-def test_a_refused_key_becomes_one_warning(smoke_cfg, tmp_path, monkeypatch, caplog, one_thread):
+def test_a_refused_key_becomes_one_warning(smoke_cfg, tmp_path, monkeypatch, caplog):
     import wandb
 
     def refuse(**kwargs):

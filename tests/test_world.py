@@ -104,13 +104,16 @@ def small_world(tmp_path: Path, **changes) -> WorldConfig:
 def test_cache_reused_until_a_world_parameter_changes(tmp_path):
     from repo_exp.world.pipeline import build_world
 
+    def stage_stamps(world: dict) -> dict:
+        """When each stage's ``stage.json`` was written."""
+        return {k: (Path(v) / ("" if k == "preferences" else "..") / "stage.json").resolve().stat().st_mtime_ns
+                for k, v in world.items()}
+
     first = build_world(small_world(tmp_path))
-    stamps = {k: (Path(v) / ("" if k == "preferences" else "..") / "stage.json").resolve().stat().st_mtime_ns
-              for k, v in first.items()}
+    stamps = stage_stamps(first)
     again = build_world(small_world(tmp_path))
     assert again == first
-    assert stamps == {k: (Path(v) / ("" if k == "preferences" else "..") / "stage.json").resolve().stat().st_mtime_ns
-                      for k, v in again.items()}
+    assert stamps == stage_stamps(again)
     noisier = build_world(small_world(tmp_path, label_noise=0.2))
     assert noisier["sft"] == first["sft"]  # upstream of the change: reused
     for stage in ("preferences", "reward", "cost"):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from repo_exp.constraints.base import LOG_LAMBDA_BOUNDS, Comm, Constraint
+from repo_exp.constraints.base import LOG_LAMBDA_BOUNDS, Comm, Constraint, projected_ascent
 
 
 class AverageConstraint(Constraint):
@@ -77,7 +77,7 @@ class AverageConstraint(Constraint):
         updated = step >= self.delay
         if updated and self.projected:
             upper = self.lambda_max if self.lambda_max is not None else math.exp(LOG_LAMBDA_BOUNDS[1])
-            self.lam = min(max(self.lam + self.lambda_lr * (j_c - self.threshold), 0.0), upper)
+            self.lam = projected_ascent(self.lam, self.lambda_lr, j_c - self.threshold, upper)
         elif updated:
             lam = math.exp(self.log_lambda)
             # d(−λ(J_c − d))/d log λ = −λ(J_c − d); one SGD step on log λ.

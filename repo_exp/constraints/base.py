@@ -12,7 +12,6 @@ and RePO's per-prompt rectified constraint. Each is a small object chosen by ``_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -113,10 +112,17 @@ class Constraint:
         return torch.where(gate.unsqueeze(-1), penalised, reward_advantages)
 
     def state_dict(self) -> dict[str, Any]:
+        """A fresh snapshot (plain numbers and new lists): later ``update`` calls must not change it, since the
+        trainer restores it to undo a skipped step."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def projected_ascent(lam: float, lr: float, gap: float, upper: float) -> float:
+    """One step of projected dual ascent on λ: ``min(max(λ + lr · gap, 0), upper)``."""
+    return min(max(lam + lr * gap, 0.0), upper)
 
 
 def mixed(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor, lam: float, normalize: bool) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from repo_exp.constraints.base import LOG_LAMBDA_BOUNDS, Comm, Constraint, group_mean, group_means
+from repo_exp.constraints.base import LOG_LAMBDA_BOUNDS, Comm, Constraint, group_mean, group_means, projected_ascent
 
 GRANULARITIES = ("sample", "prompt")
 MULTIPLIERS = ("fixed", "learned")
@@ -91,8 +91,8 @@ class RectifiedConstraint(Constraint):
     def update(self, costs: torch.Tensor, prompt_index: torch.Tensor, step: int) -> dict[str, float]:
         violation = float(self.violation(costs.detach(), prompt_index))
         if self.learned and math.isfinite(violation):
-            self.lam = min(max(self.lam + self.lambda_lr * (violation - self.tolerance), 0.0), self.lambda_max)
-            self.lam = min(self.lam, math.exp(LOG_LAMBDA_BOUNDS[1]))
+            self.lam = projected_ascent(self.lam, self.lambda_lr, violation - self.tolerance,
+                                        min(self.lambda_max, math.exp(LOG_LAMBDA_BOUNDS[1])))
         return {"constraint/violation": violation}
 
     def state_dict(self) -> dict[str, Any]:

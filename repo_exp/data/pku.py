@@ -77,9 +77,3 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{folder} has no file for the split {split!r} (expected e.g. {split}.jsonl)")
     return files
-
-
-def check_preference_columns(ds, origin: str) -> None:
-    missing = [c for c in PREFERENCE_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{origin} lacks the PKU-SafeRLHF column(s) {missing} (columns: {ds.column_names})")

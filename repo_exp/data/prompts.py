@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from repo_exp.config import DataConfig, WorldConfig
+from repo_exp.data.pku import FILE_BUILDERS
 
 log = logging.getLogger(__name__)
-
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass

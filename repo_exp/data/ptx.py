@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from repo_exp.config import PtxConfig, WorldConfig
+from repo_exp.models.score_model import right_pad
 
 
 @dataclass
@@ -31,7 +32,7 @@ def load_ptx_pairs(ptx: PtxConfig, world: WorldConfig | None = None) -> list[tup
     import datasets
 
     if ptx.source == "file":
-        from repo_exp.data.prompts import FILE_BUILDERS
+        from repo_exp.data.pku import FILE_BUILDERS
         from pathlib import Path
 
         builder = FILE_BUILDERS.get(Path(ptx.path).suffix.lower())
@@ -65,10 +66,15 @@ class PtxStream:
         self.seed = seed
         self.epoch = 0
         self.position = 0
+        self._cached_order: tuple[tuple[int, int], list[int]] | None = None  # ((seed, epoch), its permutation)
 
     def _order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 7_927 + self.epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        """This epoch's permutation, drawn once per epoch (``next`` runs once per PPO micro-batch)."""
+        key = (self.seed, self.epoch)
+        if self._cached_order is None or self._cached_order[0] != key:
+            g = torch.Generator().manual_seed(self.seed * 7_927 + self.epoch)
+            self._cached_order = key, torch.randperm(len(self.examples), generator=g).tolist()
+        return self._cached_order[1]
 
     def next(self, n: int) -> PtxBatch:
         rows = []
@@ -79,14 +85,10 @@ class PtxStream:
             self.position += len(take)
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        loss_mask = torch.zeros((n, width), dtype=torch.long)
-        for i, (ids, prompt_len) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention[i, : len(ids)] = 1
-            loss_mask[i, prompt_len : len(ids)] = 1
+        input_ids, attention = right_pad([ids for ids, _ in rows], self.pad_id)
+        prompt_lens = torch.tensor([prompt_len for _, prompt_len in rows])
+        # the response tokens (and EOS): attended positions at or after the prompt's end
+        loss_mask = attention * (torch.arange(attention.shape[1]) >= prompt_lens.unsqueeze(-1))
         return PtxBatch(input_ids, attention, loss_mask)
 
     def state_dict(self) -> dict[str, int]:
@@ -94,3 +96,4 @@ class PtxStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._cached_order = None

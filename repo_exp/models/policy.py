@@ -88,7 +88,6 @@ def critic_from_scorer(scorer: ScoreModel, score_dim: int = 1) -> ScoreModel:
     critic = copy.deepcopy(scorer)
     critic.score_type = "critic"
     critic.do_normalize = False
-    critic.normalizer.function = "identity"
     if score_dim != scorer.score_dim:
         head = nn.Linear(critic.score_head.in_features, score_dim, bias=critic.bias)
         with torch.no_grad():

@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from repo_exp.models.score_model import position_ids_from_mask
 
@@ -138,7 +137,7 @@ class LlamaDecoder:
         return (type(model) is LlamaForCausalLM and not model.training
                 and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
                 and getattr(config, "pretraining_tp", 1) in (None, 1)
-                and all(p.numel() > 0 and not hasattr(p, "ds_id") for p in model.parameters()))
+                and not _zero3_partitioned(model) and all(p.numel() > 0 for p in model.parameters()))
 
     def step(self, token: torch.Tensor, position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after ``token`` (B,) at ``position`` (B,); ``real`` (B,) masks the token out where False."""
@@ -177,6 +176,11 @@ class LlamaDecoder:
             return F.linear(x.to(dtype), self.lm_head)
 
 
+def _zero3_partitioned(model) -> bool:
+    """Whether ZeRO-3 partitions the model's parameters (DeepSpeed tags each with a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def _sampled_under_inference_mode(sample: Callable[..., Generation]) -> Callable[..., Generation]:
     """Run ``sample`` under ``torch.inference_mode`` (no autograd bookkeeping per operation: a few per cent of a small
     model's decode step) and hand its tensors back as ordinary ones, which later passes may use with gradients.
@@ -184,7 +188,7 @@ def _sampled_under_inference_mode(sample: Callable[..., Generation]) -> Callable
 
     @functools.wraps(sample)
     def wrapper(model, *args, **kwargs) -> Generation:
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
+        if _zero3_partitioned(model):
             with torch.no_grad():
                 return sample(model, *args, **kwargs)
         with torch.inference_mode():
@@ -237,6 +241,7 @@ def generate(
     use_llama = fast_decoder and LlamaDecoder.supports(model)
     decoder = (LlamaDecoder if use_llama else CacheDecoder)(model, cache, prompt_mask, max_new_tokens)
     logits = out.logits[:, -1]
+    del out, cache  # LlamaDecoder copied the prompt's keys and values into its own cache; CacheDecoder holds this one
     next_position = prompt_mask.sum(-1)  # (B,)
     tokens, logprobs, alive_masks = [], [], []
     alive = torch.ones(batch, dtype=torch.bool, device=device)
