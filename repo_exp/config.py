@@ -142,21 +142,16 @@ class ConstraintConfig:
     _target_: str = MISSING
     name: str = MISSING
     threshold: float = 0.0  # d: a sample is unsafe when C > d
-    kl_reward_weight: float = 0.5  # w_r: share of the KL penalty on the reward stream
-    kl_cost_weight: float = 0.5  # w_c: share of the KL penalty on the cost stream
+    # The KL is placed by the constraint (repo_exp/constraints/base.py) so that every sample carries ppo.kl_coeff.
 
     def __post_init__(self) -> None:
         _finite("constraint.threshold", self.threshold)
-        _non_negative("constraint.kl_reward_weight", self.kl_reward_weight)
-        _non_negative("constraint.kl_cost_weight", self.kl_cost_weight)
 
 
 @dataclass
 class NoConstraintConfig(ConstraintConfig):
     _target_: str = "repo_exp.constraints.NoConstraint"
     name: str = "none"
-    kl_reward_weight: float = 1.0
-    kl_cost_weight: float = 0.0
 
 
 @dataclass
@@ -207,9 +202,11 @@ class RectifiedConfig(ConstraintConfig):
     tolerance: float = 0.0
     granularity: str = "sample"  # sample | prompt
     normalize: bool = True
+    form: str = "unbiased"  # unbiased: cost signal (C − d)⁺ for every sample | gated: the paper's safe/unsafe split
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _one_of("constraint.form", self.form, ("unbiased", "gated"))
         _one_of("constraint.multiplier", self.multiplier, ("fixed", "learned"))
         _one_of("constraint.granularity", self.granularity, ("sample", "prompt"))
         _non_negative("constraint.lambda_init", self.lambda_init)
@@ -379,7 +376,9 @@ class PtxConfig:
 class PPOConfig:
     """The PPO-Lagrangian algorithm's constants (SPEC §2); defaults from the published Safe RLHF run."""
 
-    kl_coeff: float = 0.02  # β
+    # β, the KL coefficient every sample carries (the published trainer's 0.01 on each stream since April 2024; its
+    # earlier 0.02 split in halves gave the same 0.01 per sample)
+    kl_coeff: float = 0.01
     clip_range_ratio: float = 0.2
     clip_range_value: float = 5.0
     clip_range_score: float = 50.0
@@ -404,6 +403,30 @@ class PPOConfig:
         _positive("ppo.epochs", self.epochs)
         _positive("ppo.num_minibatches", self.num_minibatches)
         _positive("ppo.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class EstimatorConfig:
+    """How advantages are estimated (``conf/estimator``): ``gae`` with a reward critic and a cost critic (the published
+    Safe RLHF trainer), or a critic-free group baseline over the k = ``trainer.samples_per_prompt`` responses of each
+    prompt (``rloo``, ``grpo``; repo_exp/algorithms/estimators.py). Under a critic-free estimator no critic is built."""
+
+    name: str = "gae"  # gae | rloo | grpo
+    # where the KL penalty enters: reward (the per-token stream for gae, β·Σ_t k_t off the end score for rloo, as in
+    # the RLOO paper and TRL's RLOO trainer) | loss (a k3 KL term in the policy loss, as in the GRPO paper)
+    kl: str = "reward"
+    std_eps: float = 1e-4  # grpo: added to the group's standard deviation (TRL's GRPO value)
+
+    @property
+    def critic_free(self) -> bool:
+        return self.name != "gae"
+
+    def __post_init__(self) -> None:
+        _one_of("estimator.name", self.name, ("gae", "rloo", "grpo"))
+        _one_of("estimator.kl", self.kl, ("reward", "loss"))
+        _positive("estimator.std_eps", self.std_eps)
+        _require(not (self.name == "gae" and self.kl == "loss"),
+                 "estimator.kl=loss is for the critic-free estimators; gae puts the KL in the token streams")
 
 
 @dataclass
@@ -534,6 +557,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ptx: PtxConfig = field(default_factory=PtxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -565,6 +589,12 @@ class Config:
                  f"deepspeed.bf16 instead")
         _require(self.ppo.ptx_coeff == 0 or self.ptx.source != "none",
                  "ppo.ptx_coeff > 0 needs PTX data: set ptx.source (world, file or hub) and ptx.path")
+        if self.estimator.critic_free:
+            _require(t.samples_per_prompt > 1,
+                     f"estimator={self.estimator.name} needs trainer.samples_per_prompt > 1: its baseline is the other "
+                     f"responses to the same prompt")
+            _require(not t.shared_critic, f"trainer.shared_critic=true builds a critic; estimator={self.estimator.name} "
+                     f"uses none")
         if getattr(self.constraint, "granularity", "sample") == "prompt":
             _require(t.samples_per_prompt > 1,
                      "constraint.granularity=prompt needs trainer.samples_per_prompt > 1 (k responses per prompt)")
@@ -607,6 +637,7 @@ def register_configs() -> None:
     cs.store(name="data", group="schema", node=DataConfig)
     cs.store(name="world", group="schema", node=WorldConfig)
     cs.store(name="trainer", group="schema", node=TrainerConfig)
+    cs.store(name="estimator", group="schema", node=EstimatorConfig)
     cs.store(name="logger", group="schema", node=LoggerConfig)
     cs.store(name="deepspeed", group="schema", node=DeepSpeedConfig)
 

@@ -35,19 +35,23 @@ def build_constraint(node: DictConfig, comm: Comm) -> Constraint:
 
 class Critics:
     """The reward critic and, when the constraint needs one, the cost critic — separate models, or one trunk with two
-    value heads (``trainer.shared_critic``)."""
+    value heads (``trainer.shared_critic``); none at all under a critic-free estimator (``reward=None``)."""
 
-    def __init__(self, reward: Engine, cost: Engine | None = None, shared: bool = False) -> None:
+    def __init__(self, reward: Engine | None, cost: Engine | None = None, shared: bool = False) -> None:
         self.reward = reward
         self.cost = cost
         self.shared = shared
-        self.engines: list[Engine] = [reward] + ([cost] if cost is not None else [])
-        self.names = ["critic"] if shared else ["reward_critic"] + (["cost_critic"] if cost is not None else [])
+        self.engines: list[Engine] = [e for e in (reward, cost) if e is not None]
+        self.names = (["critic"] if shared else
+                      (["reward_critic"] if reward is not None else []) + (["cost_critic"] if cost is not None else []))
         self.with_cost = shared or cost is not None
 
     def values(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
-               prompt_width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """V_r and V_c before each response token, (B, T) each (V_c None without a cost critic)."""
+               prompt_width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """V_r and V_c before each response token, (B, T) each (V_c None without a cost critic; both None without
+        critics)."""
+        if self.reward is None:
+            return None, None
         if self.shared:
             values = critic_values(self.reward.module, sequences, attention_mask, prompt_width)
             return values[..., 0], values[..., 1]
@@ -177,7 +181,9 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
 
     # every critic is copied (from a score model or the policy) before any engine is built: a model that ZeRO-3 has
     # partitioned cannot be copied
-    if shared:
+    if config.estimator.critic_free:  # group baselines replace both critics: nothing to build, step or save
+        critic_modules = {}
+    elif shared:
         critic_modules = {"critic": new_critic(reward_model, 2)}
     else:
         critic_modules = {"reward_critic": new_critic(reward_model, 1)}
@@ -201,7 +207,7 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     if shared:
         critics = Critics(critic_engines["critic"], shared=True)
     else:
-        critics = Critics(critic_engines["reward_critic"], critic_engines.get("cost_critic"))
+        critics = Critics(critic_engines.get("reward_critic"), critic_engines.get("cost_critic"))
     if config.deepspeed.enabled:
         return partition_frozen(config, DeepSpeedModels(tokenizer, policy_engine, ref, reward, cost, critics))
     for critic in critics.engines:  # trained models share the policy's attention kernel (model.attn_implementation)

@@ -32,6 +32,8 @@ from tqdm import tqdm
 from repo_exp.algorithms import (
     critic_loss,
     gae_advantages,
+    group_advantages,
+    kl_k3,
     masked_mean,
     masked_whiten,
     policy_loss,
@@ -61,24 +63,55 @@ class NonFiniteError(RuntimeError):
 
 
 def compute_advantages(exp: Experience, constraint: Constraint, cfg: Config) -> None:
-    """Fill the KL-shaped streams' advantages and returns, and the mixed advantage the policy loss sees."""
-    ppo = cfg.ppo
-    has_cost = exp.cost_values is not None
-    reward_stream, cost_stream, exp.kl = token_streams(
-        exp.logprobs, exp.ref_logprobs, exp.response_mask, exp.rewards, exp.costs if has_cost else None,
-        kl_coeff=ppo.kl_coeff, kl_reward_weight=constraint.kl_reward_weight,
-        kl_cost_weight=constraint.kl_cost_weight, clip_range_score=ppo.clip_range_score,
-    )
-    exp.reward_advantages, exp.reward_returns = gae_advantages(
-        exp.reward_values, reward_stream, exp.response_mask, ppo.gamma, ppo.gae_lambda)
-    if has_cost:
-        exp.cost_advantages, exp.cost_returns = gae_advantages(
-            exp.cost_values, cost_stream, exp.response_mask, ppo.gamma, ppo.gae_lambda)
-    reward_adv, cost_adv = exp.reward_advantages, exp.cost_advantages
+    """Fill the reward and cost advantages (and, under ``gae``, the returns) and the mixed advantage the policy loss
+    sees. The cost signal is the constraint's (``Constraint.cost_signal``); the KL is placed so that every sample
+    carries ``ppo.kl_coeff`` (``Constraint.kl_reward_weight``/``kl_cost_weight``)."""
+    ppo, estimator = cfg.ppo, cfg.estimator
+    with_cost = constraint.needs_cost_critic and exp.costs is not None
+    signal = constraint.cost_signal(exp.costs, exp.prompt_index) if with_cost else None
+    if estimator.critic_free:
+        exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
+        reward_adv, cost_adv = group_signal_advantages(exp, signal, constraint, cfg)
+        exp.reward_advantages, exp.cost_advantages = reward_adv, cost_adv
+    else:
+        reward_stream, cost_stream, exp.kl = token_streams(
+            exp.logprobs, exp.ref_logprobs, exp.response_mask, exp.rewards, signal,
+            kl_coeff=ppo.kl_coeff, kl_reward_weight=constraint.kl_reward_weight,
+            kl_cost_weight=constraint.kl_cost_weight, clip_range_score=ppo.clip_range_score,
+        )
+        exp.reward_advantages, exp.reward_returns = gae_advantages(
+            exp.reward_values, reward_stream, exp.response_mask, ppo.gamma, ppo.gae_lambda)
+        if with_cost:
+            exp.cost_advantages, exp.cost_returns = gae_advantages(
+                exp.cost_values, cost_stream, exp.response_mask, ppo.gamma, ppo.gae_lambda)
+        reward_adv, cost_adv = exp.reward_advantages, exp.cost_advantages
     if ppo.normalize_advantages:
         reward_adv = masked_whiten(reward_adv, exp.response_mask)
-        cost_adv = masked_whiten(cost_adv, exp.response_mask) if has_cost else None
+        cost_adv = masked_whiten(cost_adv, exp.response_mask) if cost_adv is not None else None
     exp.advantages = constraint.mix_advantages(reward_adv, cost_adv, exp.cost_active)
+
+
+def group_signal_advantages(exp: Experience, cost_signal: torch.Tensor | None, constraint: Constraint,
+                            cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Critic-free advantages (B, T) of the reward and cost signals over each prompt's k samples, the same for every
+    token of a response. With ``estimator.kl=reward`` the sequence KL ``β·Σ_t k_t`` leaves the reward signal (and
+    enters the cost signal by the constraint's weight), each with its own group baseline."""
+    est, ppo = cfg.estimator, cfg.ppo
+    groups, mask = exp.prompt_index, exp.response_mask.to(exp.logprobs.dtype)
+    clip = ppo.clip_range_score
+    kl_seq = ppo.kl_coeff * exp.kl.sum(-1) if est.kl == "reward" else torch.zeros_like(exp.rewards)
+
+    def advantages(scores: torch.Tensor, centred: bool = False) -> torch.Tensor:
+        return group_advantages(est.name, scores, groups, est.std_eps, centred)
+
+    reward_adv = advantages(exp.rewards.float().clamp(-clip, clip) - constraint.kl_reward_weight * kl_seq)
+    cost_adv = None
+    if cost_signal is not None:
+        cost_adv = advantages(cost_signal.clamp(-clip, clip), constraint.cost_signal_centred)
+        if constraint.kl_cost_weight and est.kl == "reward":
+            cost_adv = cost_adv + advantages(constraint.kl_cost_weight * kl_seq)
+        cost_adv = cost_adv.to(mask.dtype).unsqueeze(-1) * mask
+    return reward_adv.to(mask.dtype).unsqueeze(-1) * mask, cost_adv
 
 
 def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float:
@@ -119,27 +152,33 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                     compute_advantages(micro, constraint, cfg)
                 actor_loss, pg = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask,
                                              ppo.clip_range_ratio, agg)
+                if cfg.estimator.kl == "loss" and ppo.kl_coeff > 0:  # the GRPO paper's k3 term: β for every sample
+                    kl_loss = masked_mean(kl_k3(logprobs, micro.ref_logprobs), micro.response_mask, agg)
+                    stats["loss/kl"].append(kl_loss.item())
+                    actor_loss = actor_loss + ppo.kl_coeff * kl_loss
                 if ptx is not None and ppo.ptx_coeff > 0:
                     with models.autocast():
                         pretrain_loss = ptx_step_loss(policy.module, ptx.next(micro.batch_size), exp.sequences.device)
                     stats["loss/ptx"].append(pretrain_loss.item())
                     actor_loss = actor_loss + ppo.ptx_coeff * pretrain_loss
-                reward_critic_loss = critic_loss(reward_values, micro.reward_values, micro.reward_returns,
-                                                 micro.response_mask, ppo.clip_range_value, agg)
+                reward_critic_loss = (critic_loss(reward_values, micro.reward_values, micro.reward_returns,
+                                                  micro.response_mask, ppo.clip_range_value, agg)
+                                      if reward_values is not None else None)
                 cost_critic_loss = (critic_loss(cost_values, micro.cost_values, micro.cost_returns,
                                                 micro.response_mask, ppo.clip_range_value, agg)
                                     if cost_values is not None else None)
-                losses = [actor_loss, reward_critic_loss] + ([cost_critic_loss] if cost_critic_loss is not None else [])
+                losses = [x for x in (actor_loss, reward_critic_loss, cost_critic_loss) if x is not None]
                 # agreed over ranks: under DeepSpeed each backward is collective, so all ranks skip or none does
                 if not all_finite(all(bool(torch.isfinite(x).all()) for x in (*losses, micro.advantages))):
                     for engine in engines:
                         engine.zero_grad()
                     return {"loss/nonfinite": 1.0}, True
                 policy.backward(weight * actor_loss)
-                critics.backward(weight * reward_critic_loss,
-                                 weight * cost_critic_loss if cost_critic_loss is not None else None)
+                if reward_critic_loss is not None:
+                    critics.backward(weight * reward_critic_loss,
+                                     weight * cost_critic_loss if cost_critic_loss is not None else None)
+                    stats["loss/reward_critic"].append(reward_critic_loss.item())
                 stats["loss/actor"].append(actor_loss.item())
-                stats["loss/reward_critic"].append(reward_critic_loss.item())
                 if cost_critic_loss is not None:
                     stats["loss/cost_critic"].append(cost_critic_loss.item())
                 for key, value in pg.items():
@@ -169,10 +208,12 @@ def _advantage_stats(exp: Experience, stats: dict[str, list[float]]) -> None:
     mask = exp.response_mask
     stats["advantages/mixed"].append(masked_mean(exp.advantages, mask).item())
     stats["advantages/reward"].append(masked_mean(exp.reward_advantages, mask).item())
-    stats["returns/reward"].append(masked_mean(exp.reward_returns, mask).item())
-    stats["values/reward"].append(masked_mean(exp.reward_values, mask).item())
     if exp.cost_advantages is not None:
         stats["advantages/cost"].append(masked_mean(exp.cost_advantages, mask).item())
+    if exp.reward_returns is not None:  # gae: critics and returns
+        stats["returns/reward"].append(masked_mean(exp.reward_returns, mask).item())
+        stats["values/reward"].append(masked_mean(exp.reward_values, mask).item())
+    if exp.cost_returns is not None:
         stats["returns/cost"].append(masked_mean(exp.cost_returns, mask).item())
         stats["values/cost"].append(masked_mean(exp.cost_values, mask).item())
 
@@ -187,6 +228,7 @@ def step_metrics(exp: Experience, constraint: Constraint, rt: Runtime, measure_c
     kl = gather(exp.kl.sum(-1).float())
     truncated = gather(exp.truncated.float())
     gate = gather(exp.cost_active.float())
+    penalised = gather(exp.penalised.float()) if exp.penalised is not None else gate
     d = constraint.threshold
     lam = constraint.multiplier
     metrics = {
@@ -204,6 +246,7 @@ def step_metrics(exp: Experience, constraint: Constraint, rt: Runtime, measure_c
         "constraint/lambda": lam,
         "constraint/threshold": d,
         "constraint/active_rate": gate.mean().item() if lam > 0 else 0.0,
+        "constraint/violating_rate": penalised.mean().item(),
         "kl/mean": kl.mean().item(),
         "response/length": lengths.mean().item(),
         "response/truncated_rate": truncated.mean().item(),
@@ -251,7 +294,9 @@ class Trainer:
         self.logger = self._logger()
         # the fused value pass is exact only when the critics do not move before every sample has been seen
         ppo = config.ppo
-        self.fused = ppo.epochs == 1 and ppo.num_minibatches == 1 and not ppo.normalize_advantages
+        # (critic-free estimators need no values, and their group baselines need all k samples of a prompt at once)
+        self.fused = (ppo.epochs == 1 and ppo.num_minibatches == 1 and not ppo.normalize_advantages
+                      and not config.estimator.critic_free)
 
     # ---- set-up
     def _shared_run_dir(self, run_dir: Path) -> Path:
@@ -343,12 +388,14 @@ class Trainer:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "λ is not finite", timings, start)
         exp.cost_active = self.constraint.cost_gate(exp.costs, exp.prompt_index)
+        exp.penalised = self.constraint.penalised(exp.costs, exp.prompt_index)
         exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
         adv_stats: dict[str, list[float]] = defaultdict(list)
         if not self.fused:
-            with timings.section("values"), torch.no_grad(), self.models.autocast():
-                exp.reward_values, exp.cost_values = self.models.critics.values(
-                    exp.sequences, exp.attention_mask, exp.prompt_width)
+            if self.models.critics.engines:
+                with timings.section("values"), torch.no_grad(), self.models.autocast():
+                    exp.reward_values, exp.cost_values = self.models.critics.values(
+                        exp.sequences, exp.attention_mask, exp.prompt_width)
             compute_advantages(exp, self.constraint, self.config)
             _advantage_stats(exp, adv_stats)
         with timings.section("update"):

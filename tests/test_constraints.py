@@ -76,8 +76,8 @@ def test_average_state_round_trip():
     assert d.multiplier == c.multiplier and list(d.window) == list(c.window)
 
 
-def test_rectified_sample_gate_safe_samples_get_exactly_reward_advantage():
-    c = RectifiedConstraint(threshold=0.0, lambda_init=2.0)
+def test_rectified_gated_sample_gate_safe_samples_get_exactly_reward_advantage():
+    c = RectifiedConstraint(threshold=0.0, lambda_init=2.0, form="gated")
     ar, ac = adv()
     costs = torch.tensor([-1.0, 0.0, 0.5, 3.0])  # C ≤ d is safe: samples 0 and 1
     gate = c.cost_gate(costs, torch.arange(4))
@@ -87,8 +87,8 @@ def test_rectified_sample_gate_safe_samples_get_exactly_reward_advantage():
     torch.testing.assert_close(out[2:], (ar[2:] - 2.0 * ac[2:]) / 3.0)
 
 
-def test_rectified_prompt_gate_treats_a_prompt_alike():
-    c = RectifiedConstraint(threshold=0.0, granularity="prompt", lambda_init=1.0, normalize=False)
+def test_rectified_gated_prompt_gate_treats_a_prompt_alike():
+    c = RectifiedConstraint(threshold=0.0, granularity="prompt", lambda_init=1.0, normalize=False, form="gated")
     ar, ac = adv(B=6)
     # prompt 7: costs (1, −3) → mean −1: safe; prompt 2: (−0.5, 1.5) → mean 0.5: unsafe; prompt 9: (0, 0) → safe
     costs = torch.tensor([1.0, -3.0, -0.5, 1.5, 0.0, 0.0])
@@ -98,6 +98,28 @@ def test_rectified_prompt_gate_treats_a_prompt_alike():
     out = c.mix_advantages(ar, ac, gate)
     assert torch.equal(out[[0, 1, 4, 5]], ar[[0, 1, 4, 5]])
     torch.testing.assert_close(out[2:4], ar[2:4] - ac[2:4])
+
+
+def test_rectified_unbiased_sample_signal_by_hand():
+    c = RectifiedConstraint(threshold=0.25, lambda_init=2.0, normalize=False)
+    costs = torch.tensor([-1.0, 0.0, 0.5, 3.0])
+    assert c.cost_signal(costs, torch.arange(4)).tolist() == [0.0, 0.0, 0.25, 2.75]  # (C − d)⁺
+    assert c.cost_gate(costs, torch.arange(4)).all()  # every sample gets A_r − λ·A_c
+    assert c.penalised(costs, torch.arange(4)).tolist() == [False, False, True, True]
+    ar, ac = adv()
+    torch.testing.assert_close(c.mix_advantages(ar, ac, c.cost_gate(costs, torch.arange(4))), ar - 2.0 * ac)
+
+
+def test_rectified_unbiased_prompt_signal_by_hand():
+    c = RectifiedConstraint(threshold=0.0, granularity="prompt")
+    # k = 2, d = 0. Prompt 7: (1, −3), mean −1 → 0; without sample 0: −3 → 0; without sample 1: 1 → 1.
+    # Prompt 2: (−0.5, 1.5), mean 0.5; without 0: 1.5; without 1: −0.5 → 0. Prompt 9: (0, 0) → 0.
+    costs = torch.tensor([1.0, -3.0, -0.5, 1.5, 0.0, 0.0])
+    prompts = torch.tensor([7, 7, 2, 2, 9, 9])
+    expected = [2 * (0 - 0), 2 * (0 - 1), 2 * (0.5 - 1.5), 2 * (0.5 - 0), 0.0, 0.0]
+    torch.testing.assert_close(c.cost_signal(costs, prompts), torch.tensor(expected))
+    assert c.cost_signal_centred
+    assert c.penalised(costs, prompts).tolist() == [False, False, True, True, False, False]
 
 
 def test_rectified_learned_multiplier_dual_ascent_and_cap():
@@ -139,6 +161,10 @@ def test_shaping_penalises_every_sample_and_none_never():
     assert not n.needs_cost_critic
     assert torch.equal(n.mix_advantages(ar, ac, n.cost_gate(costs, torch.arange(4))), ar)
     assert (n.kl_reward_weight, n.kl_cost_weight) == (1.0, 0.0)
+    # the KL is on the cost signal exactly when the mix divides by 1 + λ
+    assert (AverageConstraint().kl_cost_weight, ShapingConstraint().kl_cost_weight) == (1.0, 0.0)
+    assert RectifiedConstraint(normalize=True).kl_cost_weight == 1.0
+    assert RectifiedConstraint(normalize=False).kl_cost_weight == 0.0
 
 
 def test_bad_constraint_values_are_refused():

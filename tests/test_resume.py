@@ -39,6 +39,9 @@ BASE = (
 CONSTRAINTS = {
     "average": ("constraint=average", "constraint.window=40"),
     "rectified": ("constraint=rectified", "constraint.multiplier=learned", "constraint.lambda_lr=0.5"),
+    # critic-free: no critic state to restore, the group baselines recomputed from the restored policy's samples
+    "rectified_rloo": ("constraint=rectified", "constraint.multiplier=learned", "constraint.lambda_lr=0.5",
+                       "estimator=rloo"),
 }
 VOLATILE = ("timing/", "throughput/")
 

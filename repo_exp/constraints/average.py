@@ -36,11 +36,9 @@ class AverageConstraint(Constraint):
         window: int = 128,
         delay: int = 0,
         lambda_update: str = "log_sgd",
-        kl_reward_weight: float = 0.5,
-        kl_cost_weight: float = 0.5,
         comm: Comm | None = None,
     ) -> None:
-        super().__init__(threshold, kl_reward_weight, kl_cost_weight, comm)
+        super().__init__(threshold, comm)
         if lambda_update not in ("log_sgd", "projected"):
             raise ValueError(f"constraint.lambda_update must be log_sgd or projected, got {lambda_update!r}")
         if not (lambda_init > 0.0 or (lambda_update == "projected" and lambda_init == 0.0)):

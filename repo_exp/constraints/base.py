@@ -2,8 +2,15 @@
 
 The constraint is the only thing that differs between plain PPO, reward shaping, Safe RLHF's average constraint
 and RePO's per-prompt rectified constraint. Each is a small object chosen by ``_target_`` that
-- decides, per sample, whether the cost enters its advantage (``cost_gate``), and mixes ``A_r`` and ``A_c``
-  accordingly: gated samples get ``A_r − λ·A_c`` (divided by ``1 + λ`` when ``normalize``), the others ``A_r``;
+- names the per-sample cost signal its advantage is estimated from (``cost_signal``: the raw end cost, or RePO's
+  rectified ``(C − d)⁺``), decides per sample whether the cost enters the advantage (``cost_gate``; every sample
+  except under plain PPO and the gated rectified form), and mixes ``A_r`` and ``A_c`` accordingly: gated samples get
+  ``A_r − λ·A_c`` (divided by ``1 + λ`` when ``normalize``), the others ``A_r``;
+- places the KL penalty so that every sample's effective KL coefficient is the configured β whatever λ is
+  (``kl_reward_weight``, ``kl_cost_weight``): the whole β in the reward signal, and the whole β in the cost signal too
+  exactly when the mix divides by ``1 + λ`` — then ``(β + λβ)/(1 + λ) = β``, the convention of the published Safe
+  RLHF trainer since April 2024 (β = 0.01 on both streams); without the division the cost signal carries no KL, so
+  ``A_r − λ·A_c`` carries β as well;
 - owns its multiplier λ and any statistics it keeps (the average constraint's cost window), with
   ``state_dict``/``load_state_dict`` so a resumed run continues exactly;
 - reduces across data-parallel ranks through a ``comm`` object, so this package needs torch and nothing heavier.
@@ -68,22 +75,25 @@ def group_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 class Constraint:
     """Base class. Subclasses choose the gate, the multiplier and its update rule."""
 
-    needs_cost_critic: bool = True
+    needs_cost_critic: bool = True  # the cost enters the gradient: a cost critic (or group baseline) is needed
     normalize: bool = True
 
-    def __init__(
-        self,
-        threshold: float = 0.0,
-        kl_reward_weight: float = 0.5,
-        kl_cost_weight: float = 0.5,
-        comm: Comm | None = None,
-    ) -> None:
+    def __init__(self, threshold: float = 0.0, comm: Comm | None = None) -> None:
         if not math.isfinite(threshold):
             raise ValueError(f"constraint.threshold must be finite, got {threshold}")
         self.threshold = float(threshold)
-        self.kl_reward_weight = float(kl_reward_weight)
-        self.kl_cost_weight = float(kl_cost_weight)
         self.comm: Comm = comm or LocalComm()
+
+    @property
+    def kl_reward_weight(self) -> float:
+        """w_r: the share of β on the reward signal — all of it."""
+        return 1.0
+
+    @property
+    def kl_cost_weight(self) -> float:
+        """w_c: the share of β on the cost signal — all of it when the mix divides by ``1 + λ``, else none, so that
+        the mixed advantage carries exactly β for every sample and every λ."""
+        return 1.0 if self.normalize and self.needs_cost_critic else 0.0
 
     @property
     def multiplier(self) -> float:
@@ -95,9 +105,21 @@ class Constraint:
         (the order of the published Safe RLHF trainer). Returns metrics."""
         return {}
 
+    cost_signal_centred: bool = False  # True when cost_signal already subtracts an exact per-sample baseline
+
+    def cost_signal(self, costs: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        """(B,) the end value of the cost signal whose advantage ``A_c`` is estimated (by a cost critic or a group
+        baseline): the raw end cost ``C`` here."""
+        return costs if costs.is_floating_point() else costs.float()
+
     def cost_gate(self, costs: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
         """(B,) bool: the samples whose advantage carries the cost term."""
         return torch.ones(costs.shape[0], dtype=torch.bool, device=costs.device)
+
+    def penalised(self, costs: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the samples the constraint counts as violating (``constraint/active_rate``): all of them for a
+        constraint on the raw cost."""
+        return self.cost_gate(costs, prompt_index)
 
     def mix_advantages(
         self,

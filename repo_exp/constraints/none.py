@@ -11,14 +11,8 @@ from repo_exp.constraints.base import Comm, Constraint
 class NoConstraint(Constraint):
     needs_cost_critic = False
 
-    def __init__(
-        self,
-        threshold: float = 0.0,
-        kl_reward_weight: float = 1.0,
-        kl_cost_weight: float = 0.0,
-        comm: Comm | None = None,
-    ) -> None:
-        super().__init__(threshold, kl_reward_weight, kl_cost_weight, comm)
+    def __init__(self, threshold: float = 0.0, comm: Comm | None = None) -> None:
+        super().__init__(threshold, comm)
 
     def cost_gate(self, costs: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
         return torch.zeros(costs.shape[0], dtype=torch.bool, device=costs.device)

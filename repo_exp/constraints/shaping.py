@@ -12,11 +12,9 @@ class ShapingConstraint(Constraint):
         threshold: float = 0.0,
         multiplier: float = 1.0,
         normalize: bool = False,
-        kl_reward_weight: float = 0.5,
-        kl_cost_weight: float = 0.5,
         comm: Comm | None = None,
     ) -> None:
-        super().__init__(threshold, kl_reward_weight, kl_cost_weight, comm)
+        super().__init__(threshold, comm)
         if not multiplier >= 0.0:
             raise ValueError(f"constraint.multiplier must be >= 0, got {multiplier}")
         self.lam = float(multiplier)

@@ -35,6 +35,7 @@ class Experience:
     cost_returns: torch.Tensor | None = None  # (B, T)
     advantages: torch.Tensor | None = None  # (B, T) what the policy loss sees, mixed by the constraint
     cost_active: torch.Tensor | None = None  # (B,) bool, samples whose advantage carries a cost term
+    penalised: torch.Tensor | None = None  # (B,) bool, samples the constraint counts as violating
 
     @property
     def batch_size(self) -> int:
