@@ -319,6 +319,29 @@ def _default_sft_mixture() -> dict[str, dict[str, float]]:
 
 
 @dataclass
+class WorldRoundsConfig:
+    """On-policy preference rounds, as the published pipeline collected new preference data from its current
+    policies and retrained its reward and cost models: after the first models, each round runs RL from the SFT model
+    against the latest models with each of ``constraints`` for ``steps`` steps, samples the final policies on the
+    training prompts, labels pairs (policy sample, SFT sample) with the oracle (with the world's label noise), and
+    retrains both models on every pair so far. The prompts are training prompts only; evaluation stays held out."""
+
+    count: int = 1  # rounds after the first models (0: the SFT samples alone)
+    constraints: list[str] = field(default_factory=lambda: ["average", "rectified"])
+    steps: int = 150  # RL steps per round run
+    pairs_per_policy: int = 1500
+    seed: int = 1000  # RL seed of round r is seed + r (apart from the seeds of the runs compared)
+
+    def __post_init__(self) -> None:
+        _non_negative("world.rounds.count", self.count)
+        _positive("world.rounds.steps", self.steps)
+        _positive("world.rounds.pairs_per_policy", self.pairs_per_policy)
+        for name in self.constraints:
+            _one_of("world.rounds.constraints", name, ("none", "shaping", "average", "rectified"))
+        _require(self.count == 0 or bool(self.constraints), "world.rounds.constraints is empty while count > 0")
+
+
+@dataclass
 class WorldConfig:
     """The synthetic safety world (SPEC §6). Its families, grammar and oracle are in ``repo_exp.world``."""
 
@@ -337,6 +360,7 @@ class WorldConfig:
     sft: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=400, lr=3e-3))
     reward_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
     cost_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
+    rounds: WorldRoundsConfig = field(default_factory=WorldRoundsConfig)
 
     def __post_init__(self) -> None:
         _require(0.0 < self.eval_fraction < 1.0, f"world.eval_fraction must be in (0, 1), got {self.eval_fraction}")

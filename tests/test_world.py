@@ -96,6 +96,7 @@ def small_world(tmp_path: Path, **changes) -> WorldConfig:
         "sft": {"steps": 30, "batch_size": 32},
         "reward_model": {"steps": 20, "batch_size": 32},
         "cost_model": {"steps": 20, "batch_size": 32},
+        "rounds": {"count": 0},
     }
     cfg = OmegaConf.merge(OmegaConf.structured(WorldConfig), base, changes)
     return OmegaConf.to_object(cfg)
@@ -122,6 +123,35 @@ def test_cache_reused_until_a_world_parameter_changes(tmp_path):
     for column in ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
                    "better_response_id", "safer_response_id"):
         assert column in rows[0]
+
+
+@pytest.mark.slow
+def test_an_on_policy_round_retrains_both_models_on_every_pair(tmp_path):
+    """One round: RL runs from the SFT model against the first models (two steps each here), their samples are paired
+    with SFT samples and labelled by the oracle, and the reward and cost models are trained again on both sets."""
+    from repo_exp.world.pipeline import build_world, read_jsonl, world_metrics
+
+    world = small_world(tmp_path, rounds={"count": 1, "steps": 2, "pairs_per_policy": 40,
+                                          "constraints": ["average", "rectified"]})
+    paths = build_world(world)
+    first = build_world(small_world(tmp_path))  # the same world without rounds: its models are the round-0 ones
+    round_rows = read_jsonl(Path(paths["round1"]) / "train.jsonl") + read_jsonl(Path(paths["round1"]) / "test.jsonl")
+    assert len(round_rows) == 80
+    for row in round_rows:  # labelled by the oracle like the SFT pairs (noise 0.05 on each label)
+        assert row["oracle_cost_0"] == oracle_cost(_prompt(row["prompt"]), row["response_0"])
+    assert paths["sft"] == first["sft"] and paths["preferences"] == first["preferences"]
+    assert paths["cost"] != first["cost"] and paths["reward"] != first["reward"]
+    record = json.loads((Path(paths["cost"]).parent / "stage.json").read_text())
+    assert record["deps"][-1] == Path(paths["round1"]).name.split("-")[-1]  # trained after the round
+    metrics = world_metrics(paths)
+    assert {"round1/average/rows", "round1/rectified/rows", "cost/on_policy_oracle_pairwise_accuracy"} <= set(metrics)
+    assert not list(Path(paths["round1"]).glob("rl_*/checkpoints"))  # only the samples are kept
+
+
+def _prompt(text: str):
+    from repo_exp.world.grammar import all_prompts
+
+    return next(p for p in all_prompts() if p.text == text)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -79,6 +80,13 @@ def run_stage(cache: Path, name: str, config: dict, deps: list[str], build: Call
 # ------------------------------------------------------------------------------------------------------ stages
 
 
+def stage_seed(world: WorldConfig, stage) -> int:
+    """A stage's training seed: its own, offset by the world's, so that a world rebuilt from another ``world.seed``
+    differs in every random draw (its prompt split, samples, labels and every model's initialisation and batches)
+    while world 0 keeps the stages' own seeds."""
+    return stage.seed + 1009 * world.seed
+
+
 def _encode_sft(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     prompt_ids = tokenizer(TEMPLATE.format(input=prompt))["input_ids"]
     response_ids = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
@@ -106,9 +114,10 @@ def build_sft(world: WorldConfig, out: Path) -> dict:
 
     stage = world.sft
     tokenizer = world_tokenizer()
-    rng = random.Random(stage.seed)
+    seed = stage_seed(world, stage)
+    rng = random.Random(seed)
     examples = [_encode_sft(tokenizer, p.text, r) for p, r in sft_examples(world, rng)]
-    torch.manual_seed(stage.seed)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(world.arch, tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     warmup = max(1, stage.steps // 20)
@@ -167,9 +176,53 @@ def _noisy(label: bool, noise: float, rng: random.Random) -> bool:
     return (not label) if rng.random() < noise else label
 
 
+def label_pairs(world: WorldConfig, prompts: list[Prompt], first: list[str], second: list[str],
+                rng: random.Random) -> list[dict]:
+    """Rows in the PKU-SafeRLHF schema for pairs of responses, labelled by the oracle; each label flipped with
+    probability ``label_noise``. The world's ground truth stands beside each row."""
+    rows = []
+    for p, a, b in zip(prompts, first, second):
+        ra, rb = oracle_reward(p, a, world.temptation), oracle_reward(p, b, world.temptation)
+        ca, cb = oracle_cost(p, a), oracle_cost(p, b)
+        better = 0 if ra > rb else 1 if rb > ra else rng.randrange(2)
+        safer = 0 if ca < cb else 1 if cb < ca else rng.randrange(2)
+        noisy_better = better if rng.random() >= world.label_noise else 1 - better
+        noisy_safer = safer if rng.random() >= world.label_noise else 1 - safer
+        rows.append({
+            "prompt": p.text, "response_0": a, "response_1": b,
+            "is_response_0_safe": _noisy(ca <= 0, world.label_noise, rng),
+            "is_response_1_safe": _noisy(cb <= 0, world.label_noise, rng),
+            "better_response_id": noisy_better, "safer_response_id": noisy_safer,
+            "family": p.family, "severity": p.severity,
+            "oracle_reward_0": ra, "oracle_reward_1": rb, "oracle_cost_0": ca, "oracle_cost_1": cb,
+            "true_better_response_id": better,
+        })
+    return rows
+
+
+def write_pairs(world: WorldConfig, rows: list[dict], out: Path) -> None:
+    n_test = max(1, int(world.preference_test_fraction * len(rows)))
+    for name, part in (("test", rows[:n_test]), ("train", rows[n_test:])):
+        with open(out / f"{name}.jsonl", "w") as f:
+            for row in part:
+                f.write(json.dumps({k: v for k, v in row.items() if k != "true_better_response_id"}) + "\n")
+
+
+def pair_metrics(prefix: str, rows: list[dict], responses: list[str]) -> dict[str, float]:
+    styles = [parse(r).style for r in responses]
+    return {
+        f"{prefix}/rows": len(rows),
+        f"{prefix}/better_label_agreement":
+            sum(r["better_response_id"] == r["true_better_response_id"] for r in rows) / len(rows),
+        f"{prefix}/reward_ties": sum(r["oracle_reward_0"] == r["oracle_reward_1"] for r in rows) / len(rows),
+        f"{prefix}/unsafe_share": sum(c > 0 for r in rows for c in (r["oracle_cost_0"], r["oracle_cost_1"]))
+        / (2 * len(rows)),
+        **{f"{prefix}/style/{s}": styles.count(s) / len(styles) for s in sorted(set(styles))},
+    }
+
+
 def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
-    """Pairs of SFT samples per prompt, labelled by the oracle; each label flipped with probability
-    ``label_noise``. Rows follow the PKU-SafeRLHF schema, with the world's ground truth beside them."""
+    """Pairs of SFT samples per prompt, labelled by the oracle (``label_pairs``)."""
     from transformers import AutoModelForCausalLM
 
     from repo_exp.score_train import quietly
@@ -180,40 +233,99 @@ def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
     rng = random.Random(world.seed + 17)
     train, _ = split_prompts(world.seed, world.eval_fraction)
     chosen = [train[rng.randrange(len(train))] for _ in range(world.num_preference_pairs)]
+    log.info("world stage preferences: sampling %d pairs from the SFT model", len(chosen))
     first = sample_policy(model, tokenizer, chosen, seed=world.seed * 2 + 1)
     second = sample_policy(model, tokenizer, chosen, seed=world.seed * 2 + 2)
-    rows, agree, ties = [], 0, 0
-    for p, a, b in zip(chosen, first, second):
-        ra, rb = oracle_reward(p, a, world.temptation), oracle_reward(p, b, world.temptation)
-        ca, cb = oracle_cost(p, a), oracle_cost(p, b)
-        better = 0 if ra > rb else 1 if rb > ra else rng.randrange(2)
-        safer = 0 if ca < cb else 1 if cb < ca else rng.randrange(2)
-        ties += int(ra == rb)
-        noisy_better = better if rng.random() >= world.label_noise else 1 - better
-        noisy_safer = safer if rng.random() >= world.label_noise else 1 - safer
-        agree += int(noisy_better == better)
-        rows.append({
-            "prompt": p.text, "response_0": a, "response_1": b,
-            "is_response_0_safe": _noisy(ca <= 0, world.label_noise, rng),
-            "is_response_1_safe": _noisy(cb <= 0, world.label_noise, rng),
-            "better_response_id": noisy_better, "safer_response_id": noisy_safer,
-            "family": p.family, "severity": p.severity,
-            "oracle_reward_0": ra, "oracle_reward_1": rb, "oracle_cost_0": ca, "oracle_cost_1": cb,
-        })
-    n_test = max(1, int(world.preference_test_fraction * len(rows)))
-    for name, part in (("test", rows[:n_test]), ("train", rows[n_test:])):
-        with open(out / f"{name}.jsonl", "w") as f:
-            for row in part:
-                f.write(json.dumps(row) + "\n")
-    styles = [parse(r).style for r in first + second]
-    return {
-        "preferences/rows": len(rows),
-        "preferences/better_label_agreement": agree / len(rows),
-        "preferences/reward_ties": ties / len(rows),
-        "preferences/unsafe_share": sum(c > 0 for r in rows for c in (r["oracle_cost_0"], r["oracle_cost_1"]))
-        / (2 * len(rows)),
-        **{f"preferences/style/{s}": styles.count(s) / len(styles) for s in sorted(set(styles))},
-    }
+    rows = label_pairs(world, chosen, first, second, rng)
+    write_pairs(world, rows, out)
+    return pair_metrics("preferences", rows, first + second)
+
+
+def round_rl_command(world: WorldConfig, constraint: str, seed: int, run_dir: Path, sft: str, reward: str,
+                     cost: str) -> list[str]:
+    """One round's RL run: the world's trainer and optimizer against the given models, no evaluation."""
+    return [
+        sys.executable, "-m", "repo_exp", f"constraint={constraint}", f"seed={seed}",
+        "model.source=hub", f"model.path={sft}", "model.tokenizer=world",
+        "reward.source=hub", f"reward.path={reward}", "reward.tokenizer=world",
+        "cost.source=hub", f"cost.path={cost}", "cost.tokenizer=world",
+        f"world.seed={world.seed}", f"world.eval_fraction={world.eval_fraction}",
+        f"world.temptation={str(world.temptation).lower()}", f"trainer.total_steps={world.rounds.steps}",
+        "eval.at_start=false", "eval.at_end=false", "logger=none", "trainer.progress=false",
+        "trainer.num_threads=1", f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_round_policies(world: WorldConfig, r: int, paths: dict[str, str], out: Path) -> dict[str, Path]:
+    """RL from the SFT model with each round constraint, in parallel processes of one thread each; returns the final
+    policy folders. Prints each run's step every 20 s."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = {}
+    for c in world.rounds.constraints:
+        run_dir = out / f"rl_{c}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = round_rl_command(world, c, world.rounds.seed + r, run_dir, paths["sft"], paths["reward"],
+                                   paths["cost"])
+        log_file = open(run_dir / "run.log", "w")
+        procs[c] = (subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env), run_dir, log_file)
+    last = time.monotonic()
+    while any(p.poll() is None for p, _, _ in procs.values()):
+        time.sleep(1.0)
+        if time.monotonic() - last >= 20:
+            last = time.monotonic()
+            log.info("world round %d RL: %s", r, ", ".join(f"{c} step {_last_step(d)}/{world.rounds.steps}"
+                                                         for c, (_, d, _) in procs.items()))
+    policies = {}
+    for c, (p, run_dir, log_file) in procs.items():
+        log_file.close()
+        if p.returncode != 0:
+            tail = (run_dir / "run.log").read_text()[-2000:]
+            raise RuntimeError(f"world round {r}: the RL run with constraint={c} failed (exit {p.returncode}); "
+                               f"its log is {run_dir / 'run.log'}:\n{tail}")
+        policies[c] = max((run_dir / "checkpoints").glob("step_*")) / "policy"
+    return policies
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()[-3:] if line.strip()]
+    return max(steps, default=0)
+
+
+def build_round(world: WorldConfig, r: int, paths: dict[str, str], out: Path) -> dict:
+    """Round ``r``: RL against the latest models, then pairs (policy sample, SFT sample) labelled by the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    from repo_exp.score_train import quietly
+    from repo_exp.world import world_tokenizer
+
+    policies = run_round_policies(world, r, paths, out)
+    tokenizer = world_tokenizer()
+    sft = quietly(AutoModelForCausalLM.from_pretrained, paths["sft"]).eval()
+    rng = random.Random(world.seed * 31 + r)
+    train, _ = split_prompts(world.seed, world.eval_fraction)
+    rows, responses, metrics = [], [], {}
+    for i, (c, folder) in enumerate(sorted(policies.items())):
+        policy = quietly(AutoModelForCausalLM.from_pretrained, folder).eval()
+        chosen = [train[rng.randrange(len(train))] for _ in range(world.rounds.pairs_per_policy)]
+        log.info("world round %d: sampling %d pairs from the %s policy", r, len(chosen), c)
+        sampled = sample_policy(policy, tokenizer, chosen, seed=world.seed * 7 + 100 * r + i)
+        reference = sample_policy(sft, tokenizer, chosen, seed=world.seed * 7 + 100 * r + i + 50)
+        swap = [rng.random() < 0.5 for _ in chosen]  # no side of the pair is always the policy's
+        first = [b if s else a for a, b, s in zip(sampled, reference, swap)]
+        second = [a if s else b for a, b, s in zip(sampled, reference, swap)]
+        part = label_pairs(world, chosen, first, second, rng)
+        metrics.update(pair_metrics(f"round{r}/{c}", part, sampled))
+        rows += part
+        responses += sampled
+        shutil.rmtree(folder.parent.parent, ignore_errors=True)  # the checkpoints: only the samples are kept
+    rng.shuffle(rows)
+    write_pairs(world, rows, out)
+    return metrics
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -221,18 +333,28 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def build_score_model(world: WorldConfig, kind: str, sft_folder: Path, prefs_folder: Path, out: Path) -> dict:
+def build_score_model(world: WorldConfig, kind: str, sft_folder: Path, prefs_folders: list[Path], out: Path,
+                      steps: int | None = None) -> dict:
+    """A reward or cost model trained on the pairs of every folder in ``prefs_folders`` (the SFT pairs and each
+    round's). Held-out accuracies are on the first folder's test pairs (SFT samples, comparable across rounds) and,
+    from a round on, on the last round's (the policies' own samples)."""
     from repo_exp.score_train import PreferenceEncoder, init_score_model, train_score_model
     from repo_exp.world import world_tokenizer
 
     stage = world.reward_model if kind == "reward" else world.cost_model
     tokenizer = world_tokenizer()
-    model = init_score_model(str(sft_folder / "model"), tokenizer, world.score_arch, kind, stage.seed)
+    seed = stage_seed(world, stage)
+    model = init_score_model(str(sft_folder / "model"), tokenizer, world.score_arch, kind, seed)
     encoder = PreferenceEncoder(tokenizer, TEMPLATE)
-    metrics = train_score_model(model, encoder, read_jsonl(prefs_folder / "train.jsonl"),
-                                read_jsonl(prefs_folder / "test.jsonl"), kind, stage.steps, stage.batch_size,
-                                stage.lr, stage.weight_decay, stage.seed)
-    metrics.update(oracle_agreement(model, encoder, read_jsonl(prefs_folder / "test.jsonl"), kind))
+    train_rows = [row for folder in prefs_folders for row in read_jsonl(folder / "train.jsonl")]
+    test_rows = read_jsonl(prefs_folders[0] / "test.jsonl")
+    log.info("world stage %s model: %d pairs, %d steps", kind, len(train_rows), steps or stage.steps)
+    metrics = train_score_model(model, encoder, train_rows, test_rows, kind, steps or stage.steps, stage.batch_size,
+                                stage.lr, stage.weight_decay, seed)
+    metrics.update(oracle_agreement(model, encoder, test_rows, kind))
+    if len(prefs_folders) > 1:
+        on_policy = oracle_agreement(model, encoder, read_jsonl(prefs_folders[-1] / "test.jsonl"), kind)
+        metrics.update({k.replace(f"{kind}/", f"{kind}/on_policy_"): v for k, v in on_policy.items()})
     model.save_pretrained(out / "model", tokenizer=tokenizer)
     return metrics
 
@@ -281,12 +403,34 @@ def build_world(world: WorldConfig, until: str = "cost") -> dict[str, str]:
                                  lambda out: build_preferences(world, sft, out))
     paths = {"sft": str(sft / "model"), "preferences": str(prefs)}
     score_models = {"preferences": (), "reward": ("reward",), "cost": ("reward", "cost")}[until]
+    folders, keys = [prefs], [sft_key, prefs_key]
+
+    def train_models(round_: int) -> None:
+        for kind in score_models:
+            stage = world.reward_model if kind == "reward" else world.cost_model
+            # each round trains on more pairs: the steps grow with them, so every pair is seen about as often
+            steps = stage.steps * len(folders) if round_ else stage.steps
+            config = {"arch": world.score_arch, "stage": stage} | ({"round": round_, "steps": steps} if round_ else {})
+            folder, key = run_stage(cache, f"{kind}_model", config, list(keys),
+                                    lambda out, kind=kind: build_score_model(world, kind, sft, list(folders), out,
+                                                                             steps))
+            paths[kind] = str(folder / "model")
+            paths[f"{kind}_key"] = key
+
+    train_models(0)
+    if until == "cost":
+        for r in range(1, world.rounds.count + 1):
+            round_cfg = {"round": r, "rounds": world.rounds, "temptation": world.temptation,
+                         "noise": world.label_noise, "test_fraction": world.preference_test_fraction,
+                         "trainer": "world", "kl": "v2"}
+            folder, key = run_stage(cache, f"round{r}", round_cfg, [*keys, paths["reward_key"], paths["cost_key"]],
+                                    lambda out, r=r: build_round(world, r, dict(paths), out))
+            folders.append(folder)
+            keys.append(key)
+            paths[f"round{r}"] = str(folder)
+            train_models(r)
     for kind in score_models:
-        stage = world.reward_model if kind == "reward" else world.cost_model
-        folder, _ = run_stage(cache, f"{kind}_model", {"arch": world.score_arch, "stage": stage},
-                              [sft_key, prefs_key],
-                              lambda out, kind=kind: build_score_model(world, kind, sft, prefs, out))
-        paths[kind] = str(folder / "model")
+        paths.pop(f"{kind}_key")
     return paths
 
 
@@ -307,5 +451,6 @@ def world_metrics(paths: dict[str, str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in ("sft", "reward", "cost"):
         out.update(json.loads((Path(paths[key]).parent / STAGE_FILE).read_text())["metrics"])
-    out.update(json.loads((Path(paths["preferences"]) / STAGE_FILE).read_text())["metrics"])
+    for key in ("preferences", *sorted(k for k in paths if k.startswith("round"))):
+        out.update(json.loads((Path(paths[key]) / STAGE_FILE).read_text())["metrics"])
     return out
