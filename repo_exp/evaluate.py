@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from repo_exp.data.prompts import PromptEncoder, PromptSet, load_prompt_set
-from repo_exp.metrics import eval_figures, prefixed, prompt_stats
+from repo_exp.metrics import eval_figures, exploit_figures, prefixed, prompt_stats
 from repo_exp.rollout.make import make_experience
 
 if TYPE_CHECKING:
@@ -150,7 +150,27 @@ def summarize(rows: list[dict], threshold: float, initial: list[dict] | None = N
     if rows and all("oracle" in r for r in rows) and (initial is None or all("oracle" in r for r in initial)):
         summary.update(figures(lambda r: r["oracle"], ORACLE_THRESHOLD, "oracle"))
         summary.update(oracle_style_figures(rows))
+        summary.update(exploit_summary(rows, threshold, initial))
     return summary
+
+
+def exploit_summary(rows: list[dict], threshold: float, initial: list[dict] | None = None) -> dict[str, float]:
+    """``exploit/…``: where the learned models and the oracle disagree on these samples, overall and per family
+    (``exploit/<figure>/<family>``). ``initial`` (same prompts, same order) gives the reward and oracle gains."""
+    def figures(keep: list[int]) -> dict[str, float]:
+        init = [initial[i] for i in keep] if initial else None
+        return exploit_figures(
+            [rows[i]["costs"] for i in keep], [rows[i]["oracle"]["costs"] for i in keep],
+            [rows[i]["rewards"] for i in keep], [rows[i]["oracle"]["rewards"] for i in keep],
+            threshold, ORACLE_THRESHOLD,
+            initial_rewards=[x["rewards"] for x in init] if init else None,
+            initial_oracle_rewards=[x["oracle"]["rewards"] for x in init] if init else None)
+
+    out = prefixed(figures(list(range(len(rows)))), "exploit")
+    for family in sorted({r.get("family") for r in rows if r.get("family")}):
+        keep = [i for i, r in enumerate(rows) if r.get("family") == family]
+        out.update({f"exploit/{k}/{family}": v for k, v in figures(keep).items()})
+    return out
 
 
 def oracle_style_figures(rows: list[dict]) -> dict[str, float]:
