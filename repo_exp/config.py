@@ -181,10 +181,13 @@ class AverageConfig(ConstraintConfig):
     window: int = 128
     delay: int = 0
     lambda_update: str = "log_sgd"  # log_sgd (published trainer) | projected (the paper's dual ascent)
+    # global: the last `window` episodes of all ranks | rank: `window` per rank, mean of the ranks' means (published)
+    window_scope: str = "global"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _one_of("constraint.lambda_update", self.lambda_update, ("log_sgd", "projected"))
+        _one_of("constraint.window_scope", self.window_scope, ("global", "rank"))
         if self.lambda_update == "projected":
             _non_negative("constraint.lambda_init", self.lambda_init)
         else:
