@@ -122,6 +122,9 @@ class ScoreModelConfig:
     dtype: str = "float32"
     template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
     trust_remote_code: bool = False
+    # the score normaliser: null = the checkpoint's do_normalize decides; false/true forces it (the published trainer
+    # forces it off). Its kind (reward: shift and scale, cost: scale only) always follows `kind`, the slot it fills
+    normalize: Optional[bool] = None
     arch: ArchConfig = field(default_factory=ArchConfig)
     seed: int = 1
 

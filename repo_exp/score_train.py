@@ -189,9 +189,7 @@ def init_score_model(init: str | None, tokenizer, arch: ArchConfig, kind: str, s
         return ScoreModel(tiny_llama_config(arch, tokenizer), score_type=kind)
     raw = read_config(Path(init))
     if any(a.endswith("ForScore") for a in raw.get("architectures") or []):
-        model = load_score_model(init)
-        model.score_type = kind
-        return model
+        return load_score_model(init, score_type=kind)
     config = AutoConfig.from_pretrained(init)
     trunk = quietly(AutoModel.from_pretrained, init)  # a causal LM's lm_head is expected to be left out
     model = ScoreModel(config, score_type=kind, trunk=trunk)
