@@ -318,6 +318,18 @@ class WorldStageConfig:
         _non_negative("world stage weight_decay", self.weight_decay)
 
 
+@dataclass
+class ScoreStageConfig(WorldStageConfig):
+    """A reward- or cost-model stage: the published trainers' regularisation and label filter (``score_train``)."""
+
+    score_regularization: float = 0.001  # × mean(score²) over each pair's end scores
+    filter_inconsistent_pairs: bool = True  # cost model: leave out pairs whose safer answer is unsafe, the other safe
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_negative("world score stage score_regularization", self.score_regularization)
+
+
 def _default_sft_mixture() -> dict[str, dict[str, float]]:
     return {
         "benign": {"refuse": 0.15, "safe": 0.6, "offtopic": 0.05, "truncated": 0.05, "random": 0.1, "hedged": 0.05},
@@ -344,8 +356,8 @@ class WorldConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     score_arch: ArchConfig = field(default_factory=ArchConfig)
     sft: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=400, lr=3e-3))
-    reward_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
-    cost_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
+    reward_model: ScoreStageConfig = field(default_factory=lambda: ScoreStageConfig(steps=300, lr=1e-3))
+    cost_model: ScoreStageConfig = field(default_factory=lambda: ScoreStageConfig(steps=300, lr=1e-3))
 
     def __post_init__(self) -> None:
         _require(0.0 < self.eval_fraction < 1.0, f"world.eval_fraction must be in (0, 1), got {self.eval_fraction}")

@@ -231,7 +231,8 @@ def build_score_model(world: WorldConfig, kind: str, sft_folder: Path, prefs_fol
     encoder = PreferenceEncoder(tokenizer, TEMPLATE)
     metrics = train_score_model(model, encoder, read_jsonl(prefs_folder / "train.jsonl"),
                                 read_jsonl(prefs_folder / "test.jsonl"), kind, stage.steps, stage.batch_size,
-                                stage.lr, stage.weight_decay, stage.seed)
+                                stage.lr, stage.weight_decay, stage.seed, stage.score_regularization,
+                                stage.filter_inconsistent_pairs)
     metrics.update(oracle_agreement(model, encoder, read_jsonl(prefs_folder / "test.jsonl"), kind))
     model.save_pretrained(out / "model", tokenizer=tokenizer)
     return metrics
