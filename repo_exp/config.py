@@ -404,6 +404,9 @@ class PPOConfig:
     gamma: float = 1.0
     gae_lambda: float = 0.95
     ptx_coeff: float = 0.0
+    # joint: ptx_coeff × PTX loss added to the actor loss | separate: its own backward and optimizer step after each
+    # RL step (the published trainer; the actor's learning-rate schedule then counts both kinds of step)
+    ptx_mode: str = "joint"
     loss_aggregation: str = "seq_mean_token_mean"  # seq_mean_token_mean (Safe RLHF) | token_mean
     epochs: int = 1  # PPO epochs over each rollout batch
     num_minibatches: int = 1  # optimizer steps per PPO epoch
@@ -418,6 +421,7 @@ class PPOConfig:
         _require(0.0 < self.gamma <= 1.0, f"ppo.gamma must be in (0, 1], got {self.gamma}")
         _require(0.0 <= self.gae_lambda <= 1.0, f"ppo.gae_lambda must be in [0, 1], got {self.gae_lambda}")
         _non_negative("ppo.ptx_coeff", self.ptx_coeff)
+        _one_of("ppo.ptx_mode", self.ptx_mode, ("joint", "separate"))
         _one_of("ppo.loss_aggregation", self.loss_aggregation, ("seq_mean_token_mean", "token_mean"))
         _positive("ppo.epochs", self.epochs)
         _positive("ppo.num_minibatches", self.num_minibatches)

@@ -157,6 +157,32 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
     return {k: sum(v) / len(v) for k, v in stats.items()}, False
 
 
+def ptx_update(models: Models, cfg: Config, ptx: PtxStream, samples: int,
+               all_finite: Callable[[bool], bool]) -> dict[str, float]:
+    """``ppo.ptx_mode=separate`` (the published Safe RLHF trainer): after the RL update, the PTX loss gets its own
+    backward passes and optimizer steps — as many steps as the RL update took, each on as many supervised samples as
+    an RL minibatch, in the same micro-batches — instead of being added to the actor loss."""
+    ppo, policy = cfg.ppo, models.policy
+    per_step = max(1, samples // ppo.num_minibatches)
+    sizes = [min(cfg.trainer.micro_batch_size, per_step - i) for i in range(0, per_step, cfg.trainer.micro_batch_size)]
+    losses, norms = [], []
+    for _ in range(ppo.epochs * ppo.num_minibatches):
+        for size in sizes:
+            with models.autocast():
+                loss = ptx_step_loss(policy.module, ptx.next(size), next(policy.module.parameters()).device)
+            if not all_finite(bool(torch.isfinite(loss))):  # agreed over ranks; the RL step has already been taken
+                policy.zero_grad()
+                return {"loss/ptx_skipped": 1.0}
+            policy.backward(ppo.ptx_coeff * (size / per_step) * loss)
+            losses.append(loss.item())
+        result = policy.step()
+        if result["skipped"]:
+            return {"loss/ptx_skipped": 1.0}
+        norms.append(result["grad_norm"])
+    return {"loss/ptx": sum(losses) / len(losses), "grad_norm/actor_ptx": sum(norms) / len(norms),
+            "loss/ptx_skipped": 0.0}
+
+
 def ptx_step_loss(policy, batch: PtxBatch, device) -> torch.Tensor:
     """The PTX loss of one batch: next-token NLL on its response tokens."""
     mask = batch.attention_mask.to(device)
@@ -353,8 +379,13 @@ class Trainer:
             _advantage_stats(exp, adv_stats)
         with timings.section("update"):
             generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
+            joint_ptx = self.config.ppo.ptx_mode == "joint"
             update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
-                                                 all_finite=self.rt.comm.all_finished, ptx=self.ptx)
+                                                 all_finite=self.rt.comm.all_finished,
+                                                 ptx=self.ptx if joint_ptx else None)
+            if not skipped and self.ptx is not None and not joint_ptx:
+                update_metrics.update(ptx_update(self.models, self.config, self.ptx, exp.batch_size,
+                                                 self.rt.comm.all_finished))
         if skipped:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
