@@ -438,6 +438,9 @@ class TrainerConfig:
     rollout_batch_size: int = 64  # samples generated and scored at once on one rank
     max_prompt_length: int = 128
     max_new_tokens: int = 64
+    # null: responses up to max_new_tokens | N: prompt + response up to N tokens, each batch generating N minus its
+    # prompt width (the published trainer's generation max_length, 512); then max_new_tokens is not used
+    max_length: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -467,6 +470,10 @@ class TrainerConfig:
                      "max_prompt_length", "max_new_tokens", "keep_last", "max_nonfinite_in_a_row"):
             _positive(f"trainer.{name}", getattr(self, name))
         _non_negative("trainer.save_every", self.save_every)
+        if self.max_length is not None:
+            _require(self.max_length > self.max_prompt_length,
+                     f"trainer.max_length ({self.max_length}) must exceed trainer.max_prompt_length "
+                     f"({self.max_prompt_length}) so that every prompt leaves room for a response")
         if self.epochs is not None:
             _positive("trainer.epochs", self.epochs)
         _positive("trainer.temperature", self.temperature)
@@ -571,8 +578,9 @@ class Config:
         if self.model.source != "hub":
             arch, where = ((self.world.arch, "world.arch") if self.model.source == "world"
                            else (self.model.arch, "model.arch"))
-            _require(t.max_prompt_length + t.max_new_tokens <= arch.max_position_embeddings,
-                     f"trainer.max_prompt_length + trainer.max_new_tokens ({t.max_prompt_length + t.max_new_tokens}) "
+            longest = t.max_length or t.max_prompt_length + t.max_new_tokens
+            _require(longest <= arch.max_position_embeddings,
+                     f"trainer.max_length or trainer.max_prompt_length + trainer.max_new_tokens ({longest}) "
                      f"exceeds {where}.max_position_embeddings ({arch.max_position_embeddings})")
             if self.eval.max_new_tokens is not None:
                 _require(t.max_prompt_length + self.eval.max_new_tokens <= arch.max_position_embeddings,

@@ -28,6 +28,7 @@ import torch
 
 from repo_exp.data.prompts import PromptEncoder, PromptSet, load_prompt_set
 from repo_exp.metrics import eval_figures, exploit_figures, prefixed, prompt_stats
+from repo_exp.rollout.budget import generation_budget
 from repo_exp.rollout.make import make_experience
 
 if TYPE_CHECKING:
@@ -80,8 +81,10 @@ def evaluate_policy(
     runtime=None,
     top_k: int = 0,
     top_p: float = 1.0,
+    max_length: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per prompt of ``encoder``: the prompt, its k samples' rewards, costs, responses, and their stats."""
+    """One row per prompt of ``encoder``: the prompt, its k samples' rewards, costs, responses, and their stats.
+    With ``max_length``, prompt and response together stay within it (``repo_exp.rollout.budget``)."""
     k = samples_per_prompt
     per_batch = max(1, batch_size // k)
     n = len(encoder)
@@ -97,9 +100,11 @@ def evaluate_policy(
         real = b < len(batches)
         indices = batches[b] if real else batches[0]  # idle ranks still run the forward passes ZeRO-3 needs
         batch = encoder.batch(indices, repeats=k)
+        budget = generation_budget(max_new_tokens, max_length, batch.input_ids.shape[1],
+                                   runtime.comm.all_gather if all_finished is not None else None, device)
         exp = make_experience(
             policy, ref, reward, cost, tokenizer, batch, seed=seed, step=b, row_offset=0,
-            global_batch=len(batch.texts), chunk_size=len(batch.texts), max_new_tokens=max_new_tokens,
+            global_batch=len(batch.texts), chunk_size=len(batch.texts), max_new_tokens=budget,
             temperature=temperature, top_k=top_k, top_p=top_p, all_finished=all_finished, device=device,
             stream=1,
         )
@@ -264,6 +269,7 @@ def evaluate_models(models: Models, encoder: PromptEncoder, config: Config, runt
         samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
         max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
         threshold=d, oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
+        max_length=t.max_length if e.max_new_tokens is None else None,
     )
     summary = summarize(rows, d, rows if is_initial else initial)
     summary["eval/threshold"] = d

@@ -161,7 +161,7 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     cost_model = frozen(load_scorer(config.cost, _tokenizer_for(config.cost, cost_path), cost_path))
     reward_model.to(device)
     cost_model.to(device)
-    max_len = t.max_prompt_length + t.max_new_tokens
+    max_len = t.max_length or t.max_prompt_length + t.max_new_tokens
     reward = Scorer(reward_model, _tokenizer_for(config.reward, reward_path), config.reward.template, tokenizer,
                     config.model.template, max_len)
     cost = Scorer(cost_model, _tokenizer_for(config.cost, cost_path), config.cost.template, tokenizer,

@@ -43,6 +43,7 @@ from repo_exp.config import Config, ConfigError
 from repo_exp.constraints import Constraint
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
 from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
+from repo_exp.rollout.budget import generation_budget
 from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
 from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
 from repo_exp.models.score_model import position_ids_from_mask
@@ -403,12 +404,14 @@ class Trainer:
         t = self.config.trainer
         local, offset = self.stream.next_local()
         batch = self.encoder.batch(local, t.samples_per_prompt, prompt_offset=offset)
+        budget = generation_budget(t.max_new_tokens, t.max_length, batch.input_ids.shape[1],
+                                   self.rt.comm.all_gather if self.rt.distributed else None, self.rt.device)
         m = self.models
         return make_experience(
             m.policy.module, m.ref, m.reward, m.cost, m.tokenizer, batch,
             seed=self.config.seed, step=step, row_offset=offset * t.samples_per_prompt,
             global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
-            max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+            max_new_tokens=budget, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
             recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
             measure_cost=t.measure_cost,
             all_finished=self.rt.comm.all_finished if self.rt.distributed else None,

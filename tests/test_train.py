@@ -220,3 +220,25 @@ def test_ptx_needs_data(smoke_cfg):
 
     with pytest.raises(ConfigError, match="ptx.source"):
         validate(smoke_cfg("ppo.ptx_coeff=1.0"))
+
+
+def test_max_length_counts_the_prompt_and_ranks_agree_on_the_budget(smoke_cfg, tmp_path):
+    """``trainer.max_length``: a batch generates max_length − its prompt width; over ranks the smallest budget."""
+    from repo_exp.rollout import Timings
+    from repo_exp.rollout.budget import generation_budget
+
+    assert generation_budget(64, None, 30) == 64
+    assert generation_budget(64, 512, 130) == 382
+    widths_of_two_ranks = lambda x: torch.cat([x, torch.tensor([512 - 300])])  # the other rank's prompts: 300 wide
+    assert generation_budget(64, 512, 130, widths_of_two_ranks) == 212
+    with pytest.raises(ValueError, match="trainer.max_length"):
+        generation_budget(64, 100, 100)
+    from repo_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must exceed trainer.max_prompt_length"):
+        validate(smoke_cfg("trainer.max_length=40", "trainer.max_prompt_length=40"))
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", "trainer.max_length=48", "trainer.max_new_tokens=2")
+    exp = trainer.rollout(0, Timings())
+    budget = 48 - exp.prompt_width
+    assert budget > 2  # max_new_tokens no longer limits
+    assert exp.sequences.shape[1] <= 48 and int(exp.response_mask.sum(-1).max()) == budget
