@@ -161,7 +161,8 @@ def summarize(rows: list[dict], threshold: float, initial: list[dict] | None = N
 
 def exploit_summary(rows: list[dict], threshold: float, initial: list[dict] | None = None) -> dict[str, float]:
     """``exploit/…``: where the learned models and the oracle disagree on these samples, overall and per family
-    (``exploit/<figure>/<family>``). ``initial`` (same prompts, same order) gives the reward and oracle gains."""
+    (``exploit/<figure>/<family>``). ``initial`` (same prompts, same order) gives the reward and oracle gains. A
+    figure that is undefined here (a share of oracle-unsafe samples when there are none) is left out, not NaN."""
     def figures(keep: list[int]) -> dict[str, float]:
         init = [initial[i] for i in keep] if initial else None
         return exploit_figures(
@@ -175,7 +176,7 @@ def exploit_summary(rows: list[dict], threshold: float, initial: list[dict] | No
     for family in sorted({r.get("family") for r in rows if r.get("family")}):
         keep = [i for i, r in enumerate(rows) if r.get("family") == family]
         out.update({f"exploit/{k}/{family}": v for k, v in figures(keep).items()})
-    return out
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def oracle_style_figures(rows: list[dict]) -> dict[str, float]:

@@ -209,3 +209,5 @@ def test_summarize_reports_exploitation_overall_and_per_family():
     # harmful rewards [2, 0, 5, 4] against oracle [0.3, 0.4, 0.5, 0.6]: ranks [2, 1, 4, 3] vs [1, 2, 3, 4],
     # Σd² = 4, ρ = 1 − 24/60 = 0.6
     assert s["exploit/reward_oracle_rank_corr/harmful"] == pytest.approx(0.6)
+    # no benign prompt violates by the oracle: the share of violating prompts called safe is undefined, left out
+    assert "exploit/prompt_false_safe_share/benign" not in s and s["exploit/prompt_false_safe_rate/benign"] == 0.0
