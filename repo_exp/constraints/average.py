@@ -82,7 +82,8 @@ class AverageConstraint(Constraint):
             return {"constraint/window_cost": self.window_cost(), "constraint/lambda_updated": 0.0}
         if self.per_rank_window:  # the published trainer: this rank's episodes, then the mean of the ranks' means
             self.window.extend(costs.detach().float().reshape(-1).tolist())
-            j_c = float(self.comm.all_reduce_mean(torch.tensor([self.window_cost()], dtype=torch.float64)))
+            local = torch.tensor([self.window_cost()], dtype=torch.float64, device=costs.device)  # NCCL: on the GPU
+            j_c = float(self.comm.all_reduce_mean(local))
         else:
             self.window.extend(episode_costs.tolist())
             j_c = self.window_cost()
