@@ -194,7 +194,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
             module.train()
             return TorchEngine(module.to(rt.device), opt.actor if actor else opt.critic,
                                opt.actor_scheduler if actor else opt.critic_scheduler,
-                               total_steps=_optimizer_steps(config, actor), max_grad_norm=config.ppo.max_grad_norm, name=name)
+                               total_steps=_optimizer_steps(config, actor), max_grad_norm=config.ppo.max_grad_norm,
+                               name=name)
 
     policy_engine = engine(policy, "actor", actor=True)
     critic_engines = {name: engine(module, name, actor=False) for name, module in critic_modules.items()}
