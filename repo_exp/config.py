@@ -122,6 +122,9 @@ class ScoreModelConfig:
     dtype: str = "float32"
     template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
     trust_remote_code: bool = False
+    # the score normaliser: null = the checkpoint's do_normalize decides; false/true forces it (the published trainer
+    # forces it off). Its kind (reward: shift and scale, cost: scale only) always follows `kind`, the slot it fills
+    normalize: Optional[bool] = None
     arch: ArchConfig = field(default_factory=ArchConfig)
     seed: int = 1
 
@@ -176,10 +179,13 @@ class AverageConfig(ConstraintConfig):
     window: int = 128
     delay: int = 0
     lambda_update: str = "log_sgd"  # log_sgd (published trainer) | projected (the paper's dual ascent)
+    # global: the last `window` episodes of all ranks | rank: `window` per rank, mean of the ranks' means (published)
+    window_scope: str = "global"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _one_of("constraint.lambda_update", self.lambda_update, ("log_sgd", "projected"))
+        _one_of("constraint.window_scope", self.window_scope, ("global", "rank"))
         if self.lambda_update == "projected":
             _non_negative("constraint.lambda_init", self.lambda_init)
         else:
@@ -309,6 +315,18 @@ class WorldStageConfig:
         _non_negative("world stage weight_decay", self.weight_decay)
 
 
+@dataclass
+class ScoreStageConfig(WorldStageConfig):
+    """A reward- or cost-model stage: the published trainers' regularisation and label filter (``score_train``)."""
+
+    score_regularization: float = 0.001  # × mean(score²) over each pair's end scores
+    filter_inconsistent_pairs: bool = True  # cost model: leave out pairs whose safer answer is unsafe, the other safe
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_negative("world score stage score_regularization", self.score_regularization)
+
+
 def _default_sft_mixture() -> dict[str, dict[str, float]]:
     return {
         "benign": {"refuse": 0.15, "safe": 0.6, "offtopic": 0.05, "truncated": 0.05, "random": 0.1, "hedged": 0.05},
@@ -358,8 +376,8 @@ class WorldConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     score_arch: ArchConfig = field(default_factory=ArchConfig)
     sft: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=400, lr=3e-3))
-    reward_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
-    cost_model: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=300, lr=1e-3))
+    reward_model: ScoreStageConfig = field(default_factory=lambda: ScoreStageConfig(steps=300, lr=1e-3))
+    cost_model: ScoreStageConfig = field(default_factory=lambda: ScoreStageConfig(steps=300, lr=1e-3))
     rounds: WorldRoundsConfig = field(default_factory=WorldRoundsConfig)
 
     def __post_init__(self) -> None:
@@ -409,6 +427,9 @@ class PPOConfig:
     gamma: float = 1.0
     gae_lambda: float = 0.95
     ptx_coeff: float = 0.0
+    # joint: ptx_coeff × PTX loss added to the actor loss | separate: its own backward and optimizer step after each
+    # RL step (the published trainer; the actor's learning-rate schedule then counts both kinds of step)
+    ptx_mode: str = "joint"
     loss_aggregation: str = "seq_mean_token_mean"  # seq_mean_token_mean (Safe RLHF) | token_mean
     epochs: int = 1  # PPO epochs over each rollout batch
     num_minibatches: int = 1  # optimizer steps per PPO epoch
@@ -423,6 +444,7 @@ class PPOConfig:
         _require(0.0 < self.gamma <= 1.0, f"ppo.gamma must be in (0, 1], got {self.gamma}")
         _require(0.0 <= self.gae_lambda <= 1.0, f"ppo.gae_lambda must be in [0, 1], got {self.gae_lambda}")
         _non_negative("ppo.ptx_coeff", self.ptx_coeff)
+        _one_of("ppo.ptx_mode", self.ptx_mode, ("joint", "separate"))
         _one_of("ppo.loss_aggregation", self.loss_aggregation, ("seq_mean_token_mean", "token_mean"))
         _positive("ppo.epochs", self.epochs)
         _positive("ppo.num_minibatches", self.num_minibatches)
@@ -463,6 +485,9 @@ class TrainerConfig:
     rollout_batch_size: int = 64  # samples generated and scored at once on one rank
     max_prompt_length: int = 128
     max_new_tokens: int = 64
+    # null: responses up to max_new_tokens | N: prompt + response up to N tokens, each batch generating N minus its
+    # prompt width (the published trainer's generation max_length, 512); then max_new_tokens is not used
+    max_length: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -492,6 +517,10 @@ class TrainerConfig:
                      "max_prompt_length", "max_new_tokens", "keep_last", "max_nonfinite_in_a_row"):
             _positive(f"trainer.{name}", getattr(self, name))
         _non_negative("trainer.save_every", self.save_every)
+        if self.max_length is not None:
+            _require(self.max_length > self.max_prompt_length,
+                     f"trainer.max_length ({self.max_length}) must exceed trainer.max_prompt_length "
+                     f"({self.max_prompt_length}) so that every prompt leaves room for a response")
         if self.epochs is not None:
             _positive("trainer.epochs", self.epochs)
         _positive("trainer.temperature", self.temperature)
@@ -597,8 +626,9 @@ class Config:
         if self.model.source != "hub":
             arch, where = ((self.world.arch, "world.arch") if self.model.source == "world"
                            else (self.model.arch, "model.arch"))
-            _require(t.max_prompt_length + t.max_new_tokens <= arch.max_position_embeddings,
-                     f"trainer.max_prompt_length + trainer.max_new_tokens ({t.max_prompt_length + t.max_new_tokens}) "
+            longest = t.max_length or t.max_prompt_length + t.max_new_tokens
+            _require(longest <= arch.max_position_embeddings,
+                     f"trainer.max_length or trainer.max_prompt_length + trainer.max_new_tokens ({longest}) "
                      f"exceeds {where}.max_position_embeddings ({arch.max_position_embeddings})")
             if self.eval.max_new_tokens is not None:
                 _require(t.max_prompt_length + self.eval.max_new_tokens <= arch.max_position_embeddings,

@@ -250,7 +250,6 @@ def engine_factory(config: Config, rt: Runtime) -> Callable[[nn.Module, str, boo
     partitioned model cannot be copied."""
     opt = config.optimizer
     dtype = torch.bfloat16 if config.deepspeed.bf16 else torch.float32
-    total_steps = _optimizer_steps(config)
 
     def engine(module: nn.Module, name: str, actor: bool) -> DeepSpeedEngine:
         module.requires_grad_(True)
@@ -260,7 +259,7 @@ def engine_factory(config: Config, rt: Runtime) -> Callable[[nn.Module, str, boo
             _enable_gradient_checkpointing(module)
         part = opt.actor if actor else opt.critic
         return DeepSpeedEngine(module.to(dtype), part, opt.actor_scheduler if actor else opt.critic_scheduler,
-                               total_steps, train_config(config, rt.world_size, part), name)
+                               _optimizer_steps(config, actor), train_config(config, rt.world_size, part), name)
 
     return engine
 

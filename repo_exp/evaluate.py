@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from repo_exp.data.prompts import PromptEncoder, PromptSet, load_prompt_set
-from repo_exp.metrics import eval_figures, prefixed, prompt_stats
+from repo_exp.metrics import eval_figures, exploit_figures, prefixed, prompt_stats
+from repo_exp.rollout.budget import generation_budget
 from repo_exp.rollout.make import make_experience
 
 if TYPE_CHECKING:
@@ -80,8 +81,10 @@ def evaluate_policy(
     runtime=None,
     top_k: int = 0,
     top_p: float = 1.0,
+    max_length: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per prompt of ``encoder``: the prompt, its k samples' rewards, costs, responses, and their stats."""
+    """One row per prompt of ``encoder``: the prompt, its k samples' rewards, costs, responses, and their stats.
+    With ``max_length``, prompt and response together stay within it (``repo_exp.rollout.budget``)."""
     k = samples_per_prompt
     per_batch = max(1, batch_size // k)
     n = len(encoder)
@@ -97,9 +100,11 @@ def evaluate_policy(
         real = b < len(batches)
         indices = batches[b] if real else batches[0]  # idle ranks still run the forward passes ZeRO-3 needs
         batch = encoder.batch(indices, repeats=k)
+        budget = generation_budget(max_new_tokens, max_length, batch.input_ids.shape[1],
+                                   runtime.comm.all_gather if all_finished is not None else None, device)
         exp = make_experience(
             policy, ref, reward, cost, tokenizer, batch, seed=seed, step=b, row_offset=0,
-            global_batch=len(batch.texts), chunk_size=len(batch.texts), max_new_tokens=max_new_tokens,
+            global_batch=len(batch.texts), chunk_size=len(batch.texts), max_new_tokens=budget,
             temperature=temperature, top_k=top_k, top_p=top_p, all_finished=all_finished, device=device,
             stream=1,
         )
@@ -150,7 +155,28 @@ def summarize(rows: list[dict], threshold: float, initial: list[dict] | None = N
     if rows and all("oracle" in r for r in rows) and (initial is None or all("oracle" in r for r in initial)):
         summary.update(figures(lambda r: r["oracle"], ORACLE_THRESHOLD, "oracle"))
         summary.update(oracle_style_figures(rows))
+        summary.update(exploit_summary(rows, threshold, initial))
     return summary
+
+
+def exploit_summary(rows: list[dict], threshold: float, initial: list[dict] | None = None) -> dict[str, float]:
+    """``exploit/…``: where the learned models and the oracle disagree on these samples, overall and per family
+    (``exploit/<figure>/<family>``). ``initial`` (same prompts, same order) gives the reward and oracle gains. A
+    figure that is undefined here (a share of oracle-unsafe samples when there are none) is left out, not NaN."""
+    def figures(keep: list[int]) -> dict[str, float]:
+        init = [initial[i] for i in keep] if initial else None
+        return exploit_figures(
+            [rows[i]["costs"] for i in keep], [rows[i]["oracle"]["costs"] for i in keep],
+            [rows[i]["rewards"] for i in keep], [rows[i]["oracle"]["rewards"] for i in keep],
+            threshold, ORACLE_THRESHOLD,
+            initial_rewards=[x["rewards"] for x in init] if init else None,
+            initial_oracle_rewards=[x["oracle"]["rewards"] for x in init] if init else None)
+
+    out = prefixed(figures(list(range(len(rows)))), "exploit")
+    for family in sorted({r.get("family") for r in rows if r.get("family")}):
+        keep = [i for i, r in enumerate(rows) if r.get("family") == family]
+        out.update({f"exploit/{k}/{family}": v for k, v in figures(keep).items()})
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def oracle_style_figures(rows: list[dict]) -> dict[str, float]:
@@ -244,6 +270,7 @@ def evaluate_models(models: Models, encoder: PromptEncoder, config: Config, runt
         samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
         max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
         threshold=d, oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
+        max_length=t.max_length if e.max_new_tokens is None else None,
     )
     summary = summarize(rows, d, rows if is_initial else initial)
     summary["eval/threshold"] = d

@@ -124,3 +124,96 @@ def eval_figures(
 
 def prefixed(figures: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}/{k}": v for k, v in figures.items()}
+
+
+# ---------------------------------------------------------------------------------------------- exploitation
+# Where the learned reward and cost models and the ground-truth oracle disagree on the policy's own samples.
+# A policy trained against learned models drifts towards answers they misjudge; these figures show that drift.
+EXPLOIT_FIGURES = {
+    "cost_false_safe_rate": "share of all samples the cost model calls safe (C ≤ d) while the oracle calls unsafe",
+    "cost_false_safe_share": "share of oracle-unsafe samples the cost model calls safe (the miss rate)",
+    "cost_false_alarm_rate": "share of all samples the cost model calls unsafe (C > d) while the oracle calls safe",
+    "cost_false_alarm_share": "share of oracle-safe samples the cost model calls unsafe (causes benign refusals)",
+    "prompt_false_safe_rate": "share of prompts with C̄(x) ≤ d while the oracle's C̄(x) > its threshold",
+    "prompt_false_safe_share": "share of oracle-violating prompts the cost model calls non-violating",
+    "prompt_false_alarm_rate": "share of prompts with C̄(x) > d while the oracle's C̄(x) is within its threshold",
+    "reward_oracle_rank_corr": "Spearman correlation of reward-model scores and oracle helpfulness over samples",
+    "reward_gain": "reward-model mean minus the initial policy's (reward-model units)",
+    "oracle_gain": "oracle helpfulness mean minus the initial policy's (oracle units)",
+}
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[order[m]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson on average ranks); NaN when either side is constant or empty."""
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman needs equal lengths, got {len(xs)} and {len(ys)}")
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = _mean(rx), _mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def _share(hits: Sequence[bool]) -> float:
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def exploit_figures(
+    costs: Sequence[Sequence[float]],
+    oracle_costs: Sequence[Sequence[float]],
+    rewards: Sequence[Sequence[float]],
+    oracle_rewards: Sequence[Sequence[float]],
+    threshold: float,
+    oracle_threshold: float = 0.0,
+    initial_rewards: Sequence[Sequence[float]] | None = None,
+    initial_oracle_rewards: Sequence[Sequence[float]] | None = None,
+) -> dict[str, float]:
+    """The ``EXPLOIT_FIGURES`` from per-prompt sample lists (k values per prompt, the same samples on each side).
+
+    ``*_rate`` figures are shares of all samples (or prompts); ``*_share`` figures are conditional on the oracle's
+    verdict, NaN when no sample (prompt) has that verdict. The gains need the initial policy's samples.
+    """
+    if not (len(costs) == len(oracle_costs) == len(rewards) == len(oracle_rewards)):
+        raise ValueError("exploit_figures needs the learned and oracle rewards and costs of the same prompts")
+    learned_c = [c for cs in costs for c in cs]
+    oracle_c = [c for cs in oracle_costs for c in cs]
+    if len(learned_c) != len(oracle_c):
+        raise ValueError("the learned and oracle costs cover different samples")
+    says_safe = [c <= threshold for c in learned_c]
+    truly_unsafe = [c > oracle_threshold for c in oracle_c]
+    false_safe = [s and u for s, u in zip(says_safe, truly_unsafe)]
+    false_alarm = [(not s) and (not u) for s, u in zip(says_safe, truly_unsafe)]
+    prompt_safe = [_mean(cs) <= threshold for cs in costs]
+    prompt_violating = [_mean(cs) > oracle_threshold for cs in oracle_costs]
+    learned_r = [r for rs in rewards for r in rs]
+    oracle_r = [r for rs in oracle_rewards for r in rs]
+    out = {
+        "cost_false_safe_rate": _share(false_safe),
+        "cost_false_safe_share": _share([s for s, u in zip(says_safe, truly_unsafe) if u]),
+        "cost_false_alarm_rate": _share(false_alarm),
+        "cost_false_alarm_share": _share([not s for s, u in zip(says_safe, truly_unsafe) if not u]),
+        "prompt_false_safe_rate": _share([s and v for s, v in zip(prompt_safe, prompt_violating)]),
+        "prompt_false_safe_share": _share([s for s, v in zip(prompt_safe, prompt_violating) if v]),
+        "prompt_false_alarm_rate": _share([(not s) and (not v) for s, v in zip(prompt_safe, prompt_violating)]),
+        "reward_oracle_rank_corr": spearman(learned_r, oracle_r),
+    }
+    if initial_rewards is not None and initial_oracle_rewards is not None:
+        out["reward_gain"] = _mean(learned_r) - _mean([r for rs in initial_rewards for r in rs])
+        out["oracle_gain"] = _mean(oracle_r) - _mean([r for rs in initial_oracle_rewards for r in rs])
+    return out

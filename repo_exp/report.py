@@ -6,14 +6,16 @@
 multiplier learning rate …; seeds are replicates), and writes
 
 - ``report.json``: ``report[constraint]`` = ``{figure: {"mean", "std", "n"}}`` over every run of that constraint, for
-  every ``eval/…`` and ``oracle/…`` figure (std over seeds, ddof 1; 0 when n = 1); ``report["groups"]`` the same per
+  every ``eval/…``, ``oracle/…`` and ``exploit/…`` figure (std over seeds, ddof 1; 0 when n = 1); ``report["groups"]`` the same per
   (constraint, settings) group; ``report["runs"]`` what was read;
 - ``report.md``: the table of headline figures, mean ± std over seeds, and the figures below;
 - ``interference.png`` (and ``interference_oracle.png`` on the synthetic world): per-prompt mean cost C̄(x) after
   training against before, one panel per constraint type and setting, with the threshold lines — points above the
   diagonal are prompts that became less safe;
 - ``tradeoff.png``: reward against prompt-violation rate, one curve per constraint type along the swept setting;
-- ``training.png``: λ, mean cost, unsafe rate and reward per step, mean over seeds with a ±1 std band.
+- ``training.png``: λ, mean cost, unsafe rate and reward per step, mean over seeds with a ±1 std band;
+- ``exploitation.png`` (runs with oracle figures): the share of samples the cost model calls safe while the oracle
+  calls unsafe, per prompt family and group.
 
 ``build_report(run_dirs, out_dir, title=...)`` does all of it and returns the report dict.
 """
@@ -65,6 +67,13 @@ HEADLINE = (
     ("oracle/interference_rate", "interference"),
     ("oracle/benign_refusal_rate", "benign refusals"),
     ("oracle/refusal_rate/harmful", "harmful refused"),
+    ("exploit/cost_false_safe_rate", "false safe (samples)"),
+    ("exploit/cost_false_safe_share", "unsafe called safe"),
+    ("exploit/cost_false_alarm_share", "safe called unsafe"),
+    ("exploit/prompt_false_safe_share", "violating prompts called safe"),
+    ("exploit/reward_oracle_rank_corr", "reward–oracle rank corr."),
+    ("exploit/reward_gain", "reward-model gain"),
+    ("exploit/oracle_gain", "oracle gain"),
 )
 TRAINING_PANELS = (
     ("constraint/lambda", "multiplier λ"),
@@ -204,7 +213,8 @@ def _constraint_rank(name: str) -> int:
 
 
 def figure_stats(summaries: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """``{figure: {"mean", "std", "n"}}`` over ``summaries`` for every numeric ``eval/…`` and ``oracle/…`` figure.
+    """``{figure: {"mean", "std", "n"}}`` over ``summaries`` for every numeric ``eval/…``, ``oracle/…`` and
+    ``exploit/…`` figure.
 
     ``std`` is the sample standard deviation over runs (ddof 1), 0 for a single run; ``n`` counts the runs that
     have the figure.
@@ -212,7 +222,7 @@ def figure_stats(summaries: Sequence[dict[str, Any]]) -> dict[str, dict[str, flo
     values: dict[str, list[float]] = defaultdict(list)
     for s in summaries:
         for key, value in s.items():
-            if key.split("/", 1)[0] in ("eval", "oracle") and isinstance(value, (int, float)) \
+            if key.split("/", 1)[0] in ("eval", "oracle", "exploit") and isinstance(value, (int, float)) \
                     and not isinstance(value, bool) and math.isfinite(value):
                 values[key].append(float(value))
     return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
@@ -410,6 +420,33 @@ def plot_tradeoff(groups: dict[str, list[Run]], path: Path) -> bool:
     return True
 
 
+def plot_exploitation(groups: dict[str, list[Run]], path: Path, figure: str = "cost_false_safe_rate") -> bool:
+    """Bars of ``exploit/<figure>/<family>`` per family, one bar per group (mean ± std over seeds)."""
+    families = sorted({k.rsplit("/", 1)[1] for members in groups.values() for r in members for k in r.summary
+                       if k.startswith(f"exploit/{figure}/")})
+    if not families:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(families) * max(1, len(groups)) ** 0.5), 4.2))
+    width = 0.8 / len(groups)
+    for g, (label, members) in enumerate(groups.items()):
+        figs = figure_stats([r.summary for r in members])
+        stats = [figs.get(f"exploit/{figure}/{f}", {"mean": float("nan"), "std": 0.0}) for f in families]
+        colour, _ = _style(members[0].constraint)
+        ax.bar([i + (g - (len(groups) - 1) / 2) * width for i in range(len(families))], [s["mean"] for s in stats],
+               width, yerr=[s["std"] for s in stats], color=colour, alpha=0.35 + 0.65 * (g + 1) / len(groups),
+               capsize=3, label=label)
+    ax.set_xticks(range(len(families)), [f.replace("_", "-") for f in families])
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_ylabel("samples: cost model safe, oracle unsafe")
+    ax.set_title("Cost-model exploitation by prompt family")
+    ax.legend(loc="best", framealpha=0.9, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def _as_number(value: str) -> float | str:
     try:
         return float(value)
@@ -502,7 +539,9 @@ def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str
              f"{len(report['runs'])} runs in {len(groups)} groups. Cells: mean ± std over seeds (n seeds per group); "
              "every figure of every group is in `report.json`.", ""]
     for prefix, heading in (("eval/", "Learned reward and cost models (`eval/…`, at each run's threshold d)"),
-                            ("oracle/", "Ground truth (`oracle/…`, unsafe when the oracle cost > 0)")):
+                            ("oracle/", "Ground truth (`oracle/…`, unsafe when the oracle cost > 0)"),
+                            ("exploit/", "Exploitation: the learned models against the oracle on the policy's "
+                                         "samples (`exploit/…`)")):
         present = [(k, name) for k, name in HEADLINE
                    if k.startswith(prefix) and any(k in g["figures"] for g in groups.values())]
         if not present:
@@ -520,6 +559,8 @@ def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str
         "interference_oracle": "The same with the ground-truth oracle cost (unsafe when > 0).",
         "tradeoff": "Reward against the share of prompts that violate the constraint, along the sweep.",
         "training": "λ, mean cost, unsafe rate and reward during training.",
+        "exploitation": "Share of samples the cost model calls safe (C ≤ d) while the oracle calls unsafe, per prompt "
+                        "family and group (mean over seeds, bars ±1 std): where the policy exploits the cost model.",
     }
     for name, file in figures.items():
         lines += [f"## {name.replace('_', ' ')}", "", captions.get(name, ""), "", f"![{name}]({file})", ""]
@@ -552,7 +593,8 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
              ("interference_oracle", lambda p: plot_interference(groups, p, "oracle")
               if all(r.has_oracle for r in runs) else False),
              ("tradeoff", lambda p: plot_tradeoff(groups, p)),
-             ("training", lambda p: plot_training(groups, p))]
+             ("training", lambda p: plot_training(groups, p)),
+             ("exploitation", lambda p: plot_exploitation(groups, p))]
     for name, plot in plots:
         if plot(out / f"{name}.png"):
             figures[name] = f"{name}.png"

@@ -5,6 +5,10 @@
   response labelled unsafe and ``−1`` for a safe one: the less safe response gets the higher cost, unsafe ones are
   pushed above 0 and safe ones below (the published Safe RLHF cost loss).
 
+As in the published trainers, both add ``score_regularization · mean(score²)`` over the pair's end scores (0.001,
+keeping the scores near zero), and the cost model leaves out pairs whose safer response is labelled unsafe while
+the other is labelled safe (``filter_inconsistent_pairs``; the published safety-preference data refuses them).
+
 The result is a score model in the published layout, which an RL run loads by path
 (``reward.source=hub reward.path=DIR``). Entry point:
 
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from repo_exp.config import ArchConfig, DataConfig, _one_of, _positive, _require
+from repo_exp.config import ArchConfig, DataConfig, _non_negative, _one_of, _positive, _require
 from repo_exp.models.score_model import ScoreModel, right_pad, score_input_ids
 
 log = logging.getLogger(__name__)
@@ -90,12 +94,29 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def pair_loss(model: ScoreModel, batch: PairBatch, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_regularization(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``mean(score²)`` over both responses' end scores (B,) each: the published reward and cost trainers add it,
+    times 0.001, so that the scores stay near zero instead of drifting by a constant the pairwise loss cannot see."""
+    return torch.stack([first, second]).square().mean()
+
+
+def inconsistent_safety_labels(row: dict) -> bool:
+    """The safer response is labelled unsafe while the other is labelled safe: the labels contradict each other."""
+    safer = int(row["safer_response_id"])
+    return not _truthy(row[f"is_response_{safer}_safe"]) and _truthy(row[f"is_response_{1 - safer}_safe"])
+
+
+def pair_loss(model: ScoreModel, batch: PairBatch, kind: str,
+              regularization: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     first = model.end_scores(batch.first_ids, batch.first_mask)
     second = model.end_scores(batch.second_ids, batch.second_mask)
     if kind == "reward":
-        return reward_loss(first, second), first, second
-    return cost_loss(first, second, batch.first_sign, batch.second_sign), first, second
+        loss = reward_loss(first, second)
+    else:
+        loss = cost_loss(first, second, batch.first_sign, batch.second_sign)
+    if regularization > 0.0:
+        loss = loss + regularization * score_regularization(first, second)
+    return loss, first, second
 
 
 @torch.no_grad()
@@ -121,10 +142,19 @@ def evaluate_score_model(model: ScoreModel, encoder: PreferenceEncoder, rows: Se
 
 def train_score_model(model: ScoreModel, encoder: PreferenceEncoder, train_rows: Sequence[dict],
                       test_rows: Sequence[dict], kind: str, steps: int, batch_size: int, lr: float,
-                      weight_decay: float = 0.0, seed: int = 0) -> dict[str, float]:
-    """Train ``model`` in place; returns held-out metrics (and the last training loss)."""
+                      weight_decay: float = 0.0, seed: int = 0, score_regularization: float = 0.001,
+                      filter_inconsistent_pairs: bool = True) -> dict[str, float]:
+    """Train ``model`` in place; returns held-out metrics (and the last training loss). The defaults of the last two
+    arguments are the published trainers'."""
     if kind not in ("reward", "cost"):
         raise ValueError(f"kind must be reward or cost, got {kind!r}")
+    dropped = 0
+    if kind == "cost" and filter_inconsistent_pairs:
+        kept = [r for r in train_rows if not inconsistent_safety_labels(r)]
+        dropped = len(train_rows) - len(kept)
+        train_rows, test_rows = kept, [r for r in test_rows if not inconsistent_safety_labels(r)]
+        log.info("cost model: %d of %d training pairs left out (safer response labelled unsafe, the other safe)",
+                 dropped, dropped + len(kept))
     if not train_rows:
         raise ValueError("no preference rows to train on")
     rng = random.Random(seed)
@@ -135,7 +165,7 @@ def train_score_model(model: ScoreModel, encoder: PreferenceEncoder, train_rows:
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         rows = [train_rows[rng.randrange(len(train_rows))] for _ in range(batch_size)]
-        loss, _, _ = pair_loss(model, encoder.batch(rows, kind), kind)
+        loss, _, _ = pair_loss(model, encoder.batch(rows, kind), kind, score_regularization)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the {kind} model's loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -145,6 +175,8 @@ def train_score_model(model: ScoreModel, encoder: PreferenceEncoder, train_rows:
         schedule.step()
     metrics = evaluate_score_model(model, encoder, test_rows, kind) if test_rows else {}
     metrics[f"{kind}/train_loss"] = float(loss.detach())
+    if kind == "cost":
+        metrics["cost/inconsistent_pairs_dropped"] = float(dropped)
     model.eval()
     return metrics
 
@@ -165,6 +197,8 @@ class ScoreTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_length: int = 512
+    score_regularization: float = 0.001  # × mean(score²), the published trainers' value
+    filter_inconsistent_pairs: bool = True  # cost: leave out pairs whose safer response is labelled unsafe, other safe
     test_split: Optional[str] = "test"
     seed: int = 0
     out: str = MISSING
@@ -174,6 +208,7 @@ class ScoreTrainConfig:
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
         _positive("lr", self.lr)
+        _non_negative("score_regularization", self.score_regularization)
         _require("{input}" in self.template, "template must contain '{input}'")
 
 
@@ -189,9 +224,7 @@ def init_score_model(init: str | None, tokenizer, arch: ArchConfig, kind: str, s
         return ScoreModel(tiny_llama_config(arch, tokenizer), score_type=kind)
     raw = read_config(Path(init))
     if any(a.endswith("ForScore") for a in raw.get("architectures") or []):
-        model = load_score_model(init)
-        model.score_type = kind
-        return model
+        return load_score_model(init, score_type=kind)
     config = AutoConfig.from_pretrained(init)
     trunk = quietly(AutoModel.from_pretrained, init)  # a causal LM's lm_head is expected to be left out
     model = ScoreModel(config, score_type=kind, trunk=trunk)
@@ -237,7 +270,7 @@ def score_train_job(cfg) -> dict[str, float]:
     model = init_score_model(c.init, tokenizer, c.arch, c.kind, c.seed)
     encoder = PreferenceEncoder(tokenizer, c.template, c.max_length)
     metrics = train_score_model(model, encoder, train_rows, test_rows, c.kind, c.steps, c.batch_size, c.lr,
-                                c.weight_decay, c.seed)
+                                c.weight_decay, c.seed, c.score_regularization, c.filter_inconsistent_pairs)
     model.save_pretrained(c.out, tokenizer=tokenizer)
     log.info("%s model saved to %s: %s", c.kind, c.out, metrics)
     print(OmegaConf.to_yaml(OmegaConf.create(metrics)))

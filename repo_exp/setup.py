@@ -165,7 +165,7 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     cost_model = frozen(load_scorer(config.cost, _tokenizer_for(config.cost, cost_path), cost_path))
     reward_model.to(device)
     cost_model.to(device)
-    max_len = t.max_prompt_length + t.max_new_tokens
+    max_len = t.max_length or t.max_prompt_length + t.max_new_tokens
     reward = Scorer(reward_model, _tokenizer_for(config.reward, reward_path), config.reward.template, tokenizer,
                     config.model.template, max_len)
     cost = Scorer(cost_model, _tokenizer_for(config.cost, cost_path), config.cost.template, tokenizer,
@@ -200,7 +200,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
             module.train()
             return TorchEngine(module.to(rt.device), opt.actor if actor else opt.critic,
                                opt.actor_scheduler if actor else opt.critic_scheduler,
-                               total_steps=_optimizer_steps(config), max_grad_norm=config.ppo.max_grad_norm, name=name)
+                               total_steps=_optimizer_steps(config, actor), max_grad_norm=config.ppo.max_grad_norm,
+                               name=name)
 
     policy_engine = engine(policy, "actor", actor=True)
     critic_engines = {name: engine(module, name, actor=False) for name, module in critic_modules.items()}
@@ -215,5 +216,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     return Models(tokenizer, policy_engine, ref, reward, cost, critics, t.mixed_precision)
 
 
-def _optimizer_steps(config: Config) -> int:
-    return config.trainer.total_steps * config.ppo.epochs * config.ppo.num_minibatches
+def _optimizer_steps(config: Config, actor: bool = False) -> int:
+    """Optimizer steps over the run; the actor takes as many again for a separate PTX loss (``ppo.ptx_mode``)."""
+    ppo = config.ppo
+    separate_ptx = actor and ppo.ptx_mode == "separate" and ppo.ptx_coeff > 0
+    return config.trainer.total_steps * ppo.epochs * ppo.num_minibatches * (2 if separate_ptx else 1)

@@ -45,6 +45,7 @@ from repo_exp.config import Config, ConfigError
 from repo_exp.constraints import Constraint
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
 from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
+from repo_exp.rollout.budget import generation_budget
 from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
 from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
 from repo_exp.models.score_model import position_ids_from_mask
@@ -194,6 +195,32 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                 stats[f"grad_norm/{name}"].append(result["grad_norm"])
                 stats[f"lr/{name}"].append(result["lr"])
     return {k: sum(v) / len(v) for k, v in stats.items()}, False
+
+
+def ptx_update(models: Models, cfg: Config, ptx: PtxStream, samples: int,
+               all_finite: Callable[[bool], bool]) -> dict[str, float]:
+    """``ppo.ptx_mode=separate`` (the published Safe RLHF trainer): after the RL update, the PTX loss gets its own
+    backward passes and optimizer steps — as many steps as the RL update took, each on as many supervised samples as
+    an RL minibatch, in the same micro-batches — instead of being added to the actor loss."""
+    ppo, policy = cfg.ppo, models.policy
+    per_step = max(1, samples // ppo.num_minibatches)
+    sizes = [min(cfg.trainer.micro_batch_size, per_step - i) for i in range(0, per_step, cfg.trainer.micro_batch_size)]
+    losses, norms = [], []
+    for _ in range(ppo.epochs * ppo.num_minibatches):
+        for size in sizes:
+            with models.autocast():
+                loss = ptx_step_loss(policy.module, ptx.next(size), next(policy.module.parameters()).device)
+            if not all_finite(bool(torch.isfinite(loss))):  # agreed over ranks; the RL step has already been taken
+                policy.zero_grad()
+                return {"loss/ptx_skipped": 1.0}
+            policy.backward(ppo.ptx_coeff * (size / per_step) * loss)
+            losses.append(loss.item())
+        result = policy.step()
+        if result["skipped"]:
+            return {"loss/ptx_skipped": 1.0}
+        norms.append(result["grad_norm"])
+    return {"loss/ptx": sum(losses) / len(losses), "grad_norm/actor_ptx": sum(norms) / len(norms),
+            "loss/ptx_skipped": 0.0}
 
 
 def ptx_step_loss(policy, batch: PtxBatch, device) -> torch.Tensor:
@@ -400,8 +427,13 @@ class Trainer:
             _advantage_stats(exp, adv_stats)
         with timings.section("update"):
             generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
+            joint_ptx = self.config.ppo.ptx_mode == "joint"
             update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
-                                                 all_finite=self.rt.comm.all_finished, ptx=self.ptx)
+                                                 all_finite=self.rt.comm.all_finished,
+                                                 ptx=self.ptx if joint_ptx else None)
+            if not skipped and self.ptx is not None and not joint_ptx:
+                update_metrics.update(ptx_update(self.models, self.config, self.ptx, exp.batch_size,
+                                                 self.rt.comm.all_finished))
         if skipped:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
@@ -419,12 +451,14 @@ class Trainer:
         t = self.config.trainer
         local, offset = self.stream.next_local()
         batch = self.encoder.batch(local, t.samples_per_prompt, prompt_offset=offset)
+        budget = generation_budget(t.max_new_tokens, t.max_length, batch.input_ids.shape[1],
+                                   self.rt.comm.all_gather if self.rt.distributed else None, self.rt.device)
         m = self.models
         return make_experience(
             m.policy.module, m.ref, m.reward, m.cost, m.tokenizer, batch,
             seed=self.config.seed, step=step, row_offset=offset * t.samples_per_prompt,
             global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
-            max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+            max_new_tokens=budget, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
             recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
             measure_cost=t.measure_cost,
             all_finished=self.rt.comm.all_finished if self.rt.distributed else None,

@@ -187,3 +187,86 @@ def test_average_projected_update_by_hand():
     d = AverageConstraint(lambda_update="projected", lambda_init=0.0)
     d.load_state_dict(c.state_dict())
     assert d.multiplier == 3.0
+
+
+class ThreadComm:
+    """Two ranks in one process, one thread each: every collective waits for both and sees both ranks' tensors."""
+
+    world_size = 2
+
+    def __init__(self, rank: int, shared: dict) -> None:
+        self.rank, self.shared = rank, shared
+
+    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.shared["slots"][self.rank] = x.clone()
+        self.shared["barrier"].wait()
+        parts = list(self.shared["slots"])
+        self.shared["barrier"].wait()  # nobody overwrites a slot before both have read
+        return parts
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._exchange(x))
+
+    def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self._exchange(x)
+        return (a + b) / 2
+
+
+def run_two_ranks(scope: str, costs_per_rank, lambda_max=None, steps=2):
+    import threading
+
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=30)}
+    constraints = [AverageConstraint(window=4, window_scope=scope, lambda_max=lambda_max, comm=ThreadComm(r, shared))
+                   for r in range(2)]
+    metrics: list[list[dict]] = [[], []]
+
+    def rank(r: int) -> None:
+        for step in range(steps):
+            costs = torch.tensor(costs_per_rank[r](step + 1))
+            metrics[r].append(constraints[r].update(costs, torch.arange(len(costs)), step))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return constraints, metrics
+
+
+def test_two_rank_cost_window_per_rank_and_global():
+    """Step t: rank 0 sees costs [t, t], rank 1 [10t, 10t, 10t] (unequal batches); window 4.
+
+    rank scope (published): step 1 windows [1, 1] and [10, 10, 10] → J_c = (1 + 10)/2 = 5.5;
+      step 2 windows [1, 1, 2, 2] (1.5) and [10, 20, 20, 20] (17.5) → J_c = 9.5.
+    global scope: the last 4 of all gathered episodes: step 1 [1, 10, 10, 10] → 7.75; step 2 [2, 20, 20, 20] → 15.5.
+    """
+    costs = [lambda t: [float(t)] * 2, lambda t: [10.0 * t] * 3]
+    for scope, expected in (("rank", (5.5, 9.5)), ("global", (7.75, 15.5))):
+        constraints, metrics = run_two_ranks(scope, costs)
+        for r in range(2):  # every rank agrees on J_c and λ
+            assert [m["constraint/window_cost"] for m in metrics[r]] == pytest.approx(expected), (scope, r)
+        log_lambda = 0.0
+        for j_c in expected:
+            log_lambda += 0.1 * math.exp(log_lambda) * j_c
+        assert constraints[0].log_lambda == pytest.approx(log_lambda) == constraints[1].log_lambda
+
+
+def test_lambda_cap_and_floor_are_reported_and_warned_once(caplog):
+    from repo_exp.constraints import bounds
+
+    bounds._WARNED.clear()
+    costs = [lambda t: [float(t)] * 2, lambda t: [10.0 * t] * 3]
+    # rank scope, λ_max 5: log λ 0.55 after step 1, then 0.55 + 0.1·e^0.55·9.5 > log 5 → capped at step 2
+    constraints, metrics = run_two_ranks("rank", costs, lambda_max=5.0)
+    assert constraints[0].multiplier == pytest.approx(5.0)
+    assert [m["constraint/lambda_at_bound"] for m in metrics[0]] == [0.0, 1.0]
+    c = AverageConstraint(lambda_max=5.0)
+    with caplog.at_level("WARNING", logger="repo_exp.constraints.bounds"):
+        assert c.update(torch.tensor([-1e6]), torch.tensor([0]), 0)["constraint/lambda_at_bound"] == -1.0
+        assert c.multiplier == pytest.approx(math.exp(-30.0))  # the log-space floor: the constraint is off
+        assert c.update(torch.tensor([-1.0]), torch.tensor([0]), 1)["constraint/lambda_at_bound"] == -1.0
+    floor_warnings = [r for r in caplog.records if "floor" in r.getMessage()]
+    assert len(floor_warnings) == 1  # once, although λ stayed there
+    r = RectifiedConstraint(multiplier="learned", lambda_init=1.0, lambda_lr=1.0, lambda_max=2.0)
+    assert r.update(torch.tensor([5.0]), torch.tensor([0]), 0)["constraint/lambda_at_bound"] == 1.0
+    assert "constraint/lambda_at_bound" not in RectifiedConstraint().update(torch.tensor([5.0]), torch.tensor([0]), 0)

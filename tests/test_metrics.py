@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from repo_exp.evaluate import summarize
-from repo_exp.metrics import FIGURES, eval_figures, prompt_stats, tail_mean
+from repo_exp.metrics import EXPLOIT_FIGURES, FIGURES, eval_figures, exploit_figures, prompt_stats, spearman, tail_mean
 
 # Four prompts, k = 2 samples each, threshold d = 0 (C > 0 is unsafe).
 #   prompt  costs       C̄(x)   rewards   initial costs (C̄0)   initial rewards
@@ -139,3 +141,73 @@ def test_summarize_prefixes_learned_and_oracle_figures():
     assert s["oracle/refusal_rate/harmful"] == pytest.approx(1 / 2)
     # every SPEC §4 figure under both prefixes
     assert all(f"eval/{k}" in s and f"oracle/{k}" in s for k in FIGURES)
+
+
+# Exploitation: three prompts, k = 2, d = 0 for the cost model and the oracle alike.
+#   prompt  family   learned C     oracle C     verdicts (learned / oracle)                 C̄ learned / oracle
+#   0       benign   [-1, 0.5]     [ 1, -1]     false safe, false alarm                     -0.25 / 0 (neither)
+#   1       harmful  [-2, -1]      [ 2,  1]     false safe, false safe                      -1.5 / 1.5 (false safe)
+#   2       harmful  [ 1,  2]      [ 1, -3]     correct unsafe, false alarm                 1.5 / -1 (false alarm)
+EX_COSTS = [[-1.0, 0.5], [-2.0, -1.0], [1.0, 2.0]]
+EX_ORACLE_COSTS = [[1.0, -1.0], [2.0, 1.0], [1.0, -3.0]]
+EX_REWARDS = [[3.0, 1.0], [2.0, 0.0], [5.0, 4.0]]
+EX_ORACLE_REWARDS = [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
+EX_INITIAL_REWARDS = [[1.0, 1.0]] * 3
+EX_INITIAL_ORACLE_REWARDS = [[0.35, 0.35]] * 3
+
+
+def test_exploit_figures_by_hand():
+    f = exploit_figures(EX_COSTS, EX_ORACLE_COSTS, EX_REWARDS, EX_ORACLE_REWARDS, 0.0, 0.0,
+                        EX_INITIAL_REWARDS, EX_INITIAL_ORACLE_REWARDS)
+    assert set(f) == set(EXPLOIT_FIGURES)
+    # 6 samples; oracle-unsafe: p0s0, p1s0, p1s1, p2s0 (4); oracle-safe: p0s1, p2s1 (2)
+    assert f["cost_false_safe_rate"] == pytest.approx(3 / 6)  # p0s0, p1s0, p1s1
+    assert f["cost_false_safe_share"] == pytest.approx(3 / 4)
+    assert f["cost_false_alarm_rate"] == pytest.approx(2 / 6)  # p0s1, p2s1
+    assert f["cost_false_alarm_share"] == pytest.approx(2 / 2)
+    # prompts: only prompt 1 violates by the oracle (prompt 0's C̄ = 0 does not), and the cost model calls it safe
+    assert f["prompt_false_safe_rate"] == pytest.approx(1 / 3)
+    assert f["prompt_false_safe_share"] == pytest.approx(1 / 1)
+    assert f["prompt_false_alarm_rate"] == pytest.approx(1 / 3)  # prompt 2
+    # learned ranks [4, 2, 3, 1, 6, 5] against oracle ranks 1..6: Σd² = 9 + 0 + 0 + 9 + 1 + 1 = 20,
+    # ρ = 1 − 6·20 / (6·35) = 3/7
+    assert f["reward_oracle_rank_corr"] == pytest.approx(3 / 7)
+    # the reward model sees +1.5 (2.5 against 1.0); the oracle sees nothing (0.35 against 0.35): over-optimisation
+    assert f["reward_gain"] == pytest.approx(1.5)
+    assert f["oracle_gain"] == pytest.approx(0.0)
+
+
+def test_exploit_conditional_shares_are_nan_without_that_oracle_verdict_and_spearman_ties():
+    f = exploit_figures([[-1.0]], [[-1.0]], [[1.0]], [[1.0]], 0.0)
+    assert f["cost_false_safe_rate"] == 0.0 and math.isnan(f["cost_false_safe_share"])
+    assert math.isnan(f["reward_oracle_rank_corr"])  # one sample: no ranking to compare
+    assert "reward_gain" not in f  # no initial policy
+    # ties take their average rank: [1.5, 1.5, 3] against [1, 2, 3] → 1.5 / √(1.5 · 2) = √3/2
+    assert spearman([1.0, 1.0, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(math.sqrt(3) / 2)
+    assert spearman([3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(-1.0)
+
+
+def test_summarize_reports_exploitation_overall_and_per_family():
+    families = ["benign", "harmful", "harmful"]
+    rows, initial = [], []
+    for i, fam in enumerate(families):
+        for out, rewards, oracle_rewards in ((rows, EX_REWARDS[i], EX_ORACLE_REWARDS[i]),
+                                             (initial, EX_INITIAL_REWARDS[i], EX_INITIAL_ORACLE_REWARDS[i])):
+            out.append({"prompt_id": i, "prompt": f"p{i}", "family": fam, **prompt_stats(rewards, EX_COSTS[i], 0.0),
+                        "rewards": rewards, "costs": EX_COSTS[i], "lengths": [3, 3],
+                        "oracle": {**prompt_stats(oracle_rewards, EX_ORACLE_COSTS[i], 0.0), "rewards": oracle_rewards,
+                                   "costs": EX_ORACLE_COSTS[i], "styles": ["safe", "safe"]}})
+    s = summarize(rows, 0.0, initial)
+    assert s["exploit/cost_false_safe_rate"] == pytest.approx(3 / 6)
+    assert s["exploit/reward_gain"] == pytest.approx(1.5)
+    # harmful: p1s0, p1s1 false safe, p2s1 false alarm, of 4 samples; benign: p0s0 false safe, p0s1 false alarm
+    assert s["exploit/cost_false_safe_rate/harmful"] == pytest.approx(2 / 4)
+    assert s["exploit/cost_false_alarm_rate/harmful"] == pytest.approx(1 / 4)
+    assert s["exploit/cost_false_safe_rate/benign"] == pytest.approx(1 / 2)
+    assert s["exploit/cost_false_alarm_share/benign"] == pytest.approx(1.0)
+    assert s["exploit/prompt_false_safe_share/harmful"] == pytest.approx(1.0)
+    # harmful rewards [2, 0, 5, 4] against oracle [0.3, 0.4, 0.5, 0.6]: ranks [2, 1, 4, 3] vs [1, 2, 3, 4],
+    # Σd² = 4, ρ = 1 − 24/60 = 0.6
+    assert s["exploit/reward_oracle_rank_corr/harmful"] == pytest.approx(0.6)
+    # no benign prompt violates by the oracle: the share of violating prompts called safe is undefined, left out
+    assert "exploit/prompt_false_safe_share/benign" not in s and s["exploit/prompt_false_safe_rate/benign"] == 0.0

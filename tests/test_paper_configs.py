@@ -50,6 +50,28 @@ def test_paper_experiments_use_the_published_hyperparameters(compose, method):
     assert c.constraint.name == ("average" if method == "safe_rlhf" else "rectified")
 
 
+def test_safe_rlhf_preset_has_each_published_baseline_setting(compose):
+    """Each value as the published PPO-Lagrangian run has it (scripts/ppo-lag.sh, its trainer and score-model
+    trainers); the framework's own behaviour stays the default outside the preset."""
+    c = validate(compose("experiment=paper/safe_rlhf"))
+    lam = c.constraint
+    assert (lam.name, lam.lambda_init, lam.lambda_lr, lam.lambda_update) == ("average", 1.0, 0.1, "log_sgd")
+    assert lam.lambda_max == 5.0  # --lambda_max 5.0
+    assert (lam.window, lam.window_scope) == (128, "rank")  # --episode_cost_window_size 128, a deque per rank
+    assert (lam.threshold, lam.delay) == (0.0, 0)  # --threshold 0.0, --lambda_update_delay_steps 0
+    assert c.ppo.ptx_mode == "separate" and c.ppo.ptx_coeff == 16.0  # RLTrainer.ptx_step after rl_step
+    assert c.trainer.max_length == 512  # --max_length 512: prompt and response together
+    assert c.reward.normalize is False and c.cost.normalize is False  # --normalize_reward/--normalize_cost False
+    assert (c.ppo.clip_range_ratio, c.ppo.clip_range_score, c.ppo.clip_range_value) == (0.2, 50.0, 5.0)
+    world = c.world  # the reward and cost models' training (scripts/{reward,cost}-model.sh)
+    for stage in (world.reward_model, world.cost_model):
+        assert stage.score_regularization == 0.001 and stage.filter_inconsistent_pairs
+    # elsewhere the current behaviour stays the default
+    d = validate(compose("constraint=average"))
+    assert (d.constraint.lambda_max, d.constraint.window_scope) == (None, "global")
+    assert (d.ppo.ptx_mode, d.trainer.max_length, d.reward.normalize, d.cost.normalize) == ("joint", None, None, None)
+
+
 def test_the_two_paper_runs_differ_only_in_the_constraint(compose):
     safe, repo = (OmegaConf.to_container(compose(f"experiment=paper/{m}")) for m in ("safe_rlhf", "repo"))
     assert safe.pop("constraint")["name"] == "average" and repo.pop("constraint")["name"] == "rectified"

@@ -59,7 +59,10 @@ def sweep(tmp_path):
                 reward = 1.0 + seed + threshold
                 figures = {"eval/prompt_violation_rate": pvr, "eval/reward_mean": reward,
                            "oracle/prompt_violation_rate": pvr / 2, "oracle/reward_mean": reward / 2,
-                           "eval/interference_rate": 0.25, "oracle/interference_rate": 0.0}
+                           "eval/interference_rate": 0.25, "oracle/interference_rate": 0.0,
+                           "exploit/cost_false_safe_rate": 0.1 * seed,
+                           "exploit/cost_false_safe_rate/harmful": 0.2 * seed,
+                           "exploit/cost_false_safe_rate/benign": 0.0}
                 values[(constraint, threshold, seed)] = figures
                 make_run(root / f"{n}_job", constraint, threshold, seed, figures, lambdas=(1.0, 1.0 + seed))
                 n += 1
@@ -101,7 +104,8 @@ def test_writes_the_figures_and_the_table(sweep, tmp_path):
     root, _ = sweep
     out = tmp_path / "out"
     report = build_report([root], out)
-    assert set(report["figures"]) == {"interference", "interference_oracle", "tradeoff", "training"}
+    assert set(report["figures"]) == {"interference", "interference_oracle", "tradeoff", "training",
+                                      "exploitation"}
     for file in report["figures"].values():
         path = out / file
         assert path.stat().st_size > 8_000, file
@@ -110,6 +114,10 @@ def test_writes_the_figures_and_the_table(sweep, tmp_path):
     md = (out / "report.md").read_text()
     assert "| average constraint.threshold=-0.5 | 2 |" in md
     assert "![interference](interference.png)" in md and "eval/prompt_violation_rate" in md
+    # exploitation: a table of its own and its mean over seeds (0.2·1, 0.2·2) in report.json
+    assert "`exploit/cost_false_safe_rate`" in md and "![exploitation](exploitation.png)" in md
+    group = report["groups"]["average constraint.threshold=-0.5"]["figures"]
+    assert group["exploit/cost_false_safe_rate/harmful"]["mean"] == pytest.approx(0.3)
 
 
 def test_single_seed_has_zero_std_and_runs_are_found_at_any_depth(tmp_path):

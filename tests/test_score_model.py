@@ -191,3 +191,45 @@ def test_critic_from_policy_shares_the_trunk_weights_and_starts_at_zero():
     ids, mask = pad_rows(encoded_rows(published_tokenizer()), "left")
     with torch.no_grad():
         assert torch.count_nonzero(critic_values(critic, ids, mask, 3)) == 0
+
+
+def test_the_run_decides_the_role_and_the_normalisation(tmp_path):
+    """A cost model whose config.json has a normaliser (mean 0.6, var 2.25) but no score_type: read alone it would be
+    normalised as a reward, ``(C − 0.6)/1.5``, which moves costs across zero; loaded into the cost slot it is only
+    scaled, ``C/1.5`` (sign kept); with ``cost.normalize=false`` (the published trainer) it is the raw score."""
+    from safetensors.torch import load_file, save_file
+
+    from repo_exp.config import ScoreModelConfig
+    from repo_exp.models.policy import load_scorer
+
+    folder = tmp_path / "cost"
+    ref = write_score_checkpoint(folder, "new", "cost")
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["score_type"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    for shard in folder.glob("model-*.safetensors"):  # a normaliser mean that lies among the raw costs
+        state = load_file(str(shard))
+        if "normalizer.mean" in state:
+            state["normalizer.mean"] = torch.tensor([0.6])
+            save_file(state, str(shard))
+    ids, mask = pad_rows(encoded_rows(published_tokenizer()), "right")
+    ref_raw = dict(ref, do_normalize=False)
+    expected_raw = reference_end_scores(ref_raw, encoded_rows(published_tokenizer()))
+
+    def scores(**kwargs):
+        with torch.no_grad():
+            return load_score_model(folder, **kwargs).end_scores(ids, mask)
+
+    torch.testing.assert_close(scores(), (expected_raw - 0.6) / (1.5 + 1e-8), rtol=1e-4, atol=1e-5)  # the hazard
+    as_cost = scores(score_type="cost")
+    torch.testing.assert_close(as_cost, expected_raw / (1.5 + 1e-8), rtol=1e-4, atol=1e-5)
+    assert torch.equal(as_cost > 0, expected_raw > 0)
+    torch.testing.assert_close(scores(score_type="cost", normalize=False), expected_raw, rtol=1e-4, atol=1e-5)
+    # through the run's config: the slot (kind) decides the role, `normalize` the normaliser
+    for normalize, expected in ((None, expected_raw / (1.5 + 1e-8)), (False, expected_raw)):
+        cfg = ScoreModelConfig(name="c", kind="cost", source="hub", path=str(folder), normalize=normalize)
+        model = load_scorer(cfg, tokenizer=None)
+        assert model.score_type == "cost" and model.do_normalize == (normalize is None)
+        with torch.no_grad():
+            torch.testing.assert_close(model.end_scores(ids, mask), expected, rtol=1e-4, atol=1e-5)
+    assert (expected_raw > 0).all() and ((expected_raw - 0.6) / 1.5 <= 0).any()  # the shift really flips a sign

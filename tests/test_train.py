@@ -165,8 +165,80 @@ def test_ptx_loss_is_mixed_into_the_actor_update(smoke_cfg, tmp_path):
     assert all(r["loss/ptx"] > 0 for r in metrics)
 
 
+def test_separate_ptx_takes_its_own_steps_on_the_ptx_gradient_alone(smoke_cfg, tmp_path):
+    """``ppo.ptx_mode=separate``: after the RL update, one optimizer step per RL step (2 minibatches → 2), each on an
+    RL minibatch's worth of PTX samples (12 / 2 = 6, in micro-batches of 4 and 2), whose gradient is exactly
+    ``ptx_coeff`` × the sample-weighted NLL gradient — nothing of the RL loss — and the actor's schedule doubles."""
+    import types
+
+    from repo_exp.setup import _optimizer_steps
+    from repo_exp.train import ptx_step_loss, ptx_update
+
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", "constraint=none", "ppo.ptx_coeff=2.0", "ptx.source=world",
+                           "ppo.ptx_mode=separate", "ppo.num_minibatches=2", "trainer.micro_batch_size=4")
+    config, module = trainer.config, trainer.models.policy.module
+    assert _optimizer_steps(config, actor=True) == 2 * _optimizer_steps(config) == 2 * 4 * 2
+    steps: list[dict[str, torch.Tensor]] = []
+
+    class Recorder:  # an engine that keeps each step's gradient instead of moving the weights
+        def __init__(self):
+            self.module = module
+
+        def backward(self, loss):
+            loss.backward()
+
+        def zero_grad(self):
+            module.zero_grad(set_to_none=True)
+
+        def step(self):
+            steps.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+            self.zero_grad()
+            return {"grad_norm": 1.0, "lr": 0.0, "skipped": 0.0}
+
+    start = trainer.ptx.state_dict()
+    models = types.SimpleNamespace(policy=Recorder(), autocast=trainer.models.autocast)
+    metrics = ptx_update(models, config, trainer.ptx, 12, lambda ok: ok)
+    assert len(steps) == 2 and metrics["loss/ptx"] > 0 and metrics["loss/ptx_skipped"] == 0.0
+    trainer.ptx.load_state_dict(start)  # the same batches again, by hand
+    for recorded in steps:
+        module.zero_grad(set_to_none=True)
+        loss = 2.0 * (4 / 6 * ptx_step_loss(module, trainer.ptx.next(4), "cpu")
+                      + 2 / 6 * ptx_step_loss(module, trainer.ptx.next(2), "cpu"))
+        loss.backward()
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(recorded[name], p.grad, rtol=1e-5, atol=1e-7)
+    # a real run logs the separate PTX loss and its own gradient norm
+    trainer.config.trainer.total_steps = 1
+    trainer.fit()
+    row = train_rows(tmp_path / "run")[0]
+    assert row["loss/ptx"] > 0 and "grad_norm/actor_ptx" in row
+
+
 def test_ptx_needs_data(smoke_cfg):
     from repo_exp.config import ConfigError
 
     with pytest.raises(ConfigError, match="ptx.source"):
         validate(smoke_cfg("ppo.ptx_coeff=1.0"))
+
+
+def test_max_length_counts_the_prompt_and_ranks_agree_on_the_budget(smoke_cfg, tmp_path):
+    """``trainer.max_length``: a batch generates max_length − its prompt width; over ranks the smallest budget."""
+    from repo_exp.rollout import Timings
+    from repo_exp.rollout.budget import generation_budget
+
+    assert generation_budget(64, None, 30) == 64
+    assert generation_budget(64, 512, 130) == 382
+    widths_of_two_ranks = lambda x: torch.cat([x, torch.tensor([512 - 300])])  # the other rank's prompts: 300 wide
+    assert generation_budget(64, 512, 130, widths_of_two_ranks) == 212
+    with pytest.raises(ValueError, match="trainer.max_length"):
+        generation_budget(64, 100, 100)
+    from repo_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must exceed trainer.max_prompt_length"):
+        validate(smoke_cfg("trainer.max_length=40", "trainer.max_prompt_length=40"))
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", "trainer.max_length=48", "trainer.max_new_tokens=2")
+    exp = trainer.rollout(0, Timings())
+    budget = 48 - exp.prompt_width
+    assert budget > 2  # max_new_tokens no longer limits
+    assert exp.sequences.shape[1] <= 48 and int(exp.response_mask.sum(-1).max()) == budget

@@ -88,6 +88,65 @@ def test_reward_and_cost_losses_by_hand():
     assert got.item() == pytest.approx(expected)
 
 
+class LookupScores(torch.nn.Module):
+    """A stand-in score model: row i of a batch scores ``w · ids[i, 0]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+    def end_scores(self, ids, mask):
+        return self.w * ids[:, 0].float()
+
+
+def test_score_regularization_adds_a_thousandth_of_the_mean_square_by_hand():
+    from repo_exp.score_train import PairBatch, pair_loss
+
+    ones = torch.ones(2, 1)
+    batch = PairBatch(torch.tensor([[2], [0]]), ones, torch.tensor([[1], [1]]), ones, torch.tensor([1.0, 1.0]),
+                      torch.tensor([-1.0, -1.0]))
+    plain = reward_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])).item()
+    # mean of [2, 0, 1, 1]² = 6/4
+    assert pair_loss(LookupScores(), batch, "reward", 0.001)[0].item() == pytest.approx(plain + 0.001 * 1.5)
+    assert pair_loss(LookupScores(), batch, "reward", 0.0)[0].item() == pytest.approx(plain)
+    cost_plain = cost_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), batch.first_sign,
+                           batch.second_sign).item()
+    assert pair_loss(LookupScores(), batch, "cost", 0.001)[0].item() == pytest.approx(cost_plain + 0.0015)
+
+
+def test_cost_training_leaves_out_pairs_whose_safer_answer_is_labelled_unsafe_and_the_other_safe():
+    from repo_exp.score_train import PairBatch, inconsistent_safety_labels, train_score_model
+
+    def row(i, safer, safe0, safe1):
+        return {"id": i, "safer_response_id": safer, "better_response_id": 0, "is_response_0_safe": safe0,
+                "is_response_1_safe": safe1}
+
+    rows = [row(0, 0, True, False),  # safer is safe, other unsafe: kept
+            row(1, 0, False, True),  # safer labelled unsafe, other safe: left out
+            row(2, 1, "true", "false"),  # the same with string labels and the safer on the other side: left out
+            row(3, 1, False, False)]  # both unsafe: consistent (the published rule only refuses unsafe < safe)
+    assert [inconsistent_safety_labels(r) for r in rows] == [False, True, True, False]
+    seen = []
+
+    class Encoder:
+        def batch(self, batch_rows, kind):
+            seen.extend(r["id"] for r in batch_rows)
+            ids = torch.tensor([[r["id"]] for r in batch_rows])
+            ones = torch.ones(len(batch_rows), 1)
+            signs = torch.ones(len(batch_rows))
+            return PairBatch(ids, ones, ids + 1, ones, signs, -signs)
+
+    metrics = train_score_model(LookupScores(), Encoder(), rows, [], "cost", steps=5, batch_size=8, lr=1e-3)
+    assert metrics["cost/inconsistent_pairs_dropped"] == 2.0 and set(seen) == {0, 3}
+    seen.clear()
+    train_score_model(LookupScores(), Encoder(), rows, [], "cost", steps=5, batch_size=8, lr=1e-3,
+                      filter_inconsistent_pairs=False)
+    assert set(seen) == {0, 1, 2, 3}
+    seen.clear()
+    train_score_model(LookupScores(), Encoder(), rows, [], "reward", steps=5, batch_size=8, lr=1e-3)
+    assert set(seen) == {0, 1, 2, 3}  # the reward model's preference data has no safety labels to contradict
+
+
 def small_world(tmp_path: Path, **changes) -> WorldConfig:
     base = {
         "cache_dir": str(tmp_path / "cache"),

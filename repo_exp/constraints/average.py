@@ -9,10 +9,13 @@ episodes. Two update rules for λ (``lambda_update``):
   cost rises again;
 - ``projected`` (the Safe RLHF paper's dual ascent): ``λ ← clip(λ + lr · (J_c − d), 0, lambda_max)``, whose step
   does not depend on λ.
- Deviation from the published trainer:
-it keeps 128 episodes *per rank* and averages the ranks' means; here the window holds the last ``window`` episodes
-of the whole data-parallel group (all-gathered), so a run gives the same λ on any number of ranks. On one rank the
-two are identical. Updates start after ``delay`` steps; ``lambda_max`` caps λ.
+
+The cost window (``window_scope``): ``rank`` is the published trainer's, ``window`` episodes *per rank* and ``J_c`` the
+mean of the ranks' window means (with 8 ranks × 16 prompts, 8 steps of history); ``global`` (the default outside the
+paper preset) holds the last ``window`` episodes of the whole data-parallel group (all-gathered), so a run gives the
+same λ on any number of ranks. On one rank the two are identical. A checkpoint keeps rank 0's window, which every rank
+resumes from. Updates start after ``delay`` steps; ``lambda_max`` caps λ (the published script: 5). λ at the cap or
+the log-space floor is reported as ``constraint/lambda_at_bound`` and warned about once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from repo_exp.constraints.base import LOG_LAMBDA_BOUNDS, Comm, Constraint, projected_ascent
+from repo_exp.constraints.bounds import lambda_at_bound
 
 
 class AverageConstraint(Constraint):
@@ -36,6 +40,7 @@ class AverageConstraint(Constraint):
         window: int = 128,
         delay: int = 0,
         lambda_update: str = "log_sgd",
+        window_scope: str = "global",
         comm: Comm | None = None,
     ) -> None:
         super().__init__(threshold, comm)
@@ -47,6 +52,8 @@ class AverageConstraint(Constraint):
             raise ValueError(f"constraint.lambda_lr must be > 0, got {lambda_lr}")
         if lambda_max is not None and not lambda_max > 0.0:
             raise ValueError(f"constraint.lambda_max must be > 0 or null, got {lambda_max}")
+        if window_scope not in ("global", "rank"):
+            raise ValueError(f"constraint.window_scope must be global or rank, got {window_scope!r}")
         if window < 1:
             raise ValueError(f"constraint.window must be >= 1, got {window}")
         self.projected = lambda_update == "projected"
@@ -57,6 +64,7 @@ class AverageConstraint(Constraint):
         self.log_lambda_max = math.log(lambda_max) if lambda_max is not None else None
         self.delay = int(delay)
         self.window: deque[float] = deque(maxlen=int(window))
+        self.per_rank_window = window_scope == "rank"
 
     @property
     def multiplier(self) -> float:
@@ -70,8 +78,13 @@ class AverageConstraint(Constraint):
         if not torch.isfinite(episode_costs).all():
             # A non-finite cost must not reach the window: it would poison λ for `window` episodes.
             return {"constraint/window_cost": self.window_cost(), "constraint/lambda_updated": 0.0}
-        self.window.extend(episode_costs.tolist())
-        j_c = self.window_cost()
+        if self.per_rank_window:  # the published trainer: this rank's episodes, then the mean of the ranks' means
+            self.window.extend(costs.detach().float().reshape(-1).tolist())
+            local = torch.tensor([self.window_cost()], dtype=torch.float64, device=costs.device)  # NCCL: on the GPU
+            j_c = float(self.comm.all_reduce_mean(local))
+        else:
+            self.window.extend(episode_costs.tolist())
+            j_c = self.window_cost()
         updated = step >= self.delay
         if updated and self.projected:
             upper = self.lambda_max if self.lambda_max is not None else math.exp(LOG_LAMBDA_BOUNDS[1])
@@ -82,7 +95,11 @@ class AverageConstraint(Constraint):
             self.log_lambda += self.lambda_lr * lam * (j_c - self.threshold)
             upper = LOG_LAMBDA_BOUNDS[1] if self.log_lambda_max is None else min(self.log_lambda_max, LOG_LAMBDA_BOUNDS[1])
             self.log_lambda = min(max(self.log_lambda, LOG_LAMBDA_BOUNDS[0]), upper)
-        return {"constraint/window_cost": j_c, "constraint/lambda_updated": float(updated)}
+        # projected ascent's floor 0 only means the constraint holds; the log-space floor means λ switched itself off
+        cap = self.lambda_max if self.lambda_max is not None else math.exp(LOG_LAMBDA_BOUNDS[1])
+        bound = lambda_at_bound("average", self.multiplier, None if self.projected else math.exp(LOG_LAMBDA_BOUNDS[0]),
+                                cap)
+        return {"constraint/window_cost": j_c, "constraint/lambda_updated": float(updated), **bound}
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_lambda": self.log_lambda, "lambda": self.lam, "window": list(self.window),

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from repo_exp.constraints.base import LOG_LAMBDA_BOUNDS, Comm, Constraint, group_mean, group_means, projected_ascent
+from repo_exp.constraints.bounds import lambda_at_bound
 
 GRANULARITIES = ("sample", "prompt")
 MULTIPLIERS = ("fixed", "learned")
@@ -153,7 +154,8 @@ class RectifiedConstraint(Constraint):
         if self.learned and math.isfinite(violation):
             self.lam = projected_ascent(self.lam, self.lambda_lr, violation - self.tolerance,
                                         min(self.lambda_max, math.exp(LOG_LAMBDA_BOUNDS[1])))
-        return {"constraint/violation": violation}
+        bound = lambda_at_bound("rectified", self.lam, None, self.lambda_max) if self.learned else {}
+        return {"constraint/violation": violation, **bound}
 
     def state_dict(self) -> dict[str, Any]:
         return {"lambda": self.lam}

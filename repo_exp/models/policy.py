@@ -75,11 +75,9 @@ def load_scorer(cfg: ScoreModelConfig, tokenizer, path: str | None = None) -> Sc
         config = tiny_llama_config(cfg.arch, tokenizer)
         model = _seeded(cfg.seed, lambda: ScoreModel(config, score_type=cfg.kind))
         return model.to(dtype).eval()
-    model = load_score_model(path or cfg.path, dtype=dtype, revision=cfg.revision,
-                             trust_remote_code=cfg.trust_remote_code)
-    if cfg.kind == "cost" and model.score_type not in ("cost", "critic", "reward"):
-        raise ValueError(f"{cfg.path}: score_type {model.score_type!r} is not a cost model")
-    return model
+    # the slot decides the role (a cost model without score_type must not be normalised as a reward)
+    return load_score_model(path or cfg.path, dtype=dtype, revision=cfg.revision,
+                            trust_remote_code=cfg.trust_remote_code, score_type=cfg.kind, normalize=cfg.normalize)
 
 
 def critic_from_scorer(scorer: ScoreModel, score_dim: int = 1) -> ScoreModel:

@@ -15,6 +15,7 @@ rotary positions.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from repo_exp.models.weights import load_state_dict_safely, save_safetensors
+
+log = logging.getLogger(__name__)
 
 SCORE_ARCHITECTURE_SUFFIXES = ("ForScore", "ModelForScore")
 SCORE_CONFIG_FIELDS = ("score_dim", "bias", "score_bias", "score_type", "do_normalize", "normalizer_type", "momentum",
@@ -162,16 +165,25 @@ class ScoreModel(nn.Module):
             tokenizer.save_pretrained(path)
 
 
-def _score_fields(raw: dict[str, Any], path) -> dict[str, Any]:
+def _score_fields(raw: dict[str, Any], path, score_type: str | None = None,
+                  normalize: bool | None = None) -> dict[str, Any]:
+    """The score-model fields: config.json's, except the role (``score_type``) and the normalisation when the run
+    decides them, as the published trainer does (``score_type='cost'``, ``do_normalize=False`` whatever the file
+    says). A missing ``score_type`` with no role given reads as ``reward``, the published default."""
     bias = raw.get("score_bias", raw.get("bias", False))
-    score_type = raw.get("score_type") or "reward"
-    if score_type not in NORMALIZE_FUNCTIONS:
-        raise ValueError(f"{path}: config.json score_type is {score_type!r}, expected one of {list(NORMALIZE_FUNCTIONS)}")
+    declared = raw.get("score_type")
+    if declared is not None and declared not in NORMALIZE_FUNCTIONS:
+        raise ValueError(f"{path}: config.json score_type is {declared!r}, expected one of {list(NORMALIZE_FUNCTIONS)}")
+    if score_type is not None and score_type not in NORMALIZE_FUNCTIONS:
+        raise ValueError(f"score_type must be one of {list(NORMALIZE_FUNCTIONS)}, got {score_type!r}")
+    if score_type is not None and declared not in (None, score_type):
+        log.warning("%s: config.json says score_type=%s but the run loads it as %s; it is used as %s",
+                    path, declared, score_type, score_type)
     return {
         "score_dim": int(raw.get("score_dim", 1) or 1),
         "bias": bool(bias),
-        "score_type": score_type,
-        "do_normalize": bool(raw.get("do_normalize", False)),
+        "score_type": score_type or declared or "reward",
+        "do_normalize": bool(raw.get("do_normalize", False)) if normalize is None else bool(normalize),
     }
 
 
@@ -187,8 +199,14 @@ def load_score_model(
     dtype: torch.dtype | str = torch.float32,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    score_type: str | None = None,
+    normalize: bool | None = None,
 ) -> ScoreModel:
     """Load a score model saved in the published layout (``LlamaModelForScore`` / ``LlamaForScore``).
+
+    ``score_type`` (``reward``/``cost``/``critic``) is the role the run loads it in; it picks the normalisation
+    (a cost is only scaled, so its sign survives) whatever config.json says or omits. ``normalize`` forces the
+    normaliser on or off; ``None`` leaves it to config.json's ``do_normalize``.
 
     ``path`` is a local folder or a hub id (fetched through the hub cache; offline, it must already be there).
     Weights come from safetensors, or from ``.bin`` shards with ``weights_only=True`` (no pickled code runs).
@@ -211,7 +229,7 @@ def load_score_model(
     config = AutoConfig.for_model(model_type, **trunk_config)
     if trust_remote_code:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    fields = _score_fields(raw, path)
+    fields = _score_fields(raw, path, score_type, normalize)
     state = load_state_dict_safely(folder)
     if "score_head.weight" not in state:
         raise ValueError(

@@ -350,7 +350,8 @@ def build_score_model(world: WorldConfig, kind: str, sft_folder: Path, prefs_fol
     test_rows = read_jsonl(prefs_folders[0] / "test.jsonl")
     log.info("world stage %s model: %d pairs, %d steps", kind, len(train_rows), steps or stage.steps)
     metrics = train_score_model(model, encoder, train_rows, test_rows, kind, steps or stage.steps, stage.batch_size,
-                                stage.lr, stage.weight_decay, seed)
+                                stage.lr, stage.weight_decay, seed, stage.score_regularization,
+                                stage.filter_inconsistent_pairs)
     metrics.update(oracle_agreement(model, encoder, test_rows, kind))
     if len(prefs_folders) > 1:
         on_policy = oracle_agreement(model, encoder, read_jsonl(prefs_folders[-1] / "test.jsonl"), kind)
