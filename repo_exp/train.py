@@ -69,7 +69,9 @@ def compute_advantages(exp: Experience, constraint: Constraint, cfg: Config) -> 
     carries ``ppo.kl_coeff`` (``Constraint.kl_reward_weight``/``kl_cost_weight``)."""
     ppo, estimator = cfg.ppo, cfg.estimator
     with_cost = constraint.needs_cost_critic and exp.costs is not None
-    signal = constraint.cost_signal(exp.costs, exp.prompt_index) if with_cost else None
+    if with_cost and exp.cost_signal is None:  # the trainer computes it once over the whole batch (prompt groups)
+        exp.cost_signal = constraint.cost_signal(exp.costs, exp.prompt_index)
+    signal = exp.cost_signal if with_cost else None
     if estimator.critic_free:
         exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
         reward_adv, cost_adv = group_signal_advantages(exp, signal, constraint, cfg)
@@ -416,6 +418,8 @@ class Trainer:
             return self._skip(step, "λ is not finite", timings, start)
         exp.cost_active = self.constraint.cost_gate(exp.costs, exp.prompt_index)
         exp.penalised = self.constraint.penalised(exp.costs, exp.prompt_index)
+        # over the whole batch: a per-prompt signal needs every sample of its prompt, whatever the micro-batches
+        exp.cost_signal = self.constraint.cost_signal(exp.costs, exp.prompt_index)
         exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
         adv_stats: dict[str, list[float]] = defaultdict(list)
         if not self.fused:

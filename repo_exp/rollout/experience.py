@@ -36,6 +36,7 @@ class Experience:
     advantages: torch.Tensor | None = None  # (B, T) what the policy loss sees, mixed by the constraint
     cost_active: torch.Tensor | None = None  # (B,) bool, samples whose advantage carries a cost term
     penalised: torch.Tensor | None = None  # (B,) bool, samples the constraint counts as violating
+    cost_signal: torch.Tensor | None = None  # (B,) end value of the cost signal A_c is estimated on (whole batch)
 
     @property
     def batch_size(self) -> int:
