@@ -2,11 +2,12 @@
 
 ``model.attn_implementation=auto`` picks the attention kernel of the trained models (sdpa or eager): both compute
 the same attention (equal within float rounding, ``tests/test_speed_choices.py``), but which is faster depends on the
-CPU, the precision and the width: sdpa's CPU backward under bf16 is several times slower than eager's on an AMD EPYC
-with avx512_bf16 and close to it on an Intel Xeon with AMX. The first run on a machine times a forward and backward
-pass of one layer of the run's shape with each kernel and caches the answer in the project cache
-(``world.cache_dir``), keyed by CPU model, torch version, device, precision and shape; later runs read it. Choices
-that change the numbers (the precision) stay explicit in the config. On a GPU ``auto`` is sdpa (its fused kernels).
+CPU, the precision, the width and the threads (sdpa's CPU backward under bf16 was 4x slower than eager's on an AMD
+EPYC with avx512_bf16; the gap differs on other CPUs, and in float32 sdpa may win). The first run on a machine times
+a forward and backward pass of one layer of the run's shape with each kernel and caches the answer in the project
+cache (``world.cache_dir``), keyed by CPU model, torch version, device, precision, shape and thread count; later runs
+read it. Choices that change the numbers (the precision) stay explicit in the config. On a GPU ``auto`` is sdpa (its
+fused kernels).
 """
 
 from __future__ import annotations
@@ -64,32 +65,34 @@ def _probe_model(model_config, attn: str, device: torch.device, dtype: torch.dty
     return model.to(device).train()
 
 
-def time_attention(model_config, attn: str, device: torch.device, dtype: torch.dtype, precision: str, batch: int,
-                   length: int, repeats: int = 3) -> float:
-    """Seconds of the fastest of ``repeats`` forward+backward passes (after one untimed) with kernel ``attn``."""
-    model = _probe_model(model_config, attn, device, dtype)
+def time_attention(model_config, kernels: tuple[str, ...], device: torch.device, dtype: torch.dtype, precision: str,
+                   batch: int, length: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds of the fastest of ``repeats`` forward+backward passes (after one untimed) with each kernel, the
+    kernels taking turns so that a change in the machine's load falls on all of them."""
+    models = {attn: _probe_model(model_config, attn, device, dtype) for attn in kernels}
     ids = torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[::2, : length // 4] = 0  # left padding on every other row, as in a rollout batch
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
-    best = float("inf")
+    best = {attn: float("inf") for attn in kernels}
     for i in range(repeats + 1):
-        start = time.perf_counter()
-        with autocast:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logits.float().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
+        for attn, model in models.items():
+            autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
+                        else contextlib.nullcontext())
+            start = time.perf_counter()
+            with autocast:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits.float().mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                best[attn] = min(best[attn], time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
     return best
 
 
 def choose_attention(model_config, dtype: torch.dtype, device: torch.device, precision: str, batch: int,
                      length: int, cache_dir: str | os.PathLike,
-                     timer: Callable[..., float] = time_attention) -> tuple[str, dict]:
+                     timer: Callable[..., dict[str, float]] = time_attention) -> tuple[str, dict]:
     """The faster of sdpa and eager for this machine and shape, from the cache or measured (and then cached).
 
     ``dtype`` is the weights' dtype (``model.dtype``), ``precision`` the run's ``trainer.mixed_precision``. Returns the
@@ -98,12 +101,14 @@ def choose_attention(model_config, dtype: torch.dtype, device: torch.device, pre
     shape = {"hidden": model_config.hidden_size, "heads": model_config.num_attention_heads,
              "kv_heads": getattr(model_config, "num_key_value_heads", model_config.num_attention_heads),
              "head_dim": head_dim, "batch": batch, "length": length, "weights": str(dtype).removeprefix("torch.")}
+    if device.type == "cpu":
+        shape["threads"] = torch.get_num_threads()
     key = probe_key(device, precision, shape)
     path = Path(cache_dir) / PROBE_FILE
     cached = _read(path)
     if key in cached and cached[key].get("choice") in ATTENTION_KERNELS:
         return cached[key]["choice"], cached[key]
-    seconds = {attn: timer(model_config, attn, device, dtype, precision, batch, length) for attn in ATTENTION_KERNELS}
+    seconds = timer(model_config, ATTENTION_KERNELS, device, dtype, precision, batch, length)
     entry = {"choice": min(seconds, key=seconds.get), "seconds": seconds}
     log.info("model.attn_implementation=auto: %s (forward+backward of one layer: %s) for %s", entry["choice"],
              ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()), key)
