@@ -268,7 +268,9 @@ def scaling(plan: Plan, results: dict[str, Any]) -> None:
 def variable_length(plan: Plan, results: dict[str, Any]) -> None:
     """Phase 4: the update's time against the tokens generated, on a policy that stops at varied positions."""
     size = plan.headline
-    micro = [f"trainer.micro_batch_size={plan.variable_micro_batch}"]
+    # the actor's learning rate all but zero: the lengths stay those of the constructed policy over the repeats, and
+    # the update does the same work (the optimizer step still runs)
+    micro = [f"trainer.micro_batch_size={plan.variable_micro_batch}", "optimizer.actor.lr=1e-9"]
     base = _ours(plan, size, "none") + micro
     rows = {"uniform": ({"overrides": base + ["trainer.group_by_length=true"]}),
             "varied_grouped": {"overrides": base + ["trainer.group_by_length=true"], "eos_rate": plan.variable_eos_rate},
