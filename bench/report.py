@@ -65,6 +65,36 @@ def side_by_side(trl_seconds: list[float], ours: dict[str, list[float]]) -> dict
     return out
 
 
+def update_work(iterations: list[dict[str, float]]) -> dict[str, Any]:
+    """The update's seconds and the response tokens of each iteration: generated (``response_tokens``), and padded
+    to the batch's longest response (``padded_response_tokens``, what one padded pass computes over)."""
+    keys = ("update_seconds", "response_tokens", "longest_response", "padded_response_tokens")
+    lists = {"update_seconds": [it["timing/update"] for it in iterations],
+             **{k: [it[k] for it in iterations] for k in keys[1:]}}
+    out: dict[str, Any] = {k: median(v) for k, v in lists.items()}
+    out["all"] = lists
+    out["update_ms_per_generated_token"] = 1e3 * median(
+        [s / t for s, t in zip(lists["update_seconds"], lists["response_tokens"])])
+    return out
+
+
+def follows_tokens(uniform: dict[str, Any], grouped: dict[str, Any], padded: dict[str, Any]) -> dict[str, Any]:
+    """Whether the update's time follows the tokens generated: per repeat, the varied-length run's update seconds
+    over the uniform run's (``*_time_ratio``) beside its generated tokens over the uniform run's (``token_ratio``)
+    and its padded tokens over the uniform run's (``padded_token_ratio``); medians over repeats."""
+    u, g, p = uniform["all"], grouped["all"], padded["all"]
+
+    def ratio(a: list[float], b: list[float]) -> float:
+        return median(paired_ratios(a, b))
+
+    return {
+        "token_ratio": ratio(g["response_tokens"], u["response_tokens"]),
+        "padded_token_ratio": ratio(g["padded_response_tokens"], u["padded_response_tokens"]),
+        "grouped_time_ratio": ratio(g["update_seconds"], u["update_seconds"]),
+        "padded_time_ratio": ratio(p["update_seconds"], u["update_seconds"]),
+    }
+
+
 def scaling(values: list[int], seconds: list[list[float]]) -> dict[str, Any]:
     medians = [median(s) for s in seconds]
     return {"values": values, "seconds": medians, "all_seconds": seconds, "exponent": fit_exponent(values, medians)}
@@ -94,14 +124,19 @@ def table(results: dict[str, Any]) -> str:
                 f"{r.get('peak_rss_mb', float('nan')):>12.0f}")
     v = results["vs_trl"]
     lines.append("")
-    lines.append(f"side by side with trl {m['trl']} PPOTrainer ({v['model']}, {v['rounds']} alternating rounds): "
-                 f"trl {v['trl_seconds_per_iteration']:.3f} s/iter")
-    for constraint in ("none", "none_with_cost", "rectified"):
-        if constraint not in v:
+    setups = v.get("trl_setups", {})
+    lines.append(f"trl {m['trl']} PPOTrainer ({v['model']}, {v['rounds']} alternating rounds), seconds per iteration: "
+                 + ", ".join(f"{k} {x['seconds_per_iteration']:.3f}" for k, x in setups.items())
+                 + f"; baseline (fastest): {v.get('baseline')} {v['trl_seconds_per_iteration']:.3f} s, peak RSS "
+                   f"{v['trl_peak_rss_mb']:.0f} MiB")
+    for row, r in v.items():
+        if not isinstance(r, dict) or row == "trl_setups":
             continue
-        r = v[constraint]
-        lines.append(f"  ours/trl {constraint:>14}: {r['ratio']:.2f}  (rounds: "
-                     f"{', '.join(f'{x:.2f}' for x in r['ratios'])})")
+        if "skipped" in r:
+            lines.append(f"  ours/trl {row:>14}: skipped ({r['skipped']})")
+        elif "ratio" in r:
+            lines.append(f"  ours/trl {row:>14}: {r['ratio']:.2f}  peak RSS {r.get('peak_rss_mb', float('nan')):.0f} "
+                         f"MiB  (rounds: {', '.join(f'{x:.2f}' for x in r['ratios'])})")
     o = results["overhead"]
     lines.append(f"iteration / bare passes ({o['model']}, {o['constraint']}): {o['ratio']:.2f}")
     sc = results["scaling"]
@@ -110,5 +145,11 @@ def table(results: dict[str, Any]) -> str:
         pts = ", ".join(f"{x}: {t:.2f}s" for x, t in zip(a["values"], a["seconds"]))
         lines.append(f"scaling in {axis} ({sc['model']}, {sc['constraint']}): {pts}; fitted exponent "
                      f"{a['exponent']:.2f}")
+    if "variable_length" in results:
+        vl = results["variable_length"]
+        lines.append(f"variable lengths ({vl['model']}, micro-batches of {vl['micro_batch_size']}), against uniform "
+                     f"full-length responses: generated tokens {vl['token_ratio']:.2f}, padded tokens "
+                     f"{vl['padded_token_ratio']:.2f}; update time, length-grouped {vl['grouped_time_ratio']:.2f}, "
+                     f"padded {vl['padded_time_ratio']:.2f}")
     lines.append(f"total {results['total_seconds']:.0f} s")
     return "\n".join(lines)

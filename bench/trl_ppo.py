@@ -42,9 +42,10 @@ def _sequence_classifier(score_model, template_policy) -> LlamaForSequenceClassi
 
 
 class TrlPPO:
-    """A ``PPOTrainer`` built from the initial weights of ``ours`` (call before ``ours`` takes a step)."""
+    """A ``PPOTrainer`` built from the initial weights of ``ours`` (call before ``ours`` takes a step), with trl's
+    ``bf16`` switch (accelerate's autocast) and the attention kernel ``attn`` of all four models."""
 
-    def __init__(self, ours: Trainer, bf16: bool = False) -> None:
+    def __init__(self, ours: Trainer, bf16: bool = False, attn: str = "sdpa") -> None:
         from datasets import Dataset
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -53,6 +54,7 @@ class TrlPPO:
         tokenizer = copy.deepcopy(ours.models.tokenizer)
         tokenizer.padding_side = "left"
         policy = copy.deepcopy(ours.models.policy.module)
+        policy.set_attn_implementation(attn)  # the score models below copy the policy's config, kernel included
         reward = _sequence_classifier(ours.models.reward.model, policy)
         value = _sequence_classifier(ours.models.reward.model, policy)  # critic from the reward model, as ours
         prompts = Dataset.from_dict({"input_ids": [list(ids) for ids in ours.encoder.ids]})

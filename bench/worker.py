@@ -47,13 +47,13 @@ def _build(kind: str, spec: dict[str, Any]):
     if kind == "ours":
         from bench.ours import Ours
 
-        return Ours(spec["overrides"])
+        return Ours(spec["overrides"], eos_rate=spec.get("eos_rate"))
     if kind == "trl":
         from bench.ours import build_trainer
         from bench.trl_ppo import TrlPPO
 
         ours = build_trainer(spec["overrides"])
-        runner = TrlPPO(ours, bf16=spec.get("bf16", False))
+        runner = TrlPPO(ours, bf16=spec.get("bf16", False), attn=spec.get("attn", "sdpa"))
         del ours
         import gc
 

@@ -482,6 +482,9 @@ class TrainerConfig:
     prompts_per_step: int = 16  # global, over all ranks
     samples_per_prompt: int = 1  # k responses per prompt (granularity=prompt needs k > 1)
     micro_batch_size: int = 16  # samples per forward/backward on one rank (gradient accumulation above it)
+    # micro-batches of samples of similar response length, each cut to its longest row: the update's passes run over
+    # the generated tokens, not the padding to the batch's longest response (the same gradient; false: rows in order)
+    group_by_length: bool = True
     rollout_batch_size: int = 64  # samples generated and scored at once on one rank
     max_prompt_length: int = 128
     max_new_tokens: int = 64

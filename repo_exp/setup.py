@@ -17,6 +17,7 @@ from torch import nn
 from repo_exp.config import Config, ModelConfig, ScoreModelConfig
 from repo_exp.constraints import Comm, Constraint
 from repo_exp.engine import Engine, TorchEngine
+from repo_exp.machine import resolve_attention
 from repo_exp.models.policy import critic_from_policy, critic_from_scorer, frozen, load_policy, load_scorer
 from repo_exp.models.score_model import ScoreModel
 from repo_exp.models.tokenizers import load_tokenizer
@@ -152,6 +153,7 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     reward_path = paths.get("reward") if config.reward.source == "world" else config.reward.path
     cost_path = paths.get("cost") if config.cost.source == "world" else config.cost.path
 
+    resolve_attention(config, policy_path, rt.device)  # model.attn_implementation=auto: the faster kernel here
     tokenizer = _tokenizer_for(config.model, policy_path)
     # under ZeRO-3 the models stay on the CPU until DeepSpeed partitions them: six whole 7B models fit no GPU
     device = torch.device("cpu") if config.deepspeed.enabled and config.deepspeed.zero_stage == 3 else rt.device
@@ -213,7 +215,21 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
         return partition_frozen(config, DeepSpeedModels(tokenizer, policy_engine, ref, reward, cost, critics))
     for critic in critics.engines:  # trained models share the policy's attention kernel (model.attn_implementation)
         critic.module.model.set_attn_implementation(policy.config._attn_implementation)
+    if t.mixed_precision == "bf16":  # after the critics were copied from them: those train in float32
+        low_precision_frozen(ref, reward_model, cost_model)
     return Models(tokenizer, policy_engine, ref, reward, cost, critics, t.mixed_precision)
+
+
+def low_precision_frozen(*models: nn.Module) -> None:
+    """Frozen models (reference, reward, cost) under ``trainer.mixed_precision=bf16``: bf16 weights, cast once here
+    instead of by autocast on every pass (autocast caches casts only of weights that require grad). Their passes run
+    in bf16 as before, except that the residual stream between layers is now bf16 too; score normalisers stay
+    float32."""
+    for model in models:
+        model.to(torch.bfloat16)
+        normalizer = getattr(model, "normalizer", None)
+        if normalizer is not None:
+            normalizer.float()
 
 
 def _optimizer_steps(config: Config, actor: bool = False) -> int:

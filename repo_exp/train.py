@@ -22,7 +22,7 @@ import signal
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -124,6 +124,20 @@ def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float
     return micro.batch_size / mini.batch_size
 
 
+def micro_batches(mini: Experience, size: int, by_length: bool) -> Iterator[Experience]:
+    """The micro-batches of a minibatch, ``size`` samples each. With ``by_length`` the samples are taken longest
+    response first and each micro-batch is cut to its own longest response and widest prompt, so that the update's
+    passes run over the tokens generated rather than over the padding up to the batch's longest response; the
+    accumulated gradient is the same (``micro_weight`` weighs each micro-batch by its share of the minibatch)."""
+    if not by_length:
+        yield from mini.split(size)
+        return
+    lengths = mini.response_mask.sum(-1)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    for micro in mini.select(order).split(size):
+        yield micro.trimmed()
+
+
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
                fused: bool, all_finite: Callable[[bool], bool],
                ptx: PtxStream | None = None) -> tuple[dict[str, float], bool]:
@@ -142,7 +156,7 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
         order = torch.randperm(n, generator=generator) if ppo.epochs * ppo.num_minibatches > 1 else torch.arange(n)
         for minibatch in order.chunk(ppo.num_minibatches):
             mini = exp.select(minibatch.to(exp.sequences.device))
-            for micro in mini.split(cfg.trainer.micro_batch_size):
+            for micro in micro_batches(mini, cfg.trainer.micro_batch_size, cfg.trainer.group_by_length):
                 weight = micro_weight(micro, mini, agg)
                 with models.autocast():
                     reward_values, cost_values = critics.values(micro.sequences, micro.attention_mask,

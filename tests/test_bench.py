@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import report
-from bench.ours import SIZES, Ours, bare_passes, overrides
+from bench.ours import CRITIC_FREE, SIZES, Ours, bare_passes, composes, overrides
 
 from conftest import repo_root
 
@@ -51,6 +51,58 @@ def test_summary_of_runs_medians_and_overhead():
     assert out["overhead_ratio"] == 2.0
     assert out["bare_passes"] == {"generate": 0.4, "total": 1.0}
     assert out["peak_rss_mb"] == 123.0
+
+
+def test_update_work_follows_tokens_by_hand():
+    def its(update, tokens, longest):
+        return [{"timing/update": u, "response_tokens": t, "longest_response": n, "padded_response_tokens": 4 * n}
+                for u, t, n in zip(update, tokens, longest)]
+
+    uniform = report.update_work(its([2.0, 2.2, 2.0], [256, 256, 256], [64, 64, 64]))
+    grouped = report.update_work(its([0.5, 0.6, 0.55], [64, 64, 60], [60, 64, 64]))
+    padded = report.update_work(its([1.9, 2.0, 2.1], [64, 64, 60], [60, 64, 64]))
+    assert uniform["update_seconds"] == 2.0 and uniform["response_tokens"] == 256
+    assert uniform["update_ms_per_generated_token"] == pytest.approx(1e3 * 2.0 / 256)
+    out = report.follows_tokens(uniform, grouped, padded)
+    assert out["token_ratio"] == pytest.approx(0.25)  # median of 0.25, 0.25, 60/256
+    assert out["padded_token_ratio"] == pytest.approx(1.0)  # median of 60/64, 1, 1
+    assert out["grouped_time_ratio"] == pytest.approx(0.6 / 2.2)  # median of 0.25, 0.6/2.2 = 0.273, 0.275
+    assert out["padded_time_ratio"] == pytest.approx(0.95)  # median of 0.95, 2/2.2 = 0.909, 1.05
+
+
+def test_critic_free_rows_run_k_samples_per_prompt_and_skip_when_they_do_not_compose():
+    args = overrides("1M", "rectified_rloo", batch=8, new_tokens=6, threads=1)
+    assert {"estimator=rloo", "constraint=rectified", "trainer.samples_per_prompt=4",
+            "trainer.prompts_per_step=2", "trainer.micro_batch_size=8"} <= set(args)
+    assert not any(a.startswith("trainer.shared_critic") for a in args)  # no critic to share
+    assert {"estimator=grpo", "constraint=average"} <= set(overrides("1M", "average_grpo", 8, 6, 1))
+    assert len(CRITIC_FREE) == 4
+    assert composes(overrides("1M", "rectified", batch=8, new_tokens=6, threads=1)) is None
+    why = composes(overrides("1M", "rectified", 8, 6, 1) + ["estimator=no_such_estimator"])
+    assert why is not None and "estimator" in why
+
+
+def test_the_eos_bias_stops_responses_at_varied_positions():
+    from bench.ours import build_trainer, bias_towards_eos
+    from repo_exp.rollout.generate import generate, sampling_generator
+
+    trainer = build_trainer(overrides("1M", "none", batch=16, new_tokens=24, threads=1))
+    policy, ref = trainer.models.policy.module, trainer.models.ref
+    eos = trainer.models.tokenizer.eos_token_id
+    batch = trainer.encoder.batch(list(range(16)), 1)
+
+    def lengths():
+        policy.eval()
+        gen = generate(policy, batch.input_ids, batch.attention_mask, 24, eos, trainer.models.tokenizer.pad_token_id,
+                       sampling_generator(0, 0, 0), slice(0, 16), 16)
+        return gen.response_mask.sum(-1).float()
+
+    assert lengths().mean() > 20  # a random model runs to the limit
+    weight = bias_towards_eos(policy, eos, 0.15)
+    assert bias_towards_eos(ref, eos, 0.15, weight) == weight
+    varied = lengths()
+    assert 2 < varied.mean() < 16 and varied.std() > 2 and len(set(varied.tolist())) > 5
+    assert float(trainer.models.policy.module.lm_head.weight[eos, 0]) == pytest.approx(weight)
 
 
 def test_benchmark_sizes_have_the_parameter_counts_they_are_named_after():
@@ -104,7 +156,7 @@ def test_trl_runs_on_the_same_weights_and_one_iteration_is_one_ppo_step():
 
     threads = torch.get_num_threads()
     ours = build_trainer(overrides("1M", "none", batch=2, new_tokens=6, threads=threads, fast=False))
-    runner = TrlPPO(ours)
+    runner = TrlPPO(ours, attn="eager")
     policy, reward = ours.models.policy.module.state_dict(), ours.models.reward.model
     trl_policy = runner.trainer.model.policy.state_dict()
     assert all(torch.equal(policy[k], trl_policy[k]) for k in policy)
@@ -113,6 +165,9 @@ def test_trl_runs_on_the_same_weights_and_one_iteration_is_one_ppo_step():
     args = runner.trainer.args
     assert (args.batch_size, args.response_length, args.num_ppo_epochs, args.num_mini_batches) == (2, 6, 1, 1)
     assert not args.gradient_checkpointing and not args.bf16
+    for model in (runner.trainer.model.policy, runner.trainer.model.value_model, runner.trainer.reward_model,
+                  runner.trainer.ref_model):  # all four models run the attention kernel asked for
+        assert model.config._attn_implementation == "eager"
     seconds = runner.iteration()["seconds"]
     assert seconds > 0
     assert runner.trainer.state.global_step == 1  # one PPO iteration per call
@@ -127,8 +182,25 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
                           cwd=repo_root(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
+    vs = results["vs_trl"]
     for key in ("none", "rectified"):
-        assert math.isfinite(results["vs_trl"][key]["ratio"]) and len(results["vs_trl"][key]["ratios"]) == 2
+        assert math.isfinite(vs[key]["ratio"]) and len(vs[key]["ratios"]) == 2 and vs[key]["peak_rss_mb"] > 0
+    setups = vs["trl_setups"]
+    assert set(setups) == {"bf16_sdpa", "bf16_eager", "fp32_sdpa", "fp32_eager"}
+    assert vs["baseline"] == min(setups, key=lambda k: setups[k]["seconds_per_iteration"])
+    assert vs["trl_seconds"] == setups[vs["baseline"]]["seconds"]
+    assert all(x["peak_rss_mb"] > 0 and len(x["seconds"]) == 2 for x in setups.values())
+    for row in CRITIC_FREE:  # measured where the estimator exists, else skipped with the reason
+        assert ("skipped" in vs[row]) != ("ratio" in vs[row])
+        if "ratio" in vs[row]:
+            assert math.isfinite(vs[row]["ratio"]) and vs[row]["peak_rss_mb"] > 0
+    assert results["machine"]["cpu"] and isinstance(results["machine"]["cpu_flags"], list)
+    assert results["machine"]["attention_probe"] and vs["none"]["ratio"] > 0
+    assert results["sizes"]["1M"]["none"]["attention"] in ("sdpa", "eager")
+    variable = results["variable_length"]
+    for key in ("token_ratio", "padded_token_ratio", "grouped_time_ratio", "padded_time_ratio"):
+        assert math.isfinite(variable[key]) and variable[key] > 0
+    assert variable["token_ratio"] < 1  # the biased policy stopped before the limit
     assert math.isfinite(results["overhead"]["ratio"])
     for constraint in ("none", "average", "rectified"):
         row = results["sizes"]["1M"][constraint]

@@ -69,6 +69,25 @@ class Experience:
         for start in range(0, self.batch_size, size):
             yield self.select(slice(start, start + size))
 
+    def trimmed(self) -> "Experience":
+        """The same samples without the columns that are padding in every row: prompt columns on the left, response
+        columns past the longest response (every (B, L) and (B, T) field cut alike). Positions come from the
+        attention mask, so the passes over what is left compute what they computed over the padded rows."""
+        longest = max(1, int(self.response_mask.sum(-1).max())) if self.batch_size else self.response_width
+        first = int(self.attention_mask[:, : self.prompt_width].any(0).long().argmax())
+        width, total = self.response_width, self.sequences.shape[1]
+        if longest == width and first == 0:
+            return self
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                if value.shape[1] == total:  # (B, L)
+                    out[f.name] = value[:, first : total - (width - longest)]
+                elif value.shape[1] == width:  # (B, T)
+                    out[f.name] = value[:, :longest]
+        return replace(self, **out)
+
     @staticmethod
     def concat(parts: list["Experience"]) -> "Experience":
         """Join chunks generated separately; response widths are right-padded to the widest."""

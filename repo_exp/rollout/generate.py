@@ -7,10 +7,12 @@ draws (the distribution is the same as ``torch.multinomial``'s). The kept log-pr
 untempered policy, ``log softmax(logits)[y_t]``, which is what a later forward pass would compute; so no policy
 forward pass is needed after generation.
 
-The prompt goes through the model's own forward pass. Each new token then goes through a decoder: for a plain
-``LlamaForCausalLM`` the ``LlamaDecoder`` below, which runs the layer's own math with fused projections and a
-preallocated cache (a decode step of a small model is dominated by per-operation work, not arithmetic); for any other
-model the model's own forward pass with its ``DynamicCache``.
+The prompt goes through the model's own forward pass, once per distinct prompt: the k samples of a prompt share its
+keys and values (``distinct_prompts``), so the repeated prefill is gone and the sampled tokens are those a per-row
+prefill gives. Each new token then goes through a decoder: for a plain ``LlamaForCausalLM`` the ``LlamaDecoder``
+below, which runs the layer's own math with fused projections and a preallocated cache (a decode step of a small
+model is dominated by per-operation work, not arithmetic); for any other model the model's own forward pass with its
+``DynamicCache``.
 """
 
 from __future__ import annotations
@@ -176,6 +178,24 @@ class LlamaDecoder:
             return F.linear(x.to(dtype), self.lm_head)
 
 
+def distinct_prompts(prompt_ids: torch.Tensor,
+                     prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The distinct rows of a left-padded prompt batch (U, P) and, for each of the B rows, the index of its distinct
+    row (B,); ``None`` for the index when every row is distinct (then the batch is returned as it is).
+
+    With k samples per prompt the batch holds each prompt k times: the prompt's forward pass is computed once and its
+    keys and values are shared by its k rows (the padding width P is kept, so each row's pass is the same one)."""
+    if prompt_ids.shape[0] < 2:
+        return prompt_ids, prompt_mask, None
+    key = torch.cat([prompt_ids * prompt_mask, prompt_mask], dim=1)
+    distinct, expand = torch.unique(key, dim=0, return_inverse=True)
+    if distinct.shape[0] == prompt_ids.shape[0]:
+        return prompt_ids, prompt_mask, None
+    first = torch.full((distinct.shape[0],), prompt_ids.shape[0], dtype=torch.long, device=prompt_ids.device)
+    first = first.scatter_reduce(0, expand, torch.arange(prompt_ids.shape[0], device=prompt_ids.device), "amin")
+    return prompt_ids[first], prompt_mask[first], expand
+
+
 def _zero3_partitioned(model) -> bool:
     """Whether ZeRO-3 partitions the model's parameters (DeepSpeed tags each with a ``ds_id``)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
@@ -230,17 +250,22 @@ def generate(
     assert rows.stop - rows.start == batch, "rows must cover the local batch"
     prompt_mask = prompt_mask.long()
     cache = DynamicCache()
+    # each distinct prompt goes through the forward pass once; its k samples share its keys and values
+    unique_ids, unique_mask, expand = distinct_prompts(prompt_ids, prompt_mask)
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
+        input_ids=unique_ids,
+        attention_mask=unique_mask,
+        position_ids=position_ids_from_mask(unique_mask),
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
+    logits = out.logits[:, -1]
+    if expand is not None:
+        cache.batch_select_indices(expand)
+        logits = logits[expand]
     use_llama = fast_decoder and LlamaDecoder.supports(model)
     decoder = (LlamaDecoder if use_llama else CacheDecoder)(model, cache, prompt_mask, max_new_tokens)
-    logits = out.logits[:, -1]
     del out, cache  # LlamaDecoder copied the prompt's keys and values into its own cache; CacheDecoder holds this one
     next_position = prompt_mask.sum(-1)  # (B,)
     tokens, logprobs, alive_masks = [], [], []
