@@ -86,24 +86,53 @@ def test_rectified_safe_samples_get_exactly_the_reward_advantage(smoke_cfg, tmp_
     def capture(exp, constraint, cfg):
         original_compute(exp, constraint, cfg)
         captured.append((exp.costs.clone(), exp.reward_advantages.clone(), exp.cost_advantages.clone(),
-                         exp.cost_active.clone(), constraint.multiplier, constraint.threshold))
+                         exp.cost_active.clone(), constraint.multiplier, constraint.threshold,
+                         exp.cost_signal.clone()))
 
     monkeypatch.setattr(train_module, "policy_loss", recording)
     monkeypatch.setattr(train_module, "compute_advantages", capture)
     # threshold 0 on random tiny cost models: both safe and unsafe samples occur
-    make_trainer(smoke_cfg, tmp_path / "run", "constraint=rectified", "constraint.lambda_init=3.0",
+    make_trainer(smoke_cfg, tmp_path / "run", "constraint=rectified_gated", "constraint.lambda_init=3.0",
                  f"constraint.normalize={normalize}", "trainer.total_steps=2").fit()
     assert len(seen) == len(captured) == 2
     n_safe = n_unsafe = 0
-    for fed, (costs, a_r, a_c, gate, lam, d) in zip(seen, captured):
+    for fed, (costs, a_r, a_c, gate, lam, d, signal) in zip(seen, captured):
         safe = costs <= d
         assert torch.equal(gate, ~safe)
+        assert torch.equal(signal, costs.float())  # the gated form estimates A_c on the raw cost
         assert torch.equal(fed[safe], a_r[safe])  # no cost term at all
         penalised = a_r[~safe] - lam * a_c[~safe]
         torch.testing.assert_close(fed[~safe], penalised / (1 + lam) if normalize else penalised)
         n_safe += int(safe.sum())
         n_unsafe += int((~safe).sum())
     assert n_safe > 0 and n_unsafe > 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rectified_unbiased_every_sample_gets_the_mix_on_the_rectified_signal(smoke_cfg, tmp_path, monkeypatch,
+                                                                             normalize):
+    seen, captured = [], []
+    original, original_compute = train_module.policy_loss, train_module.compute_advantages
+
+    def recording(logprobs, old_logprobs, advantages, mask, *args, **kwargs):
+        seen.append(advantages.detach().clone())
+        return original(logprobs, old_logprobs, advantages, mask, *args, **kwargs)
+
+    def capture(exp, constraint, cfg):
+        original_compute(exp, constraint, cfg)
+        captured.append((exp.costs.clone(), exp.reward_advantages.clone(), exp.cost_advantages.clone(),
+                         exp.cost_signal.clone(), constraint.multiplier, constraint.threshold))
+
+    monkeypatch.setattr(train_module, "policy_loss", recording)
+    monkeypatch.setattr(train_module, "compute_advantages", capture)
+    make_trainer(smoke_cfg, tmp_path / "run", "constraint=rectified", "constraint.lambda_init=3.0",
+                 f"constraint.normalize={normalize}", "trainer.total_steps=2").fit()
+    assert len(seen) == len(captured) == 2
+    for fed, (costs, a_r, a_c, signal, lam, d) in zip(seen, captured):
+        torch.testing.assert_close(signal, (costs.float() - d).clamp(min=0.0))  # (C − d)⁺
+        mixed = a_r - lam * a_c
+        torch.testing.assert_close(fed, mixed / (1 + lam) if normalize else mixed)
+        assert a_c[costs <= d].abs().sum() > 0  # safe samples are credited too (A_c = 0 − V_c)
 
 
 def test_accumulation_invariance(smoke_cfg, tmp_path):
