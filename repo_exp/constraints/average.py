@@ -49,6 +49,8 @@ class AverageConstraint(Constraint):
             raise ValueError(f"constraint.lambda_lr must be > 0, got {lambda_lr}")
         if lambda_max is not None and not lambda_max > 0.0:
             raise ValueError(f"constraint.lambda_max must be > 0 or null, got {lambda_max}")
+        if lambda_max is not None and lambda_init > lambda_max:
+            raise ValueError(f"constraint.lambda_init ({lambda_init}) exceeds constraint.lambda_max ({lambda_max})")
         if window < 1:
             raise ValueError(f"constraint.window must be >= 1, got {window}")
         self.projected = lambda_update == "projected"
