@@ -536,7 +536,10 @@ class Trainer:
             raise run_folder.RunFolderBusy(problem)
         from omegaconf import OmegaConf
 
-        self.resolved_config = OmegaConf.to_container(self.cfg, resolve=True)
+        from repo_exp.loggers import scrub
+
+        # secrets (a token pulled in through an interpolation) never reach state.json or config.resolved.yaml
+        self.resolved_config = scrub(OmegaConf.to_container(self.cfg, resolve=True))
         self.resume_folder, self.resume_changes = None, []
         try:
             if self.config.trainer.resume:
