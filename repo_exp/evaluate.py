@@ -304,8 +304,21 @@ def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = validate(cfg)
     checkpoint = resolve_checkpoint(config.eval.checkpoint) if config.eval.checkpoint else None
     rt = init_runtime(config.deepspeed.enabled)
+    problem = None
     if rt.is_main:
-        refuse_training_run_folder(run_dir)
+        try:
+            refuse_training_run_folder(run_dir)
+        except ValueError as exc:
+            problem = exc
+    if rt.distributed:  # the other ranks follow rank 0's verdict
+        import torch.distributed as dist
+
+        box = [str(problem) if problem else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] and problem is None:
+            raise ValueError(box[0])
+    if problem is not None:
+        raise problem
     models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm))
     prompts = eval_prompt_set(config)
     encoder = PromptEncoder(prompts, models.tokenizer, config.model.template, config.trainer.max_prompt_length)

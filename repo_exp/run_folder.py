@@ -128,14 +128,14 @@ def restore_hydra_files(run_dir: Path) -> None:
 def keep_hydra_files(run_dir: Path, first_launch: bool, this_launch: dict[str, str] | None) -> int | None:
     """At the first launch keep Hydra's files as the originals; at a later one keep this launch's as
     ``<name>.resumed-<n>`` and put the originals back. ``this_launch``: {file name: text} as Hydra wrote it for this
-    launch (from memory, since another process's Hydra may have rewritten the files meanwhile). Returns n."""
+    launch (``hydra_launch_files``). Returns n (None at the first launch or outside Hydra)."""
     hydra = Path(run_dir) / ".hydra"
     if this_launch is None or not hydra.is_dir():
         return None
     if first_launch or not (hydra / _original("config.yaml")).is_file():
         for name, text in this_launch.items():
             _write_atomic(hydra / _original(name), text)
-            _write_atomic(hydra / name, text)
+        restore_hydra_files(run_dir)  # the same text, unless a refused process's Hydra wrote its own meanwhile
         return None
     n = 1 + len(list(hydra.glob("config.resumed-*.yaml")))
     for name, text in this_launch.items():
@@ -145,8 +145,10 @@ def keep_hydra_files(run_dir: Path, first_launch: bool, this_launch: dict[str, s
     return n
 
 
-def hydra_launch_files(cfg) -> dict[str, str] | None:
-    """What Hydra wrote into ``.hydra`` for this launch, rebuilt from memory; None outside a Hydra job."""
+def hydra_launch_files(cfg, run_dir: Path) -> dict[str, str] | None:
+    """What Hydra wrote into ``.hydra`` for this launch; None outside a Hydra job. The config and the overrides are
+    rebuilt from memory as Hydra writes them (another process's Hydra may have rewritten the files meanwhile);
+    ``hydra.yaml`` is read back."""
     from omegaconf import OmegaConf
 
     try:
@@ -155,8 +157,11 @@ def hydra_launch_files(cfg) -> dict[str, str] | None:
         hydra = HydraConfig.get()
     except ValueError:
         return None
-    return {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})),
-            "overrides.yaml": OmegaConf.to_yaml(hydra.overrides.task)}
+    files = {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(hydra.overrides.task)}
+    written = Path(run_dir) / ".hydra" / "hydra.yaml"
+    if written.is_file():
+        files["hydra.yaml"] = written.read_text()
+    return files
 
 
 # ------------------------------------------------------------------------------------------------- config changes

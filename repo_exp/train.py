@@ -553,7 +553,8 @@ class Trainer:
                 run_folder.restore_hydra_files(self.run_dir)
             raise
         if self.rt.is_main:
-            launch = run_folder.keep_hydra_files(self.run_dir, first_launch, run_folder.hydra_launch_files(self.cfg))
+            launch = run_folder.keep_hydra_files(self.run_dir, first_launch,
+                                                 run_folder.hydra_launch_files(self.cfg, self.run_dir))
             if first_launch:
                 run_folder.write_resolved_config(self.run_dir, self.resolved_config)
             run_folder.record_changes(self.run_dir, self.resume_changes, self.resume_folder, launch)
