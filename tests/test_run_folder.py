@@ -311,3 +311,46 @@ def test_the_report_names_a_torn_summary_and_leaves_that_run_out(tmp_path, caplo
     assert f"{summary} is not valid JSON" in caplog.text
     assert len(report["runs"]) == 1 and str(torn.resolve()) in report["skipped"]
     assert good.exists()
+
+
+# ------------------------------------------------------------------------------------------- the pieces, alone
+
+
+def test_changes_allowed_by_prefix_harmless_ones_and_the_run_length_only_under_constant_schedules():
+    old = {"trainer": {"total_steps": 4, "progress": True, "prompts_per_step": 8},
+           "optimizer": {"actor": {"lr": 1e-4, "betas": [0.9, 0.95]}, "actor_scheduler": {"name": "constant"},
+                         "critic_scheduler": {"name": "constant"}}}
+    new = {"trainer": {"total_steps": 8, "progress": False, "prompts_per_step": 8},
+           "optimizer": {"actor": {"lr": 2e-4, "betas": [0.9, 0.99]}, "actor_scheduler": {"name": "constant"},
+                         "critic_scheduler": {"name": "constant"}}}
+    changes = run_folder.check_changes(old, new, ["optimizer.actor"], "saved")
+    assert [k for k, _, _ in changes] == ["optimizer.actor.betas", "optimizer.actor.lr", "trainer.progress",
+                                          "trainer.total_steps"]
+    with pytest.raises(run_folder.ResumeRefused, match=r"\(optimizer.actor.lr: 0.0001 -> 0.0002\)"):
+        run_folder.check_changes(old, new, ["optimizer.actor.betas"], "saved")
+    cosine = {**new, "optimizer": {**new["optimizer"], "actor_scheduler": {"name": "cosine"}}}
+    with pytest.raises(run_folder.ResumeRefused, match=r"trainer.total_steps: 4 -> 8"):
+        run_folder.check_changes({**old, "optimizer": cosine["optimizer"]}, cosine, ["optimizer"], "saved")
+
+
+def test_a_new_learning_rate_keeps_the_schedules_position():
+    """Cosine over 10 steps, 3 taken at lr 1e-3: the restored schedule at base 2e-3 gives 2e-3 × cos factor(3)."""
+    import math
+
+    from transformers import get_scheduler
+
+    from repo_exp.config import AdamWConfig
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    run_folder.apply_optimizer_settings(optimizer, scheduler, AdamWConfig(lr=2e-3, betas=[0.8, 0.9], weight_decay=0.1))
+    factor = 0.5 * (1 + math.cos(math.pi * 3 / 10))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * factor, rel=1e-12)
+    assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.9) and optimizer.param_groups[0]["weight_decay"] == 0.1
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 10)), rel=1e-12)
