@@ -400,3 +400,11 @@ def test_bad_input_gets_its_message(row, smoke_cfg, tmp_path, checkpoint):
     assert len(expected) > 8, f"{row}: the README gives no message to check"
     assert expected in message, f"{row}: expected {expected!r} in:\n{message[-3000:]}"
     assert not re.search(r"Traceback.*Traceback", message, re.S), "an error while reporting the error"
+
+
+def test_a_two_score_model_is_refused_by_the_evaluation_job_too(smoke_cfg, tmp_path, checkpoint):
+    from repo_exp.evaluate import evaluate_job
+
+    folder = score_model_folder(Case(smoke_cfg, tmp_path, checkpoint), score_dim=2)
+    with pytest.raises(ValueError, match=r"reward.path=.*: config.json score_dim is 2, but a reward model"):
+        evaluate_job(smoke_cfg("reward.source=hub", f"reward.path={folder}", "reward.tokenizer=world"), tmp_path / "job")
