@@ -32,6 +32,10 @@ MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, most often)."""
+
+
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -172,17 +176,35 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        write(tmp)
-        self.barrier()
+        try:
+            write(tmp)
+            self.barrier()
+            if self.is_main:
+                _fsync_tree(tmp)
+                write_manifest(tmp, step, self.hash_files)
+        except (OSError, RuntimeError) as exc:  # a full disk: torch.save says only "unexpected pos"
+            raise self._failed(final, tmp, exc) from exc
         if self.is_main:
-            _fsync_tree(tmp)
-            write_manifest(tmp, step, self.hash_files)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._prune()
         self.barrier()
         return final
+
+    def _failed(self, final: Path, tmp: Path, exc: BaseException) -> CheckpointWriteError:
+        """The error of a checkpoint that could not be written, after removing its partial folder (as large as a
+        checkpoint: left behind, it would keep a full disk full and fail the resume too)."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(self.root).free / 2**20:.0f} MiB free on that disk"
+        except OSError:
+            free = "free space unknown"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return CheckpointWriteError(
+            f"could not write the checkpoint {final} ({type(exc).__name__}: {reason}; {free}); its partial folder "
+            f"{tmp} was removed and the earlier checkpoints are untouched. Free disk space, then continue with "
+            f"trainer.resume=auto")
 
     def checkpoints(self) -> list[Path]:
         if not self.root.is_dir():

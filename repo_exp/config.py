@@ -508,6 +508,9 @@ class TrainerConfig:
     keep_last: int = 2
     resume: Optional[str] = None  # null | auto | a checkpoint folder
     init_from: Optional[str] = None  # a checkpoint folder whose weights and λ start a new run
+    # settings a resume may change on purpose (dotted keys or their prefixes, e.g. [optimizer.actor.lr]); any other
+    # change of a setting that changes the run is refused (repo_exp.run_folder)
+    allow_changes: list[str] = field(default_factory=list)
     max_nonfinite_in_a_row: int = 3
     num_threads: Optional[int] = None
     deterministic: bool = False

@@ -185,6 +185,9 @@ class DeepSpeedEngine:
         self.module.save_checkpoint(str(folder / "deepspeed"), tag=self.name, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        from repo_exp.models.weights import check_pickles
+
+        check_pickles(folder / "deepspeed" / self.name)  # DeepSpeed's loader unpickles with weights_only=False
         path, _ = self.module.load_checkpoint(str(folder / "deepspeed"), tag=self.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:

@@ -200,16 +200,18 @@ def oracle_style_figures(rows: list[dict]) -> dict[str, float]:
 
 
 def write_eval(folder: Path, summary: dict[str, Any], rows: list[dict]) -> None:
-    """``summary.json`` and ``per_prompt.jsonl`` (one row per prompt), each written atomically."""
+    """``per_prompt.jsonl`` (one row per prompt), then ``summary.json``, each written atomically: ``summary.json`` is
+    the evaluation's completion marker, so a kill between the two leaves an evaluation that is redone, never a
+    summary without its rows. The metrics row is logged after both (``publish_eval``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, folder / "summary.json")
     tmp = folder / "per_prompt.jsonl.tmp"
     with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, folder / "per_prompt.jsonl")
+    tmp = folder / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    os.replace(tmp, folder / "summary.json")
 
 
 def read_rows(folder: Path) -> list[dict]:
@@ -303,6 +305,19 @@ def resolve_checkpoint(path: str) -> Path:
     return check_checkpoint(folder, "eval.checkpoint")
 
 
+def refuse_training_run_folder(run_dir: Path) -> None:
+    """An evaluation job owns its folder (``repo_exp.run_folder``) and never writes into a training run's: its
+    ``eval/``, config and metrics would overwrite the run's own."""
+    from repo_exp import run_folder
+
+    if (run_dir / "checkpoints").is_dir() or (run_dir / run_folder.RESOLVED_CONFIG).is_file():
+        run_folder.restore_hydra_files(run_dir)
+        raise ValueError(f"{run_dir} holds a training run: an evaluation written there would overwrite its eval/, "
+                         f"config and metrics, so nothing was written. Evaluate it from another folder: "
+                         f"eval.checkpoint={run_dir} hydra.run.dir={run_dir}-eval")
+    run_folder.claim(run_dir)
+
+
 def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """``python -m repo_exp.evaluate``: evaluate the initial policy or ``eval.checkpoint`` and write ``run_dir/eval``.
 
@@ -316,7 +331,21 @@ def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = validate(cfg)
     checkpoint = resolve_checkpoint(config.eval.checkpoint) if config.eval.checkpoint else None
     rt = init_runtime(config.deepspeed.enabled)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    problem = None
+    if rt.is_main:
+        try:
+            refuse_training_run_folder(run_dir)
+        except ValueError as exc:
+            problem = exc
+    if rt.distributed:  # the other ranks follow rank 0's verdict
+        import torch.distributed as dist
+
+        box = [str(problem) if problem else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] and problem is None:
+            raise ValueError(box[0])
+    if problem is not None:
+        raise problem
     models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm))
     prompts = eval_prompt_set(config)
     encoder = PromptEncoder(prompts, models.tokenizer, config.model.template, config.trainer.max_prompt_length)

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,19 @@ def run_identity(config) -> tuple[str | None, str]:
         return None, "run"
 
 
+# W&B's folders for artifact staging (tables) and its cache default to ~/.local/share/wandb and ~/.cache/wandb;
+# those the user did not set (noted when this module is imported) go inside the run folder, so a run writes nothing
+# outside it (its settings folder, ~/.config/wandb, is read, not written, and may hold a self-hosted server's address)
+WANDB_DIRS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache"}
+USER_WANDB_DIRS = frozenset(k for k in WANDB_DIRS if os.environ.get(k))
+
+
+def keep_wandb_files_in(run_dir: Path) -> None:
+    for key, sub in WANDB_DIRS.items():
+        if key not in USER_WANDB_DIRS:
+            os.environ[key] = str(Path(run_dir).resolve() / "wandb" / sub)
+
+
 def wandb_sink(config, cfg, run_dir: Path, run_id: str | None = None, name_prefix: str = "",
                extra_tags: Sequence[str] = ()) -> WandbSink | None:
     """The W&B run of a job when ``logger=wandb`` (else None): grouped and named by ``run_identity`` unless the
@@ -138,6 +151,7 @@ def wandb_sink(config, cfg, run_dir: Path, run_id: str | None = None, name_prefi
     from omegaconf import OmegaConf
 
     group, name = run_identity(config)
+    keep_wandb_files_in(run_dir)
     return WandbSink(
         project=config.logger.project, entity=config.logger.entity, group=config.logger.group or group,
         name=config.run_name or f"{name_prefix}{name}", config=OmegaConf.to_container(cfg, resolve=True),
@@ -179,19 +193,32 @@ class MetricsLogger:
             self.wandb.close()
 
 
-def truncate_metrics(path: Path, last_step: int) -> int:
-    """Keep the rows of ``path`` up to ``last_step``; move later rows (from steps a resume will redo) to
-    ``metrics.orphaned.jsonl`` beside it rather than delete them. Returns how many were moved."""
+class Truncated(NamedTuple):
+    """What ``truncate_metrics`` moved aside: complete rows past the step (a resume redoes those steps), and the
+    steps of rows cut mid-write (None where even the step is unreadable)."""
+
+    redone: int
+    torn: list[int | None]
+
+
+TORN_STEP = re.compile(r'^\{"step": (-?\d+)[,}]')
+
+
+def truncate_metrics(path: Path, last_step: int) -> Truncated:
+    """Keep the complete rows of ``path`` up to ``last_step``; move later rows (from steps a resume will redo) and
+    rows cut mid-write to ``metrics.orphaned.jsonl`` beside it rather than delete them."""
     if not path.is_file():
-        return 0
-    keep, orphaned = [], []
-    for line in path.read_text().splitlines():
+        return Truncated(0, [])
+    keep, orphaned, torn = [], [], []
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             step = json.loads(line).get("step", -1)
-        except ValueError:  # a torn last line from a kill: keep it aside
+        except ValueError:  # a torn line from a kill: keep it aside
             orphaned.append(line)
+            match = TORN_STEP.match(line)
+            torn.append(int(match.group(1)) if match else None)
             continue
         (keep if step <= last_step else orphaned).append(line)
     if orphaned:
@@ -200,4 +227,4 @@ def truncate_metrics(path: Path, last_step: int) -> int:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
-    return len(orphaned)
+    return Truncated(len(orphaned) - len(torn), torn)

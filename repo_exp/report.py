@@ -155,7 +155,11 @@ def read_run(folder: Path) -> Run | None:
     if not summary_path.is_file():
         log.warning("%s has no eval/summary.json (unfinished or failed run): left out of the report", folder)
         return None
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # written atomically, so damaged after the run: say which file
+        log.warning("%s is not valid JSON (%s): the run %s is left out of the report", summary_path, exc, folder)
+        return None
     config_path = folder / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(config_path) if config_path.is_file() else OmegaConf.create({})
     constraint = OmegaConf.select(cfg, "constraint.name", default=None) or "unknown"

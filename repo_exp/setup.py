@@ -18,6 +18,7 @@ from repo_exp.config import Config, ModelConfig, ScoreModelConfig
 from repo_exp.constraints import Comm, Constraint
 from repo_exp.engine import Engine, TorchEngine
 from repo_exp.machine import resolve_attention
+from repo_exp.models.checks import check_context_length
 from repo_exp.models.policy import critic_from_policy, critic_from_scorer, frozen, load_policy, load_scorer
 from repo_exp.models.score_model import ScoreModel
 from repo_exp.models.tokenizers import load_tokenizer
@@ -168,6 +169,9 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     reward_model.to(device)
     cost_model.to(device)
     max_len = t.max_length or t.max_prompt_length + t.max_new_tokens
+    for role, model, path in (("model", policy, policy_path), ("reward", reward_model, reward_path),
+                              ("cost", cost_model, cost_path)):
+        check_context_length(model.config, role, path, t.max_prompt_length, t.max_new_tokens)
     reward = Scorer(reward_model, _tokenizer_for(config.reward, reward_path), config.reward.template, tokenizer,
                     config.model.template, max_len)
     cost = Scorer(cost_model, _tokenizer_for(config.cost, cost_path), config.cost.template, tokenizer,

@@ -48,6 +48,7 @@ from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
 from repo_exp.rollout.budget import generation_budget
 from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
 from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
+from repo_exp import run_folder
 from repo_exp.models.score_model import position_ids_from_mask
 from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
 from repo_exp.runtime import Runtime, init_runtime
@@ -382,7 +383,9 @@ class Trainer:
             if self.start_step >= t.total_steps and final.is_file():
                 log.warning("the run in %s already finished (step %d, final evaluation written): nothing to do",
                             self.run_dir, self.start_step)
-                return json.loads(final.read_text())
+                summary = json.loads(final.read_text())
+                self._log_final_row_if_missing(summary)
+                return summary
             if e.at_start and self.initial_rows is None and self.eval_encoder is not None:
                 self.evaluate("initial", step=self.start_step)
             if self._agreed_stop():  # a signal during the initial evaluation: no step ran, nothing new to save
@@ -414,6 +417,8 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
+            if self.rt.is_main:  # a refused duplicate's Hydra may have rewritten them meanwhile
+                run_folder.restore_hydra_files(self.run_dir)
 
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -571,6 +576,7 @@ class Trainer:
                     "ptx": self.ptx.state_dict() if self.ptx is not None else None,
                     "nonfinite_in_a_row": self.nonfinite_in_a_row,
                     "constraint_name": self.config.constraint.name,
+                    "config": self.resolved_config,  # what a resume compares its own settings with
                 }
                 (folder / "state.json").write_text(json.dumps(state))
             save_rng_states(folder, self.rt.rank)
@@ -584,25 +590,25 @@ class Trainer:
 
     def _restore(self) -> None:
         t = self.config.trainer
-        folder: Path | None = None
-        if t.resume == "auto":
-            folder = self.checkpoints.latest_complete()
-            if folder is None:
-                log.info("trainer.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
-                if self.rt.is_main:  # rows of a run stopped before its first checkpoint are redone: keep them aside
-                    truncate_metrics(self.run_dir / "metrics.jsonl", -1)
-        elif t.resume:
-            folder = check_checkpoint(t.resume, "trainer.resume")
+        folder = self.resume_folder  # found (and checked against this run's settings) by _refuse_used_run_dir
+        if t.resume == "auto" and folder is None:
+            log.info("trainer.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
+            if self.rt.is_main:  # rows of a run stopped before its first checkpoint are redone: keep them aside
+                truncate_metrics(self.run_dir / "metrics.jsonl", -1)
         if folder is not None:
             self.load(folder, full=True)
             self.start_step = json.loads((folder / "state.json").read_text())["step"]
             if self.rt.is_main:
                 moved = truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
-                if moved:
+                if moved.redone:
                     log.warning("moved %d metric rows past step %d to metrics.orphaned.jsonl (they are redone)",
-                                moved, self.start_step)
+                                moved.redone, self.start_step)
+                for step in moved.torn:
+                    log.warning("the metrics row of step %s was cut mid-write; it is kept in metrics.orphaned.jsonl"
+                                "%s", step, " and the step is redone" if step is not None and step > self.start_step
+                                else "; its step is at or before the checkpoint's, so training does not redo it")
             initial = self.run_dir / "eval" / "initial"
-            if (initial / "per_prompt.jsonl").is_file():
+            if (initial / "summary.json").is_file():  # written last: the initial evaluation is complete
                 self.initial_rows = read_rows(initial)
             log.info("resumed from %s at step %d", folder, self.start_step)
         elif t.init_from:
@@ -610,10 +616,61 @@ class Trainer:
             log.info("initialised weights and λ from %s", t.init_from)
 
     def _refuse_used_run_dir(self) -> None:
-        """A fresh run (no ``trainer.resume``) in a folder that holds another run's metrics or checkpoints would mix
-        its rows into theirs and prune their checkpoints: refuse before anything is written."""
-        if self.config.trainer.resume:
-            return
+        """Claim the run folder (``repo_exp.run_folder``: rank 0 takes its lock, the other ranks trust it), then refuse,
+        before anything is written, what would mix two runs in it: a fresh run (no ``trainer.resume``) in a folder
+        that holds another run's metrics or checkpoints, or a resume whose settings change the run."""
+        problem = None
+        if self.rt.is_main:
+            try:
+                run_folder.claim(self.run_dir)
+            except run_folder.RunFolderBusy as exc:
+                problem = str(exc)
+        if self.rt.distributed:
+            import torch.distributed as dist
+
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem:
+            raise run_folder.RunFolderBusy(problem)
+        from omegaconf import OmegaConf
+
+        from repo_exp.loggers import scrub
+
+        # secrets (a token pulled in through an interpolation) never reach state.json or config.resolved.yaml
+        self.resolved_config = scrub(OmegaConf.to_container(self.cfg, resolve=True))
+        self.resume_folder, self.resume_changes = None, []
+        try:
+            if self.config.trainer.resume:
+                self.resume_folder, self.resume_changes = self._check_resume()
+                first_launch = self.resume_folder is None and not (self.run_dir / run_folder.RESOLVED_CONFIG).is_file()
+            else:
+                self._refuse_fresh_run_in_used_folder()
+                first_launch = True
+        except (ValueError, FileNotFoundError):
+            if self.rt.is_main:  # this launch's Hydra rewrote them: the run's own go back
+                run_folder.restore_hydra_files(self.run_dir)
+            raise
+        if self.rt.is_main:
+            launch = run_folder.keep_hydra_files(self.run_dir, first_launch,
+                                                 run_folder.hydra_launch_files(self.cfg, self.run_dir))
+            if first_launch:
+                run_folder.write_resolved_config(self.run_dir, self.resolved_config)
+            run_folder.record_changes(self.run_dir, self.resume_changes, self.resume_folder, launch)
+        for key, old, new in self.resume_changes:
+            log.warning("resuming with %s changed from %r to %r", key, old, new)
+
+    def _log_final_row_if_missing(self, summary: dict[str, Any]) -> None:
+        """The final evaluation's metrics row follows its ``summary.json``: a kill between the two, or a row cut
+        mid-write and moved aside on resume, leaves the summary without its row; log it from the summary."""
+        step = summary.get("eval/step")
+        path = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        if self.rt.is_main and not any(r.get("step") == step and "eval/num_prompts" in r for r in rows):
+            log.warning("the final evaluation's metrics row is missing: logged again from eval/summary.json")
+            self.logger.log(summary, step)
+
+    def _refuse_fresh_run_in_used_folder(self) -> None:
         metrics = self.run_dir / "metrics.jsonl"
         used = [name for name, present in (("metrics.jsonl", metrics.is_file() and metrics.stat().st_size > 0),
                                            ("checkpoints/", bool(CheckpointManager(self.run_dir / "checkpoints")
@@ -623,6 +680,40 @@ class Trainer:
             raise ValueError(f"the run folder {self.run_dir} already holds a run ({', '.join(used)}); continue it "
                              f"with trainer.resume=auto, or start a new run in another folder (hydra.run.dir=...); "
                              f"its metrics and checkpoints were left as they are")
+
+    def _check_resume(self) -> tuple[Path | None, list]:
+        """The checkpoint to resume from, and the setting changes from the run's saved config that are allowed
+        (harmless, or named in ``trainer.allow_changes``); any other change is refused."""
+        t = self.config.trainer
+        if t.resume == "auto":
+            folder = CheckpointManager(self.run_dir / "checkpoints").latest_complete()
+        else:
+            folder = check_checkpoint(t.resume, "trainer.resume")
+        reference, where = None, None
+        if folder is not None:
+            state = json.loads((folder / "state.json").read_text())
+            if state.get("constraint_name") != self.config.constraint.name:
+                raise ValueError(f"{folder} was written by a run with constraint={state.get('constraint_name')}, "
+                                 f"this run has constraint={self.config.constraint.name}")
+            reference, where = state.get("config"), folder / "state.json"
+        if reference is None:
+            reference, where = run_folder.read_resolved_config(self.run_dir), self.run_dir / run_folder.RESOLVED_CONFIG
+        if reference is None:
+            if folder is not None:
+                log.warning("%s records no config: this resume cannot check that the run's settings are unchanged",
+                            folder)
+            return folder, []
+        return folder, run_folder.check_changes(reference, self.resolved_config, t.allow_changes, str(where))
+
+    def _apply_optimizer_changes(self) -> None:
+        """Allowed optimizer changes for real: a restored optimizer and schedule carry the checkpoint's settings."""
+        opt = self.config.optimizer
+        for name, engine in zip(["actor", *self.models.critics.names], self.models.engines):
+            inner = getattr(engine, "optimizer", None)
+            scheduler = getattr(engine, "scheduler", None)
+            if inner is None:  # a DeepSpeed engine: its optimizer and schedule live on the wrapped engine
+                inner, scheduler = engine.module.optimizer, engine.module.lr_scheduler
+            run_folder.apply_optimizer_settings(inner, scheduler, opt.actor if name == "actor" else opt.critic)
 
     def load(self, folder: Path, full: bool) -> None:
         """Weights and the constraint's state; with ``full``, also optimizers, data position and RNG states."""
@@ -636,6 +727,8 @@ class Trainer:
             return
         for engine in self.models.engines:
             engine.load(folder)
+        if any(key.startswith("optimizer.") for key, _, _ in self.resume_changes):
+            self._apply_optimizer_changes()
         self.stream.load_state_dict(state["stream"])
         if self.ptx is not None and state.get("ptx"):
             self.ptx.load_state_dict(state["ptx"])

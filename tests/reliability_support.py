@@ -51,9 +51,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m repo_exp ARGS`` from the project root; stdout and stderr together in ``.stdout``."""
-    full_env = dict(os.environ)
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+        replace_env: bool = False) -> subprocess.CompletedProcess:
+    """``python -m repo_exp ARGS`` from the project root; stdout and stderr together in ``.stdout``. ``env`` adds to
+    this process's environment, or with ``replace_env`` replaces it."""
+    full_env = {} if replace_env else dict(os.environ)
     full_env.update({"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "repo_exp", *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,

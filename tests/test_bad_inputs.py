@@ -138,6 +138,189 @@ def causal_lm_as_cost_model(case: Case) -> str:
     return case.loader(lambda: load_scorer(cfg, tokenizer))
 
 
+# ---- prompt and preference files
+
+
+def parquet(case: Case, name: str, column: list) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = case.tmp / name
+    pq.write_table(pa.table({"prompt": column}), path)
+    return path
+
+
+def empty_parquet(case: Case) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = case.tmp / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], type=pa.string())}), path)
+    return case.prompts(path)
+
+
+def non_utf8_prompts(case: Case) -> str:
+    path = case.tmp / "prompts.csv"
+    path.write_bytes(b"prompt\nhello\xff there\n")
+    return case.prompts(path)
+
+
+PAIR = {"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": True, "is_response_1_safe": False,
+        "better_response_id": 0, "safer_response_id": 0}
+
+
+def preference_row(case: Case, **change) -> str:
+    import json
+
+    path = case.file("pairs.jsonl", json.dumps(PAIR) + "\n" + json.dumps({**PAIR, **change}) + "\n")
+    return case.loader(lambda: load_preference_rows(DataConfig(name="pku", source="pku_saferlhf", path=str(path)),
+                                                    "train"))
+
+
+# ---- model folders
+
+
+def score_model_folder(case: Case, score_dim: int = 1, vocab_words: int | None = None) -> Path:
+    from repo_exp.config import ArchConfig
+    from repo_exp.models.policy import tiny_llama_config
+    from repo_exp.models.score_model import ScoreModel
+
+    words = [f"w{i}" for i in range(vocab_words or 40)]
+    config = tiny_llama_config(ArchConfig(), build_word_tokenizer([" ".join(words)]))
+    folder = case.tmp / f"score_{score_dim}_{vocab_words}"
+    ScoreModel(config, score_dim=score_dim).save_pretrained(folder)
+    return folder
+
+
+def two_score_reward_model(case: Case) -> str:
+    folder = score_model_folder(case, score_dim=2)
+    cfg = ScoreModelConfig(name="reward", kind="reward", source="hub", path=str(folder))
+    return case.loader(lambda: load_scorer(cfg, build_word_tokenizer(["hello"])))
+
+
+def two_score_cost_model(case: Case) -> str:
+    folder = score_model_folder(case, score_dim=2)
+    return case.trainer("cost.source=hub", f"cost.path={folder}", "cost.tokenizer=world")
+
+
+def small_vocabulary_score_model(case: Case) -> str:
+    folder = score_model_folder(case, vocab_words=46)  # 50 ids with the special tokens
+    cfg = ScoreModelConfig(name="reward", kind="reward", source="hub", path=str(folder))
+    return case.loader(lambda: load_scorer(cfg, build_word_tokenizer([" ".join(f"v{i}" for i in range(236))])))
+
+
+def policy_folder(case: Case, **config_changes) -> Path:
+    import json
+
+    folder = case.tmp / "policy"
+    shutil.copytree(case.checkpoint / "policy", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def policy_missing_weights(case: Case) -> str:
+    from safetensors.torch import load_file, save_file
+
+    folder = policy_folder(case)
+    state = load_file(str(folder / "model.safetensors"))
+    for key in ("lm_head.weight", "model.layers.0.mlp.down_proj.weight"):
+        del state[key]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return case.trainer("model.source=hub", f"model.path={folder}")
+
+
+def short_context_policy(case: Case) -> str:
+    folder = policy_folder(case, max_position_embeddings=32)
+    return case.trainer("model.source=hub", f"model.path={folder}")
+
+
+def short_context_reward_model(case: Case) -> str:
+    import json
+
+    folder = case.tmp / "reward"
+    shutil.copytree(case.checkpoint / "reward_critic", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32, "score_type": "reward"}))
+    return case.trainer("reward.source=hub", f"reward.path={folder}", "reward.tokenizer=world")
+
+
+# ---- run folders
+
+
+def held_run_folder(case: Case) -> str:
+    from test_run_folder import hold
+
+    run = case.tmp / "run"
+    shutil.copytree(case.checkpoint.parents[1], run)
+    holder = hold(run)
+    try:
+        return case.trainer("trainer.resume=auto", run_dir=run)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def changed_resume(case: Case, *overrides: str) -> str:
+    from test_run_folder import hashes
+
+    run = case.tmp / "run"
+    shutil.copytree(case.checkpoint.parents[1], run)
+    before = hashes(run)
+    message = case.trainer("trainer.resume=auto", *overrides, run_dir=run)
+    assert hashes(run) == before, "the refused resume changed files"
+    return message
+
+
+def evaluation_in_a_training_run(case: Case) -> str:
+    from repo_exp.evaluate import evaluate_job
+
+    return case.loader(lambda: evaluate_job(case.smoke_cfg(), case.checkpoint.parents[1]))
+
+
+def deepspeed_payload(case: Case) -> str:
+    from repo_exp.deepspeed_engine import DeepSpeedEngine
+
+    marker = case.tmp / "ran"
+    malicious_bin(case.tmp / "step" / "deepspeed" / "actor" / "mp_rank_00_model_states.pt", marker)
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # DeepSpeed's own loader is never reached
+    engine.name, engine.module = "actor", None
+    message = case.loader(lambda: engine.load(case.tmp / "step"))
+    assert not marker.exists()
+    return message
+
+
+def torn_summary_in_report(case: Case) -> str:
+    import logging
+
+    from repo_exp.report import build_report
+    from test_report import make_run
+
+    make_run(case.tmp / "runs" / "0_good", "rectified", 0.0, 1, {"eval/reward_mean": 1.0})
+    torn = make_run(case.tmp / "runs" / "1_torn", "average", 0.0, 1, {"eval/reward_mean": 2.0})
+    (torn / "eval" / "summary.json").write_text('{"eval/threshold": 0.0, "eval/rew')
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("repo_exp").addHandler(handler)
+    try:
+        build_report([case.tmp / "runs"], case.tmp / "out")
+    finally:
+        logging.getLogger("repo_exp").removeHandler(handler)
+    return "\n".join(records)
+
+
+def full_disk_checkpoint(case: Case) -> str:
+    import errno
+
+    from repo_exp.checkpoint import CheckpointManager
+
+    def full(folder: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return case.loader(lambda: CheckpointManager(case.tmp / "checkpoints").save(1, full), RuntimeError)
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "a threshold that is not finite": lambda c: c.config("constraint.threshold=nan"),
     "a learning rate that is not positive": lambda c: c.config("optimizer.critic.lr=0"),
@@ -176,6 +359,31 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a truncated weights file": truncated_weights,
     "a model that is neither a folder nor in the hub cache":
         lambda c: c.loader(lambda: load_score_model("no-such-org/no-such-model")),
+    "a null prompt": lambda c: c.prompts(c.file("prompts.jsonl", '{"prompt": "hello"}\n{"prompt": null}\n')),
+    "an empty or whitespace prompt": lambda c: c.prompts(c.file("prompts.csv", 'prompt\nhello\n"  "\n')),
+    "a parquet prompt column of integers": lambda c: c.prompts(parquet(c, "ints.parquet", [7, 8])),
+    "a parquet prompt column of float lists": lambda c: c.prompts(parquet(c, "floats.parquet", [[0.5, 1.5]])),
+    "a parquet prompt column of bytes": lambda c: c.prompts(parquet(c, "bytes.parquet", [b"hello"])),
+    "a prompt file that is not UTF-8": non_utf8_prompts,
+    "a parquet prompt file with no rows": empty_parquet,
+    "a preference label out of {0, 1}": lambda c: preference_row(c, better_response_id=2),
+    "a missing preference label": lambda c: preference_row(c, safer_response_id=None),
+    "a negative preference label": lambda c: preference_row(c, safer_response_id=-1),
+    "a missing response": lambda c: preference_row(c, response_1=None),
+    "a score model with two scores as the reward model": two_score_reward_model,
+    "a score model with two scores as the cost model": two_score_cost_model,
+    "a score model with fewer embeddings than its tokenizer has tokens": small_vocabulary_score_model,
+    "a policy folder missing weights": policy_missing_weights,
+    "a policy with fewer positions than prompt plus response": short_context_policy,
+    "a reward model with fewer positions than prompt plus response": short_context_reward_model,
+    "`constraint.lambda_init` above `constraint.lambda_max`": lambda c: c.trainer("constraint.lambda_init=20"),
+    "a second process on a run folder in use": held_run_folder,
+    "a resume with a changed setting": lambda c: changed_resume(c, "trainer.prompts_per_step=4"),
+    "a resume with another model size": lambda c: changed_resume(c, "model.arch.hidden_size=32"),
+    "an evaluation into a training run's folder": evaluation_in_a_training_run,
+    "a DeepSpeed checkpoint that pickles code": deepspeed_payload,
+    "a torn `summary.json` given to the report": torn_summary_in_report,
+    "a full disk while writing a checkpoint": full_disk_checkpoint,
 }
 ROWS = readme_rows()
 
@@ -192,3 +400,11 @@ def test_bad_input_gets_its_message(row, smoke_cfg, tmp_path, checkpoint):
     assert len(expected) > 8, f"{row}: the README gives no message to check"
     assert expected in message, f"{row}: expected {expected!r} in:\n{message[-3000:]}"
     assert not re.search(r"Traceback.*Traceback", message, re.S), "an error while reporting the error"
+
+
+def test_a_two_score_model_is_refused_by_the_evaluation_job_too(smoke_cfg, tmp_path, checkpoint):
+    from repo_exp.evaluate import evaluate_job
+
+    folder = score_model_folder(Case(smoke_cfg, tmp_path, checkpoint), score_dim=2)
+    with pytest.raises(ValueError, match=r"reward.path=.*: config.json score_dim is 2, but a reward model"):
+        evaluate_job(smoke_cfg("reward.source=hub", f"reward.path={folder}", "reward.tokenizer=world"), tmp_path / "job")

@@ -54,6 +54,8 @@ class AverageConstraint(Constraint):
             raise ValueError(f"constraint.lambda_max must be > 0 or null, got {lambda_max}")
         if window_scope not in ("global", "rank"):
             raise ValueError(f"constraint.window_scope must be global or rank, got {window_scope!r}")
+        if lambda_max is not None and lambda_init > lambda_max:
+            raise ValueError(f"constraint.lambda_init ({lambda_init}) exceeds constraint.lambda_max ({lambda_max})")
         if window < 1:
             raise ValueError(f"constraint.window must be >= 1, got {window}")
         self.projected = lambda_update == "projected"

@@ -94,6 +94,8 @@ class RectifiedConstraint(Constraint):
             raise ValueError(f"constraint.lambda_init must be >= 0, got {lambda_init}")
         if not lambda_max > 0.0 or not math.isfinite(lambda_max):
             raise ValueError(f"constraint.lambda_max must be finite and > 0, got {lambda_max}")
+        if lambda_init > lambda_max:  # clipping it silently would start the run at another λ than asked
+            raise ValueError(f"constraint.lambda_init ({lambda_init}) exceeds constraint.lambda_max ({lambda_max})")
         self.granularity = granularity
         self.form = form
         self.learned = multiplier == "learned"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from repo_exp.config import DataConfig
+from repo_exp.data.files import FILE_BUILDERS, check_preference_rows, load_local_file
 
 PREFERENCE_COLUMNS = (
     "prompt",
@@ -22,7 +23,6 @@ PREFERENCE_COLUMNS = (
     "safer_response_id",
 )
 DEFAULT_HUB_ID = "PKU-Alignment/PKU-SafeRLHF"
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def load_pku_split(data: DataConfig, split: str, columns: Sequence[str] = PREFERENCE_COLUMNS):
@@ -39,27 +39,25 @@ def load_pku_split(data: DataConfig, split: str, columns: Sequence[str] = PREFER
     local = Path(path)
     if local.exists():
         files = [local] if local.is_file() else _split_files(local / (data.subset or ""), split)
-        parts = [_check_columns(_load_file(f), columns, str(f)).select_columns(list(columns)) for f in files]
+        parts = [_check_rows(_load_file(f), columns, str(f)) for f in files]
         # files of different formats type the same column differently (string / large_string): align to the first
         return datasets.concatenate_datasets([parts[0], *(p.cast(parts[0].features) for p in parts[1:])])
     try:
         ds = datasets.load_dataset(path, revision=data.revision, data_dir=data.subset, split=split)
     except Exception as exc:  # offline and not cached, or no such dataset / revision / split
         raise FileNotFoundError(f"cannot load {path!r} (revision {data.revision}, split {split!r}): {exc}") from exc
-    return _check_columns(ds, columns, f"{path}@{data.revision} ({split})")
+    return _check_rows(ds, columns, f"{path}@{data.revision} ({split})")
 
 
 def _load_file(path: Path):
-    import datasets
+    return load_local_file(path)
 
-    builder = FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"data.path {str(path)!r}: unknown file type {path.suffix!r}; use one of "
-                         f"{sorted(FILE_BUILDERS)}")
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as exc:
-        raise ValueError(f"cannot read {path} as {builder}: {exc}") from exc
+
+def _check_rows(ds, columns: Sequence[str], origin: str):
+    """``ds`` restricted to ``columns``, once they are all there and every row holds usable values."""
+    ds = _check_columns(ds, columns, origin).select_columns(list(columns))
+    check_preference_rows(ds, columns, origin)
+    return ds
 
 
 def _check_columns(ds, columns: Sequence[str], origin: str):

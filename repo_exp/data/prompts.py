@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from repo_exp.config import DataConfig, WorldConfig
-from repo_exp.data.pku import FILE_BUILDERS
+from repo_exp.data.files import FILE_BUILDERS, load_local_file, require_texts
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _from_dataset(ds, column: str, origin: str) -> tuple[list[str], list[dict]]:
     if column not in ds.column_names:
         raise ValueError(f"{origin} has no column {column!r} (columns: {ds.column_names}); "
                          f"set data.prompt_column to the column that holds the prompts")
-    texts = [str(t) for t in ds[column]]
+    texts = require_texts(ds[column], column, origin)  # a null, a number or bytes is no prompt: never str() them
     return texts, [{} for _ in texts]
 
 
@@ -70,8 +70,6 @@ def load_prompt_set(data: DataConfig, split: str, world: WorldConfig | None = No
         texts = [p.text for p in prompts]
         meta = [{"family": p.family, "severity": p.severity, "topic": p.topic} for p in prompts]
     elif data.source == "file":
-        import datasets
-
         path = Path(data.path)
         if not path.exists():
             raise FileNotFoundError(f"data.path {data.path!r} does not exist")
@@ -81,11 +79,7 @@ def load_prompt_set(data: DataConfig, split: str, world: WorldConfig | None = No
                              f"{sorted(FILE_BUILDERS)}")
         if path.stat().st_size == 0:
             raise ValueError(f"data.path {data.path!r} is an empty file: it holds no prompts")
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except (ValueError, StopIteration) as exc:  # datasets' words for a file without rows
-            raise ValueError(f"data.path {data.path!r} holds no rows that the {builder} reader can read "
-                             f"({exc or type(exc).__name__})") from exc
+        ds = load_local_file(path)
         texts, meta = _from_dataset(ds, data.prompt_column, data.path)
     elif data.source == "pku_saferlhf":
         from repo_exp.data.pku import load_pku_split

@@ -31,20 +31,21 @@ def load_ptx_pairs(ptx: PtxConfig, world: WorldConfig | None = None) -> list[tup
         return [(p.text, r) for p, r in sft_examples(world, random.Random(world.sft.seed))]
     import datasets
 
+    from repo_exp.data.files import require_texts
+
     if ptx.source == "file":
-        from repo_exp.data.pku import FILE_BUILDERS
         from pathlib import Path
 
-        builder = FILE_BUILDERS.get(Path(ptx.path).suffix.lower())
-        if builder is None:
-            raise ValueError(f"ptx.path {ptx.path!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}")
-        ds = datasets.load_dataset(builder, data_files=ptx.path, split="train")
+        from repo_exp.data.files import load_local_file
+
+        ds = load_local_file(Path(ptx.path), "ptx.path")
     else:
         ds = datasets.load_dataset(ptx.path, revision=ptx.revision, split=ptx.split)
     for column in (ptx.prompt_column, ptx.response_column):
         if column not in ds.column_names:
             raise ValueError(f"the PTX data {ptx.path!r} has no column {column!r} (columns: {ds.column_names})")
-    pairs = [(str(p), str(r)) for p, r in zip(ds[ptx.prompt_column], ds[ptx.response_column])]
+    pairs = list(zip(require_texts(ds[ptx.prompt_column], ptx.prompt_column, f"the PTX data {ptx.path}"),
+                     require_texts(ds[ptx.response_column], ptx.response_column, f"the PTX data {ptx.path}")))
     if not pairs:
         raise ValueError(f"the PTX data {ptx.path!r} is empty")
     return pairs

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from repo_exp.config import ArchConfig, ModelConfig, ScoreModelConfig
 from repo_exp.models.score_model import ScoreModel, load_score_model
+from repo_exp.models.checks import check_all_weights_loaded, check_score_model
 from repo_exp.models.weights import unsafe_pickle_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,9 +60,12 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
             attn_implementation=cfg.attn_implementation,
             use_safetensors=None,  # safetensors when present, else .bin through torch.load(weights_only=True)
             weights_only=True,
+            output_loading_info=True,
         )
     except pickle.UnpicklingError as exc:
         raise unsafe_pickle_error(path, exc) from exc
+    model, loading_info = model
+    check_all_weights_loaded(loading_info, path)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ValueError(f"the policy at {path!r} has {model.get_input_embeddings().weight.shape[0]} embeddings but "
                          f"its tokenizer has {len(tokenizer)} tokens: they do not belong together")
@@ -76,8 +80,10 @@ def load_scorer(cfg: ScoreModelConfig, tokenizer, path: str | None = None) -> Sc
         model = _seeded(cfg.seed, lambda: ScoreModel(config, score_type=cfg.kind))
         return model.to(dtype).eval()
     # the slot decides the role (a cost model without score_type must not be normalised as a reward)
-    return load_score_model(path or cfg.path, dtype=dtype, revision=cfg.revision,
-                            trust_remote_code=cfg.trust_remote_code, score_type=cfg.kind, normalize=cfg.normalize)
+    model = load_score_model(path or cfg.path, dtype=dtype, revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code, score_type=cfg.kind, normalize=cfg.normalize)
+    check_score_model(model, tokenizer, path or cfg.path, cfg.kind)
+    return model
 
 
 def critic_from_scorer(scorer: ScoreModel, score_dim: int = 1) -> ScoreModel:

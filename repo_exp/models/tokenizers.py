@@ -6,6 +6,7 @@ have their own ``<pad>`` (id 32000), but others pad with EOS, and a mask built f
 
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -35,7 +36,10 @@ def build_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a hub id or a folder and check it can pad."""
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # a tokenizer file that is not JSON (a pickle, say)
+        raise ValueError(f"cannot read the tokenizer at {path!r}: one of its files is not UTF-8 JSON ({exc})") from exc
     if tokenizer.pad_token_id is None:
         raise ValueError(
             f"the tokenizer at {path!r} has no pad token; give it one (e.g. tokenizer.add_special_tokens({{'pad_token': "

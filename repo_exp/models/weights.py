@@ -85,3 +85,34 @@ def load_state_dict_safely(folder: str | os.PathLike) -> dict[str, torch.Tensor]
 def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Save tensors to safetensors (contiguous, shared storage split)."""
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in state.items()}, str(path))
+
+
+# What DeepSpeed (0.19) pickles into its checkpoint files beside tensors and plain containers: its optimizer states
+# hold the ZeRO stage as an enum, the loss scaler as an object, and (ZeRO-1/2) fragment addresses. Unpickling these
+# calls only their own constructors.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def check_pickles(folder: str | os.PathLike, allowed: frozenset[str] = DEEPSPEED_GLOBALS) -> None:
+    """Refuse ``folder`` if a pickled file in it (``.pt``, ``.pth``, ``.bin``, at any depth) names any global other
+    than those ``torch.load(weights_only=True)`` accepts and ``allowed``; for files that a loader outside repo_exp
+    unpickles without ``weights_only`` (DeepSpeed's ``load_checkpoint``). The pickle is scanned, never run: torch's
+    scanner knows only the opcodes ``torch.save`` writes and refuses any other."""
+    for path in sorted(p for p in Path(folder).rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()):
+        try:
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception as exc:
+            raise UnsafeCheckpointError(f"refused to load {path}: its pickled content cannot be checked without "
+                                        f"running it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                                        ) from exc
+        refused = sorted(names - allowed)
+        if refused:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it pickles objects other than tensors and plain containers, which could run "
+                f"code on load ({', '.join(refused[:5])}). Nothing was loaded from it")

@@ -1,0 +1,356 @@
+"""One owner per run folder, resumes that continue the same run, and outputs that a kill cannot leave half-written.
+
+Each test gives the input to the real entry point (``python -m repo_exp``, ``python -m repo_exp.evaluate``) or the
+real ``Trainer`` and checks the outcome: refused with a message naming the folder, the setting or the file, or
+handled correctly; and nothing already written lost or altered (file hashes before and after). ``.owner.json`` (who
+last claimed the folder) and Hydra's log file are left out of the comparison: every launch writes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from repo_exp import run_folder
+from repo_exp.checkpoint import CheckpointManager, CheckpointWriteError, verify
+from repo_exp.report import build_report
+
+from conftest import SMOKE
+from reliability_support import QUICK, ROOT, checkpoint, cli, make_trainer, metric_rows  # noqa: F401  (a fixture)
+
+VOLATILE = (".owner.json",)
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in VOLATILE and p.suffix != ".log"}
+
+
+def copy_run(checkpoint: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parents[1], run)
+    return run
+
+
+# --------------------------------------------------------------------------------------------------- one owner
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from repo_exp.run_folder import claim
+claim(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold(folder: Path) -> subprocess.Popen:
+    """Another process that owns ``folder`` until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("resume", [None, "auto"])
+def test_a_second_process_on_a_held_run_folder_is_refused_naming_the_holder(resume, checkpoint, smoke_cfg, tmp_path):
+    run = copy_run(checkpoint, tmp_path)
+    holder = hold(run)
+    try:
+        before = hashes(run)
+        overrides = ["trainer.total_steps=2"] + ([f"trainer.resume={resume}"] if resume else [])
+        with pytest.raises(run_folder.RunFolderBusy, match=rf"the run folder {run} is in use by another process "
+                                                           rf"\(pid {holder.pid} on host "):
+            make_trainer(smoke_cfg, run, *overrides)
+        assert hashes(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock died with its process: the same resume goes ahead
+    trainer = make_trainer(smoke_cfg, run, "trainer.total_steps=2", "trainer.resume=auto")
+    assert trainer.start_step == 2
+
+
+def _popen(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "repo_exp", *SMOKE, "trainer.num_threads=1", "eval.at_start=false",
+                             *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _training_steps(run_dir: Path) -> list[int]:
+    if not (run_dir / "metrics.jsonl").is_file():
+        return []
+    return [r["step"] for r in metric_rows(run_dir) if "reward/mean" in r]
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_one_folder_exactly_one_runs(tmp_path):
+    run = tmp_path / "run"
+    first, second = (_popen(run, "trainer.total_steps=12", "trainer.resume=auto") for _ in range(2))
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    codes = sorted([first.returncode, second.returncode])
+    assert codes[0] == 0 and codes[1] != 0, outputs
+    refused = outputs[[first.returncode, second.returncode].index(codes[1])]
+    assert "is in use by another process (pid" in refused
+    assert _training_steps(run) == list(range(1, 13))
+    assert verify(run / "checkpoints" / "step_000012") is None
+
+
+@pytest.mark.slow
+def test_a_requeued_duplicate_never_corrupts_the_first_run(tmp_path):
+    """The same ``trainer.resume=auto`` command started again while the first still runs (a cluster requeue)."""
+    run = tmp_path / "run"
+    first = _popen(run, "trainer.total_steps=30", "trainer.save_every=5", "trainer.resume=auto")
+    deadline = time.time() + 300
+    while not _training_steps(run) and time.time() < deadline:
+        time.sleep(0.5)
+    duplicate = _popen(run, "trainer.total_steps=30", "trainer.save_every=5", "trainer.resume=auto")
+    out = duplicate.communicate(timeout=300)[0]
+    assert duplicate.returncode != 0 and f"is in use by another process (pid {first.pid} " in out, out[-2000:]
+    assert first.communicate(timeout=600)[0] and first.returncode == 0
+    assert _training_steps(run) == list(range(1, 31))
+    assert [r["step"] for r in metric_rows(run) if "eval/num_prompts" in r] == [30]
+    assert (run / "eval" / "per_prompt.jsonl").is_file()
+    assert all(verify(c) is None for c in CheckpointManager(run / "checkpoints").checkpoints())
+
+
+@pytest.fixture(scope="module")
+def hydra_run(tmp_path_factory) -> Path:
+    """A finished two-step run made by ``python -m repo_exp`` (Hydra's files, checkpoint, final evaluation)."""
+    run = tmp_path_factory.mktemp("hydra") / "run"
+    done = cli(*QUICK, "eval.at_end=true", "trainer.total_steps=2", "trainer.save_every=1", f"hydra.run.dir={run}",
+               "experiment=smoke", "logger=none", "trainer.progress=false")
+    assert done.returncode == 0, done.stdout[-3000:]
+    return run
+
+
+def test_evaluate_refuses_a_training_run_folder_and_changes_nothing(hydra_run):
+    before = hashes(hydra_run)
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "repo_exp.evaluate", *SMOKE, f"hydra.run.dir={hydra_run}"], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"{hydra_run} holds a training run: an evaluation written there would overwrite" in done.stdout
+    assert hashes(hydra_run) == before
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("trainer.prompts_per_step=4", "trainer.prompts_per_step: 8 -> 4"),
+    ("trainer.samples_per_prompt=4", "trainer.samples_per_prompt: 2 -> 4"),
+    ("constraint.threshold=0.5", "constraint.threshold: 0.0 -> 0.5"),
+    ("constraint.multiplier=learned", "constraint.multiplier: 'fixed' -> 'learned'"),
+    ("seed=3", "seed: 0 -> 3"),
+    ("optimizer.actor.lr=0.001", "optimizer.actor.lr: 0.0003 -> 0.001"),
+    ("model.arch.hidden_size=32", "model.arch.hidden_size: 64 -> 32"),  # another model size
+])
+def test_resume_refuses_a_setting_that_changes_the_run(override, expected, checkpoint, smoke_cfg, tmp_path):
+    run = copy_run(checkpoint, tmp_path)
+    before = hashes(run)
+    with pytest.raises(run_folder.ResumeRefused) as info:
+        make_trainer(smoke_cfg, run, "trainer.total_steps=2", "trainer.resume=auto", override)
+    message = str(info.value)
+    assert expected in message and "step_000002/state.json" in message
+    assert f"trainer.allow_changes=[{override.split('=')[0]}]" in message
+    assert hashes(run) == before
+
+
+def test_an_allowed_change_is_applied_for_real_and_recorded(checkpoint, smoke_cfg, tmp_path):
+    run = copy_run(checkpoint, tmp_path)
+    trainer = make_trainer(smoke_cfg, run, "trainer.resume=auto", "trainer.total_steps=3", "optimizer.actor.lr=0.001",
+                           "trainer.allow_changes=[optimizer.actor.lr]")
+    engine = trainer.models.policy
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [0.001]
+    assert engine.scheduler.get_last_lr() == [0.001]
+    trainer.fit()
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["lr/actor"] == 0.001 and rows[1]["lr/actor"] == 0.0003
+    record = [json.loads(line) for line in (run / "resume_changes.jsonl").read_text().splitlines()]
+    assert {"setting": "optimizer.actor.lr", "old": 0.0003, "new": 0.001} in record[0]["changes"]
+    state = json.loads((run / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert state["config"]["optimizer"]["actor"]["lr"] == 0.001
+
+
+@pytest.mark.slow
+def test_the_command_line_resume_keeps_hydras_original_config(hydra_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(hydra_run, run)
+    original = (run / ".hydra" / "config.yaml").read_bytes()
+    base = (*QUICK, "eval.at_end=true", "trainer.save_every=1", f"hydra.run.dir={run}", "experiment=smoke",
+            "logger=none", "trainer.progress=false", "trainer.resume=auto")
+    before = hashes(run)
+    refused = cli(*base, "trainer.total_steps=2", "constraint.threshold=0.5")
+    assert refused.returncode != 0 and "constraint.threshold: 0.0 -> 0.5" in refused.stdout
+    assert hashes(run) == before
+    done = cli(*base, "trainer.total_steps=3", "optimizer.actor.lr=0.001", "trainer.allow_changes=[optimizer.actor.lr]")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (run / ".hydra" / "config.yaml").read_bytes() == original
+    assert "lr: 0.001" in (run / ".hydra" / "config.resumed-1.yaml").read_text()
+    assert metric_rows(run)[-2]["lr/actor"] == 0.001
+
+
+# ------------------------------------------------------------------------------------------- multi-file outputs
+
+
+def test_a_kill_between_the_evaluation_files_redoes_the_evaluation(checkpoint, smoke_cfg, tmp_path, monkeypatch):
+    """Killed after ``per_prompt.jsonl`` and before ``summary.json`` (the completion marker): the resumed run is not
+    "finished"; it evaluates again and logs the final row once."""
+    import repo_exp.evaluate as evaluate
+
+    run = copy_run(checkpoint, tmp_path)
+    real_replace = os.replace
+
+    def killed_at_summary(src, dst):
+        if str(dst).endswith("summary.json"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(evaluate.os, "replace", killed_at_summary)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(smoke_cfg, run, "trainer.total_steps=2", "trainer.resume=auto", "eval.at_end=true").fit()
+    assert (run / "eval" / "per_prompt.jsonl").is_file() and not (run / "eval" / "summary.json").exists()
+    monkeypatch.setattr(evaluate.os, "replace", real_replace)
+    make_trainer(smoke_cfg, run, "trainer.total_steps=2", "trainer.resume=auto", "eval.at_end=true").fit()
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["eval/step"] == 2
+    assert [r["step"] for r in metric_rows(run) if "eval/num_prompts" in r] == [2]
+
+
+def test_a_final_row_cut_mid_write_is_logged_again_from_the_summary(checkpoint, smoke_cfg, tmp_path, caplog):
+    run = copy_run(checkpoint, tmp_path)
+    make_trainer(smoke_cfg, run, "trainer.total_steps=2", "trainer.resume=auto", "eval.at_end=true").fit()
+    path = run / "metrics.jsonl"
+    text = path.read_text()
+    last = text.splitlines()[-1]
+    assert "eval/num_prompts" in last
+    path.write_text(text[: len(text) - len(last) // 2 - 1])  # the final evaluation's row, cut mid-write
+    with caplog.at_level(logging.WARNING, logger="repo_exp"):
+        make_trainer(smoke_cfg, run, "trainer.total_steps=2", "trainer.resume=auto", "eval.at_end=true").fit()
+    assert "the metrics row of step 2 was cut mid-write" in caplog.text and "training does not redo it" in caplog.text
+    assert "logged again from eval/summary.json" in caplog.text
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 2]
+    assert rows[-1]["eval/num_prompts"] == json.loads((run / "eval" / "summary.json").read_text())["eval/num_prompts"]
+
+
+def test_a_training_row_cut_mid_write_is_really_redone(smoke_cfg, tmp_path, caplog):
+    run = tmp_path / "run"
+    make_trainer(smoke_cfg, run, "trainer.total_steps=3", "trainer.save_every=1", "trainer.keep_last=3").fit()
+    shutil.rmtree(run / "checkpoints" / "step_000003")  # killed after logging step 3, before its checkpoint …
+    path = run / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])  # … in the middle of writing step 3's row
+    with caplog.at_level(logging.WARNING, logger="repo_exp"):
+        make_trainer(smoke_cfg, run, "trainer.total_steps=3", "trainer.save_every=1", "trainer.keep_last=3",
+                     "trainer.resume=auto").fit()
+    assert "the metrics row of step 3 was cut mid-write; it is kept in metrics.orphaned.jsonl and the step is redone" \
+        in caplog.text
+    assert [r["step"] for r in metric_rows(run)] == [1, 2, 3]
+    assert (run / "metrics.orphaned.jsonl").read_text().startswith('{"step": 3,')
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_frees_the_partial_folder(checkpoint, smoke_cfg, tmp_path,
+                                                                               monkeypatch):
+    run = copy_run(checkpoint, tmp_path)
+    before = hashes(run / "checkpoints")
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith(".optim.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5120 vs 5000")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer = make_trainer(smoke_cfg, run, "trainer.total_steps=3", "trainer.resume=auto")
+    with pytest.raises(CheckpointWriteError, match=rf"could not write the checkpoint {run}/checkpoints/step_000003 "
+                                                   r"\(RuntimeError: \[enforce fail.*MiB free on that disk\); its "
+                                                   r"partial folder .*\.tmp_step_000003 was removed"):
+        trainer.fit()
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+    assert hashes(run / "checkpoints") == before
+    monkeypatch.setattr(torch, "save", real_save)
+    make_trainer(smoke_cfg, run, "trainer.total_steps=3", "trainer.resume=auto").fit()
+    assert verify(run / "checkpoints" / "step_000003") is None
+
+
+def test_a_write_that_raises_enospc_is_named_too(tmp_path):
+    manager = CheckpointManager(tmp_path / "checkpoints")
+
+    def full(folder: Path) -> None:
+        (folder / "weights.bin").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        manager.save(1, full)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_the_report_names_a_torn_summary_and_leaves_that_run_out(tmp_path, caplog):
+    from test_report import make_run
+
+    good = make_run(tmp_path / "runs" / "0_good", "rectified", 0.0, 1, {"eval/reward_mean": 1.0})
+    torn = make_run(tmp_path / "runs" / "1_torn", "average", 0.0, 1, {"eval/reward_mean": 2.0})
+    summary = torn / "eval" / "summary.json"
+    summary.write_text(summary.read_text()[:20])
+    with caplog.at_level(logging.WARNING):
+        report = build_report([tmp_path / "runs"], tmp_path / "out")
+    assert f"{summary} is not valid JSON" in caplog.text
+    assert len(report["runs"]) == 1 and str(torn.resolve()) in report["skipped"]
+    assert good.exists()
+
+
+# ------------------------------------------------------------------------------------------- the pieces, alone
+
+
+def test_changes_allowed_by_prefix_harmless_ones_and_the_run_length_only_under_constant_schedules():
+    old = {"trainer": {"total_steps": 4, "progress": True, "prompts_per_step": 8},
+           "optimizer": {"actor": {"lr": 1e-4, "betas": [0.9, 0.95]}, "actor_scheduler": {"name": "constant"},
+                         "critic_scheduler": {"name": "constant"}}}
+    new = {"trainer": {"total_steps": 8, "progress": False, "prompts_per_step": 8},
+           "optimizer": {"actor": {"lr": 2e-4, "betas": [0.9, 0.99]}, "actor_scheduler": {"name": "constant"},
+                         "critic_scheduler": {"name": "constant"}}}
+    changes = run_folder.check_changes(old, new, ["optimizer.actor"], "saved")
+    assert [k for k, _, _ in changes] == ["optimizer.actor.betas", "optimizer.actor.lr", "trainer.progress",
+                                          "trainer.total_steps"]
+    with pytest.raises(run_folder.ResumeRefused, match=r"\(optimizer.actor.lr: 0.0001 -> 0.0002\)"):
+        run_folder.check_changes(old, new, ["optimizer.actor.betas"], "saved")
+    cosine = {**new, "optimizer": {**new["optimizer"], "actor_scheduler": {"name": "cosine"}}}
+    with pytest.raises(run_folder.ResumeRefused, match=r"trainer.total_steps: 4 -> 8"):
+        run_folder.check_changes({**old, "optimizer": cosine["optimizer"]}, cosine, ["optimizer"], "saved")
+
+
+def test_a_new_learning_rate_keeps_the_schedules_position():
+    """Cosine over 10 steps, 3 taken at lr 1e-3: the restored schedule at base 2e-3 gives 2e-3 × cos factor(3)."""
+    import math
+
+    from transformers import get_scheduler
+
+    from repo_exp.config import AdamWConfig
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    run_folder.apply_optimizer_settings(optimizer, scheduler, AdamWConfig(lr=2e-3, betas=[0.8, 0.9], weight_decay=0.1))
+    factor = 0.5 * (1 + math.cos(math.pi * 3 / 10))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * factor, rel=1e-12)
+    assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.9) and optimizer.param_groups[0]["weight_decay"] == 0.1
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 10)), rel=1e-12)
