@@ -422,6 +422,9 @@ class TrainerConfig:
     critic_init: str = "score_model"  # score_model: reward/cost models (as published) | policy: the SFT trunk
     shared_critic: bool = False  # one trunk with two value heads for the reward and cost critics
     recompute_logprobs: bool = False  # re-run the policy after generation instead of keeping sampling log-probs
+    # the first update's forward pass must reproduce the kept log-probabilities: the mean |gap| per response token
+    # above which the run stops (null: 1e-4 in float32, 0.1 when any forward pass runs in bf16/fp16)
+    logprob_tolerance: Optional[float] = None
     # no | bf16: every forward pass (sampling, scoring, the update's) under torch.autocast(bfloat16); weights,
     # gradients, optimizer states, log-probabilities and losses stay float32. For plain torch engines (DeepSpeed has
     # its own deepspeed.bf16)

@@ -47,6 +47,7 @@ from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, re
 from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
 from repo_exp.models.score_model import position_ids_from_mask
 from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
+from repo_exp.rollout.score import logprob_gap
 from repo_exp.runtime import Runtime, init_runtime
 from repo_exp.setup import Models, build_models, build_constraint
 
@@ -90,8 +91,12 @@ def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float
 
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
                fused: bool, all_finite: Callable[[bool], bool],
-               ptx: PtxStream | None = None) -> tuple[dict[str, float], bool]:
+               ptx: PtxStream | None = None,
+               check_logprobs: Callable[[torch.Tensor, Experience], None] | None = None,
+               ) -> tuple[dict[str, float], bool]:
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
+
+    ``check_logprobs(logprobs, micro)`` sees the first micro-batch's fresh log-probabilities, before any update.
 
     Returns mean statistics and whether the update was skipped because something was not finite.
     """
@@ -113,6 +118,9 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                                                                 micro.prompt_width)
                     logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask,
                                                  micro.prompt_width)
+                if check_logprobs is not None:
+                    check_logprobs(logprobs.detach(), micro)
+                    check_logprobs = None
                 if fused:  # the critics have not moved yet: these are the old values
                     micro.reward_values = reward_values.detach() * micro.response_mask
                     micro.cost_values = cost_values.detach() * micro.response_mask if cost_values is not None else None
@@ -247,6 +255,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.initial_rows: list[dict] | None = None
         self.stop_signal: int | None = None
+        self.logprobs_checked = False
         self._restore()
         self.logger = self._logger()
         # the fused value pass is exact only when the critics do not move before every sample has been seen
@@ -354,7 +363,8 @@ class Trainer:
         with timings.section("update"):
             generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
             update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
-                                                 all_finite=self.rt.comm.all_finished, ptx=self.ptx)
+                                                 all_finite=self.rt.comm.all_finished, ptx=self.ptx,
+                                                 check_logprobs=None if self.logprobs_checked else self._check_logprobs)
         if skipped:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
@@ -367,6 +377,28 @@ class Trainer:
         metrics.update(self._timing_metrics(exp, timings, start))
         self.logger.log(metrics, step + 1)
         return metrics
+
+    def _check_logprobs(self, fresh: torch.Tensor, micro: Experience) -> None:
+        """Before the first update: the kept log-probabilities of sampling must be the update's forward pass's (the
+        first PPO ratio is 1). A gap means the sampler does not compute what the model does (dropout, a wrapped or
+        recurrent module, a kernel that differs): stop, naming the model and the gap, on every rank."""
+        self.logprobs_checked = True
+        low_precision = (self.config.trainer.mixed_precision != "no" or self.config.model.dtype != "float32"
+                         or (self.config.deepspeed.enabled and self.config.deepspeed.bf16))
+        tolerance = self.config.trainer.logprob_tolerance
+        tolerance = tolerance if tolerance is not None else (1e-1 if low_precision else 1e-4)
+        mean_gap, max_gap = logprob_gap(micro.logprobs, fresh, micro.response_mask)
+        log.info("kept vs recomputed log-probabilities before the first update: mean |gap| %.3g, max %.3g nats",
+                 mean_gap, max_gap)
+        if not self.rt.comm.all_finished(mean_gap <= tolerance):
+            name = type(getattr(self.models.policy.module, "module", self.models.policy.module)).__name__
+            raise RuntimeError(
+                f"the log-probabilities kept while sampling from {name} differ from its forward pass before any update "
+                f"(mean |gap| {mean_gap:.3g} nats per token, max {max_gap:.3g}; tolerance {tolerance:g} "
+                f"{'in reduced precision' if low_precision else 'in float32'}; a gap on another rank if 0 here): the "
+                f"sampler does not reproduce this model (dropout, a wrapped or recurrent module?). "
+                f"trainer.recompute_logprobs=true recomputes them with the forward pass; trainer.logprob_tolerance "
+                f"sets the limit")
 
     def rollout(self, step: int, timings: Timings) -> Experience:
         t = self.config.trainer
