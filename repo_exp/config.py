@@ -94,6 +94,7 @@ class ModelConfig:
     revision: Optional[str] = None
     tokenizer: Optional[str] = None  # defaults to `path`; `world` = the synthetic world's tokenizer
     dtype: str = "float32"
+    # a literal template with {input}, or `chat`: the tokenizer's own chat template (tokenizer.apply_chat_template)
     template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -105,7 +106,8 @@ class ModelConfig:
         _one_of("model.source", self.source, MODEL_SOURCES)
         _one_of("model.dtype", self.dtype, DTYPES)
         _require(self.source != "hub" or bool(self.path), "model.path is required when model.source=hub")
-        _require("{input}" in self.template, f"model.template must contain '{{input}}', got {self.template!r}")
+        _require(self.template == "chat" or "{input}" in self.template,
+                 f"model.template must contain '{{input}}' (or be chat), got {self.template!r}")
         _template_fills("model.template", self.template)
 
 
@@ -130,7 +132,8 @@ class ScoreModelConfig:
         _one_of(f"{self.kind}.source", self.source, MODEL_SOURCES)
         _one_of(f"{self.kind}.dtype", self.dtype, DTYPES)
         _require(self.source != "hub" or bool(self.path), f"{self.kind}.path is required when {self.kind}.source=hub")
-        _require("{input}" in self.template, f"{self.kind}.template must contain '{{input}}'")
+        _require(self.template == "chat" or "{input}" in self.template,
+                 f"{self.kind}.template must contain '{{input}}' (or be chat)")
         _template_fills(f"{self.kind}.template", self.template)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from repo_exp.config import PtxConfig, WorldConfig
 from repo_exp.models.score_model import right_pad
+from repo_exp.models.tokenizers import encode_prompt, response_separator
 
 
 @dataclass
@@ -56,8 +57,8 @@ class PtxStream:
     def __init__(self, pairs: list[tuple[str, str]], tokenizer, template: str, max_length: int, seed: int) -> None:
         self.examples = []
         for prompt, response in pairs:
-            prompt_ids = tokenizer(template.format(input=prompt))["input_ids"]
-            response_ids = tokenizer(" " + response.strip())["input_ids"]
+            prompt_ids = encode_prompt(tokenizer, template, prompt)
+            response_ids = tokenizer(response_separator(template) + response.strip())["input_ids"]
             if response_ids and response_ids[0] == tokenizer.bos_token_id:
                 response_ids = response_ids[1:]
             ids = (prompt_ids + response_ids)[: max_length - 1] + [tokenizer.eos_token_id]

@@ -47,8 +47,12 @@ NORMALIZE_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"
 
 
 def score_input_ids(tokenizer, template: str, prompt: str, response: str, max_length: int | None = None) -> list[int]:
-    """What a score model reads for one (prompt, response): ``template(prompt) + " " + response`` and EOS last."""
-    ids = tokenizer(template.format(input=prompt) + " " + response.strip())["input_ids"]
+    """What a score model reads for one (prompt, response): ``template(prompt) + " " + response`` and EOS last (no
+    space after a chat template)."""
+    from repo_exp.models.tokenizers import CHAT, render_prompt, response_separator
+
+    text = render_prompt(tokenizer, template, prompt) + response_separator(template) + response.strip()
+    ids = tokenizer(text, add_special_tokens=template != CHAT)["input_ids"]
     if max_length is not None:
         ids = ids[: max_length - 1]
     return ids + [tokenizer.eos_token_id]
