@@ -370,6 +370,9 @@ class PtxConfig:
     split: str = "train"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    # a column joined to the prompt when non-empty (Alpaca's `input`): "instruction input", as the published Safe RLHF
+    # SFT data (safe_rlhf/datasets/raw/alpaca.py) builds its prompts
+    input_column: Optional[str] = None
     max_length: int = 512
 
     def __post_init__(self) -> None:

@@ -41,14 +41,25 @@ def load_ptx_pairs(ptx: PtxConfig, world: WorldConfig | None = None) -> list[tup
             raise ValueError(f"ptx.path {ptx.path!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}")
         ds = datasets.load_dataset(builder, data_files=ptx.path, split="train")
     else:
+        from repo_exp.revisions import check_loaded, check_offline_cache, dataset_commit
+
+        check_offline_cache(ptx.path, ptx.revision, "dataset")
         ds = datasets.load_dataset(ptx.path, revision=ptx.revision, split=ptx.split)
-    for column in (ptx.prompt_column, ptx.response_column):
+        check_loaded("PTX dataset", ptx.path, ptx.revision, dataset_commit(ds))
+    columns = [ptx.prompt_column, ptx.response_column] + ([ptx.input_column] if ptx.input_column else [])
+    for column in columns:
         if column not in ds.column_names:
             raise ValueError(f"the PTX data {ptx.path!r} has no column {column!r} (columns: {ds.column_names})")
-    pairs = [(str(p), str(r)) for p, r in zip(ds[ptx.prompt_column], ds[ptx.response_column])]
+    inputs = ds[ptx.input_column] if ptx.input_column else [None] * len(ds)
+    pairs = [(join_input(str(p), i), str(r)) for p, i, r in zip(ds[ptx.prompt_column], inputs, ds[ptx.response_column])]
     if not pairs:
         raise ValueError(f"the PTX data {ptx.path!r} is empty")
     return pairs
+
+
+def join_input(instruction: str, extra: str | None) -> str:
+    """An instruction with its optional input, joined by one space as the published Safe RLHF Alpaca data does."""
+    return f"{instruction} {extra}" if extra else instruction
 
 
 class PtxStream:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from repo_exp.config import ArchConfig, ModelConfig, ScoreModelConfig
 from repo_exp.models.score_model import ScoreModel, load_score_model
 from repo_exp.models.weights import unsafe_pickle_error
+from repo_exp.revisions import check_loaded, check_offline_cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dropout probabilities by name: `attention_dropout` (Llama, Qwen2, GPT-NeoX), `resid_pdrop` (GPT-2), …
@@ -88,6 +89,7 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config))
         return model.to(dtype)
     path = path or cfg.path
+    check_offline_cache(path, cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -100,6 +102,7 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         )
     except pickle.UnpicklingError as exc:
         raise unsafe_pickle_error(path, exc) from exc
+    check_loaded("model", path, cfg.revision, getattr(model.config, "_commit_hash", None))
     check_causal_lm(model)
     disable_dropout(model)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):

@@ -278,9 +278,14 @@ def resolve_checkpoint(path: str | os.PathLike, revision: str | None = None) -> 
         return local
     from huggingface_hub import snapshot_download
 
+    from repo_exp.revisions import check_loaded, check_offline_cache, commit_in_path
+
+    check_offline_cache(str(path), revision)
     try:
-        return Path(snapshot_download(str(path), revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+        folder = Path(snapshot_download(str(path), revision=revision,
+                                        allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
     except Exception as exc:  # offline and not cached, or not on the hub
         raise FileNotFoundError(f"cannot find the checkpoint {path!r} (revision {revision}) locally or in the hub "
                                 f"cache: {exc}") from exc
+    check_loaded("score model", str(path), revision, commit_in_path(folder))
+    return folder

@@ -35,6 +35,9 @@ def build_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a hub id or a folder and check it can pad."""
+    from repo_exp.revisions import check_offline_cache
+
+    check_offline_cache(path, revision)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         raise ValueError(
