@@ -508,6 +508,7 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     mode: Optional[str] = None  # online | offline | disabled; defaults to WANDB_MODE or online
     init_timeout: float = 60.0  # seconds W&B may take to start before the run goes on without it
+    log_checkpoint: bool = False  # the final checkpoint as a W&B `model` artifact (copied into W&B's storage)
 
     def __post_init__(self) -> None:
         _one_of("logger.name", self.name, ("none", "wandb"))

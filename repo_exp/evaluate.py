@@ -329,7 +329,8 @@ def _wandb_sink(config: Config, cfg: DictConfig, rt: Runtime, run_dir: Path):
     """The W&B run of an evaluation job (``logger=wandb``), named and grouped like a training job."""
     from repo_exp.loggers import wandb_sink
 
-    return wandb_sink(config, cfg, run_dir, name_prefix="eval-", extra_tags=("eval",)) if rt.is_main else None
+    return (wandb_sink(config, cfg, run_dir, name_prefix="eval-", extra_tags=("eval",), job_type="eval")
+            if rt.is_main else None)
 
 
 def main() -> None:

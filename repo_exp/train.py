@@ -282,7 +282,11 @@ class Trainer:
 
     def _logger(self) -> MetricsLogger:
         wanted = self.config.logger.name == "wandb" and self.rt.is_main  # the id file is written only then
-        sink = wandb_sink(self.config, self.cfg, self.run_dir, run_id=self._wandb_id()) if wanted else None
+        if not wanted:
+            return MetricsLogger(self.run_dir, enabled=self.rt.is_main)
+        resumed = (self.run_dir / "wandb_id.txt").exists()  # this folder's W&B run exists: rewind it to our step
+        sink = wandb_sink(self.config, self.cfg, self.run_dir, run_id=self._wandb_id(), job_type="train",
+                          resume_step=self.start_step if resumed else None)
         return MetricsLogger(self.run_dir, enabled=self.rt.is_main, wandb=sink)
 
     def _wandb_id(self) -> str:
@@ -329,6 +333,8 @@ class Trainer:
                     self.save(done)
             if done > self.start_step:  # else this run resumed at its last step, whose checkpoint exists
                 self.save(done)
+            if self.config.logger.log_checkpoint:
+                self.logger.log_checkpoint(self.checkpoints.latest_complete(), done)
             summary = self.evaluate("final", step=done) if e.at_end and self.eval_encoder is not None else {}
             return summary
         finally:
