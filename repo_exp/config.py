@@ -525,6 +525,9 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     offload: bool = False  # ZeRO-3 parameter and optimizer offload to CPU
     bf16: bool = True
+    # ZeRO-3: gather the policy's parameters once per rollout for sampling (one whole copy per GPU meanwhile) instead
+    # of gathering each layer at every generated token
+    gather_for_generation: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def __post_init__(self) -> None:

@@ -411,16 +411,17 @@ class Trainer:
         local, offset = self.stream.next_local()
         batch = self.encoder.batch(local, t.samples_per_prompt, prompt_offset=offset)
         m = self.models
-        return make_experience(
-            m.policy.module, m.ref, m.reward, m.cost, m.tokenizer, batch,
-            seed=self.config.seed, step=step, row_offset=offset * t.samples_per_prompt,
-            global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
-            max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
-            recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
-            measure_cost=t.measure_cost,
-            all_finished=self.rt.comm.all_finished if self.rt.distributed else None,
-            device=self.rt.device, timings=timings,
-        )
+        with m.policy.for_generation() as policy:  # under ZeRO-3: the policy's parameters gathered once
+            return make_experience(
+                policy, m.ref, m.reward, m.cost, m.tokenizer, batch,
+                seed=self.config.seed, step=step, row_offset=offset * t.samples_per_prompt,
+                global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
+                max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+                recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
+                measure_cost=t.measure_cost,
+                all_finished=self.rt.comm.all_finished if self.rt.distributed else None,
+                device=self.rt.device, timings=timings,
+            )
 
     def _skip(self, step: int, why: str, timings: Timings, start: float) -> dict[str, float]:
         """A non-finite value: no parameter moved. Log it; stop after too many in a row."""

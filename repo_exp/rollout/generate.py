@@ -133,13 +133,12 @@ class LlamaDecoder:
     @staticmethod
     def supports(model) -> bool:
         """A plain Llama (no projection biases, no tensor-parallel slicing) whose weights are all present (not
-        partitioned by ZeRO-3)."""
+        partitioned by ZeRO-3, or gathered for the rollout with DeepSpeed's hooks lifted)."""
         config = getattr(model, "config", None)
         return (type(model) is LlamaForCausalLM and not model.training
                 and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
                 and getattr(config, "pretraining_tp", 1) in (None, 1)
-                and _exactly_llama_modules(model)
-                and not _zero3_partitioned(model) and all(p.numel() > 0 for p in model.parameters()))
+                and _exactly_llama_modules(model) and all(p.numel() > 0 for p in model.parameters()))
 
     def step(self, token: torch.Tensor, position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after ``token`` (B,) at ``position`` (B,); ``real`` (B,) masks the token out where False."""
