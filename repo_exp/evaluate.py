@@ -239,12 +239,13 @@ def evaluate_models(models: Models, encoder: PromptEncoder, config: Config, runt
     e, t = config.eval, config.trainer
     d = eval_threshold(config)
     start = time.perf_counter()
-    rows = evaluate_policy(
-        models.policy.module, models.ref, models.reward, models.cost, models.tokenizer, encoder,
-        samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
-        max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
-        threshold=d, oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
-    )
+    with models.policy.for_generation() as policy:  # under ZeRO-3: the policy's parameters gathered once
+        rows = evaluate_policy(
+            policy, models.ref, models.reward, models.cost, models.tokenizer, encoder,
+            samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
+            threshold=d, oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
+        )
     summary = summarize(rows, d, rows if is_initial else initial)
     summary["eval/threshold"] = d
     summary["timing/eval"] = time.perf_counter() - start

@@ -333,8 +333,8 @@ class Trainer:
                     self.save(done)
             if done > self.start_step:  # else this run resumed at its last step, whose checkpoint exists
                 self.save(done)
-            if self.config.logger.log_checkpoint:
-                self.logger.log_checkpoint(self.checkpoints.latest_complete(), done)
+            if self.config.logger.log_checkpoint and self.rt.is_main:
+                self.logger.log_checkpoint(self.checkpoints.folder(done), done)
             summary = self.evaluate("final", step=done) if e.at_end and self.eval_encoder is not None else {}
             return summary
         finally:
