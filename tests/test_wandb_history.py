@@ -6,6 +6,7 @@ W&B's own record protobuf."""
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def wandb_records(path: Path):
 
 def read_run(path: Path) -> dict:
     """History rows by step (internal keys dropped), the run record, the metric declarations and artifacts."""
-    history, run, metrics, artifacts = {}, None, [], []
+    history, run, metrics, artifacts, exited = {}, None, [], [], False
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -54,7 +55,9 @@ def read_run(path: Path) -> dict:
             metrics.append((record.metric.name or record.metric.glob_name, record.metric.step_metric))
         elif kind == "artifact":
             artifacts.append(record.artifact)
-    return {"history": history, "run": run, "metrics": metrics, "artifacts": artifacts}
+        elif kind == "exit":
+            exited = True
+    return {"history": history, "run": run, "metrics": metrics, "artifacts": artifacts, "exited": exited}
 
 
 def branch_point(run) -> dict | None:
@@ -71,8 +74,17 @@ def jsonl_by_step(run_dir: Path) -> dict[int, dict]:
     return dict(rows)
 
 
-def offline_runs(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+def offline_runs(run_dir: Path, expected: int) -> list[dict]:
+    """The offline runs of ``run_dir`` in the order they started, each read once W&B's writer has finished it (its
+    service process writes the file asynchronously: wait for the exit record)."""
+    deadline = time.monotonic() + 60
+    while True:
+        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))  # named by start time
+        runs = [read_run(f) for f in files]
+        if (len(runs) == expected and all(r["run"] is not None and r["exited"] for r in runs)) or (
+                time.monotonic() > deadline):
+            return runs
+        time.sleep(0.5)
 
 
 def test_a_resumed_run_has_a_wandb_history_equal_to_metrics_jsonl(smoke_cfg, tmp_path, monkeypatch):
@@ -93,7 +105,7 @@ def test_a_resumed_run_has_a_wandb_history_equal_to_metrics_jsonl(smoke_cfg, tmp
     assert resumed.start_step == 2  # the checkpoint of step 2; step 3 is redone
     resumed.fit()
 
-    first, second = (read_run(p) for p in offline_runs(run_dir))
+    first, second = offline_runs(run_dir, expected=2)
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     assert sorted(first["history"]) == [1, 2, 3]  # step 3 was logged past the checkpoint, then lost
     assert branch_point(first["run"]) is None
@@ -115,7 +127,7 @@ def test_a_resumed_run_has_a_wandb_history_equal_to_metrics_jsonl(smoke_cfg, tmp
 def test_the_final_checkpoint_is_logged_as_an_artifact_when_asked(smoke_cfg, tmp_path):
     run_dir = tmp_path / "run"
     make_trainer(smoke_cfg, run_dir, *WANDB, "trainer.total_steps=1", "logger.log_checkpoint=true").fit()
-    (run,) = (read_run(p) for p in offline_runs(run_dir))
+    (run,) = offline_runs(run_dir, expected=1)
     (artifact,) = run["artifacts"]
     assert artifact.type == "model" and artifact.name.startswith("checkpoint-")
     assert {"latest", "step_1"} <= set(artifact.aliases)
