@@ -119,6 +119,22 @@ def inference_config(config: Config) -> dict[str, Any]:
     return deep_merge(out, {k: v for k, v in dict(ds.extra).items() if k in ("bf16", "zero_optimization")})
 
 
+@contextlib.contextmanager
+def partitioned_loading(config: Config, rt: Runtime, train: bool):
+    """Models loaded inside are partitioned as they load (transformers' DeepSpeed integration: ``from_pretrained``
+    builds under ``deepspeed.zero.Init`` and fills each partition from the checkpoint), so no rank holds a whole copy;
+    with the trained (``train``) or the frozen models' ZeRO-3 config."""
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    ds_config = train_config(config, rt.world_size, config.optimizer.actor) if train else inference_config(config)
+    alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep it alive while loading
+    try:
+        yield
+    finally:
+        del alive
+        unset_hf_deepspeed_config()
+
+
 class DeepSpeedEngine:
     """A trained model under DeepSpeed: the ``Engine`` protocol over ``deepspeed.initialize``'s engine.
 

@@ -86,8 +86,8 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
     dtype = DTYPES[cfg.dtype]
     if cfg.source == "tiny":
         config = tiny_llama_config(cfg.arch, tokenizer, cfg.attn_implementation)
-        model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config))
-        return model.to(dtype)
+        model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config)).to(dtype)
+        return _partition_under_zero3(model)
     path = path or cfg.path
     check_offline_cache(path, cfg.revision)
     try:
@@ -105,9 +105,24 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
     check_loaded("model", path, cfg.revision, getattr(model.config, "_commit_hash", None))
     check_causal_lm(model)
     disable_dropout(model)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ValueError(f"the policy at {path!r} has {model.get_input_embeddings().weight.shape[0]} embeddings but "
+    weight = model.get_input_embeddings().weight
+    embeddings = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partition's own shape is empty
+    if embeddings < len(tokenizer):
+        raise ValueError(f"the policy at {path!r} has {embeddings} embeddings but "
                          f"its tokenizer has {len(tokenizer)} tokens: they do not belong together")
+    return model
+
+
+def _partition_under_zero3(model: nn.Module) -> nn.Module:
+    """Within ``repo_exp.deepspeed_engine.partitioned_loading`` (transformers' ZeRO-3 integration active), partition
+    a model built in code; ``from_pretrained`` partitions hub models by itself as they load."""
+    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return model
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
     return model
 
 
