@@ -94,6 +94,7 @@ class ModelConfig:
     revision: Optional[str] = None
     tokenizer: Optional[str] = None  # defaults to `path`; `world` = the synthetic world's tokenizer
     dtype: str = "float32"
+    # a literal template with {input}, or `chat`: the tokenizer's own chat template (tokenizer.apply_chat_template)
     template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -105,7 +106,8 @@ class ModelConfig:
         _one_of("model.source", self.source, MODEL_SOURCES)
         _one_of("model.dtype", self.dtype, DTYPES)
         _require(self.source != "hub" or bool(self.path), "model.path is required when model.source=hub")
-        _require("{input}" in self.template, f"model.template must contain '{{input}}', got {self.template!r}")
+        _require(self.template == "chat" or "{input}" in self.template,
+                 f"model.template must contain '{{input}}' (or be chat), got {self.template!r}")
         _template_fills("model.template", self.template)
 
 
@@ -133,7 +135,8 @@ class ScoreModelConfig:
         _one_of(f"{self.kind}.source", self.source, MODEL_SOURCES)
         _one_of(f"{self.kind}.dtype", self.dtype, DTYPES)
         _require(self.source != "hub" or bool(self.path), f"{self.kind}.path is required when {self.kind}.source=hub")
-        _require("{input}" in self.template, f"{self.kind}.template must contain '{{input}}'")
+        _require(self.template == "chat" or "{input}" in self.template,
+                 f"{self.kind}.template must contain '{{input}}' (or be chat)")
         _template_fills(f"{self.kind}.template", self.template)
 
 
@@ -406,6 +409,9 @@ class PtxConfig:
     split: str = "train"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    # a column joined to the prompt when non-empty (Alpaca's `input`): "instruction input", as the published Safe RLHF
+    # SFT data (safe_rlhf/datasets/raw/alpaca.py) builds its prompts
+    input_column: Optional[str] = None
     max_length: int = 512
 
     def __post_init__(self) -> None:
@@ -497,6 +503,9 @@ class TrainerConfig:
     critic_init: str = "score_model"  # score_model: reward/cost models (as published) | policy: the SFT trunk
     shared_critic: bool = False  # one trunk with two value heads for the reward and cost critics
     recompute_logprobs: bool = False  # re-run the policy after generation instead of keeping sampling log-probs
+    # the first update's forward pass must reproduce the kept log-probabilities: the mean |gap| per response token
+    # above which the run stops (null: 1e-4 in float32, 0.1 when any forward pass runs in bf16/fp16)
+    logprob_tolerance: Optional[float] = None
     # no | bf16: every forward pass (sampling, scoring, the update's) under torch.autocast(bfloat16); weights,
     # gradients, optimizer states, log-probabilities and losses stay float32. For plain torch engines (DeepSpeed has
     # its own deepspeed.bf16)
@@ -581,6 +590,7 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     mode: Optional[str] = None  # online | offline | disabled; defaults to WANDB_MODE or online
     init_timeout: float = 60.0  # seconds W&B may take to start before the run goes on without it
+    log_checkpoint: bool = False  # the final checkpoint as a W&B `model` artifact (copied into W&B's storage)
 
     def __post_init__(self) -> None:
         _one_of("logger.name", self.name, ("none", "wandb"))
@@ -597,6 +607,9 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     offload: bool = False  # ZeRO-3 parameter and optimizer offload to CPU
     bf16: bool = True
+    # ZeRO-3: gather the policy's parameters once per rollout for sampling (one whole copy per GPU meanwhile) instead
+    # of gathering each layer at every generated token
+    gather_for_generation: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def __post_init__(self) -> None:

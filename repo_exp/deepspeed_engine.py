@@ -20,6 +20,7 @@ and exporting the weights (``DeepSpeedModels.save_weights``) is called on every 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -118,6 +119,22 @@ def inference_config(config: Config) -> dict[str, Any]:
     return deep_merge(out, {k: v for k, v in dict(ds.extra).items() if k in ("bf16", "zero_optimization")})
 
 
+@contextlib.contextmanager
+def partitioned_loading(config: Config, rt: Runtime, train: bool):
+    """Models loaded inside are partitioned as they load (transformers' DeepSpeed integration: ``from_pretrained``
+    builds under ``deepspeed.zero.Init`` and fills each partition from the checkpoint), so no rank holds a whole copy;
+    with the trained (``train``) or the frozen models' ZeRO-3 config."""
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    ds_config = train_config(config, rt.world_size, config.optimizer.actor) if train else inference_config(config)
+    alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep it alive while loading
+    try:
+        yield
+    finally:
+        del alive
+        unset_hf_deepspeed_config()
+
+
 class DeepSpeedEngine:
     """A trained model under DeepSpeed: the ``Engine`` protocol over ``deepspeed.initialize``'s engine.
 
@@ -126,10 +143,11 @@ class DeepSpeedEngine:
     """
 
     def __init__(self, module: nn.Module, opt: AdamWConfig, sched: SchedulerConfig, total_steps: int,
-                 ds_config: dict[str, Any], name: str) -> None:
+                 ds_config: dict[str, Any], name: str, gather_for_generation: bool = True) -> None:
         import deepspeed
 
         self.name = name
+        self.gather_for_generation = gather_for_generation
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         params = [p for p in module.parameters() if p.requires_grad]
         warmup = math.ceil(sched.warmup_ratio * total_steps)
@@ -142,6 +160,32 @@ class DeepSpeedEngine:
                                                lr_scheduler=scheduler, config=ds_config)
         self.model = self.module.module
         self._backward_since_step = False
+
+    @contextlib.contextmanager
+    def for_generation(self):
+        """The model to sample from for one rollout. Under ZeRO-3 with ``deepspeed.gather_for_generation`` (as TRL's
+        ``unwrap_model_for_generation``): the parameters are all-gathered once for the whole rollout and DeepSpeed's
+        hooks lifted meanwhile, so the decoder runs on whole layers (the fast Llama decoder included) instead of
+        gathering every layer again at every token. It costs one whole copy of the policy per GPU while sampling.
+        Otherwise the engine itself (per-layer gathers inside each forward pass)."""
+        if self.zero_stage != 3 or not self.gather_for_generation:
+            yield self.module
+            return
+        import deepspeed
+
+        engine, offload = self.module, self.module.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            start_of_forward = _lift_zero3_hooks(offload)
+            # the engine's own prologue/epilogue hooks (timers, profiling) on the model: lifted too, so that the
+            # model is exactly the plain model the fast decoder may stand in for
+            engine.module_forward_pre_hook.remove()
+            engine.module_forward_post_hook.remove()
+            try:
+                yield self.model
+            finally:
+                _restore_zero3_hooks(offload, start_of_forward)
+                engine.module_forward_pre_hook = engine._create_module_forward_pre_hook()
+                engine.module_forward_post_hook = engine._create_module_forward_post_hook()
 
     def backward(self, loss: torch.Tensor) -> None:
         # the trainer has already weighed the micro-batch: no division by the accumulation steps
@@ -217,6 +261,25 @@ class DeepSpeedEngine:
         self.module.optimizer.refresh_fp32_params()
 
 
+def _lift_zero3_hooks(offload) -> Callable:
+    """Remove ZeRO-3's gather/release hooks from the model (its parameters are gathered by the caller); returns the
+    start-of-forward hook for ``_restore_zero3_hooks``."""
+    for param in offload.module.parameters():
+        param.ds_active_sub_modules.clear()
+    for hook in (*offload.forward_hooks, *offload.backward_hooks):
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    start_of_forward = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]
+    offload.fwd_pre_hook.remove()
+    return start_of_forward
+
+
+def _restore_zero3_hooks(offload, start_of_forward: Callable) -> None:
+    """Put back what ``_lift_zero3_hooks`` removed, in DeepSpeed's order (re-registering invalidates its trace)."""
+    offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_of_forward)
+    offload._register_deepspeed_module(offload.module)
+
+
 class DeepSpeedModels(Models):
     """``Models`` whose trained parts are DeepSpeed engines. Exporting the weights is collective under ZeRO-3."""
 
@@ -262,7 +325,8 @@ def engine_factory(config: Config, rt: Runtime) -> Callable[[nn.Module, str, boo
             _enable_gradient_checkpointing(module)
         part = opt.actor if actor else opt.critic
         return DeepSpeedEngine(module.to(dtype), part, opt.actor_scheduler if actor else opt.critic_scheduler,
-                               _optimizer_steps(config, actor), train_config(config, rt.world_size, part), name)
+                               _optimizer_steps(config, actor), train_config(config, rt.world_size, part), name,
+                               gather_for_generation=config.deepspeed.gather_for_generation)
 
     return engine
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,9 @@ class Engine(Protocol):
         """Optimizer and scheduler state (the weights are exported separately)."""
 
     def load(self, folder: Path) -> None: ...
+
+    def for_generation(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The model to sample from for one rollout (under ZeRO-3: with its parameters gathered once)."""
 
 
 # torch's own Adam/AdamW with a fused kernel: the same update in one pass over each tensor instead of a dozen
@@ -61,6 +65,10 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    @contextlib.contextmanager
+    def for_generation(self):
+        yield self.module
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -267,13 +267,14 @@ def evaluate_models(models: Models, encoder: PromptEncoder, config: Config, runt
     e, t = config.eval, config.trainer
     d = eval_threshold(config)
     start = time.perf_counter()
-    rows = evaluate_policy(
-        models.policy.module, models.ref, models.reward, models.cost, models.tokenizer, encoder,
-        samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
-        max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
-        threshold=d, oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
-        max_length=t.max_length if e.max_new_tokens is None else None,
-    )
+    with models.policy.for_generation() as policy:  # under ZeRO-3: the policy's parameters gathered once
+        rows = evaluate_policy(
+            policy, models.ref, models.reward, models.cost, models.tokenizer, encoder,
+            samples_per_prompt=e.samples_per_prompt, batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens or t.max_new_tokens, temperature=e.temperature, seed=e.seed,
+            threshold=d, oracle=eval_oracle(config), runtime=runtime, top_k=t.top_k, top_p=t.top_p,
+            max_length=t.max_length if e.max_new_tokens is None else None,
+        )
     summary = summarize(rows, d, rows if is_initial else initial)
     summary["eval/threshold"] = d
     summary["timing/eval"] = time.perf_counter() - start
@@ -385,7 +386,8 @@ def _wandb_sink(config: Config, cfg: DictConfig, rt: Runtime, run_dir: Path):
     """The W&B run of an evaluation job (``logger=wandb``), named and grouped like a training job."""
     from repo_exp.loggers import wandb_sink
 
-    return wandb_sink(config, cfg, run_dir, name_prefix="eval-", extra_tags=("eval",)) if rt.is_main else None
+    return (wandb_sink(config, cfg, run_dir, name_prefix="eval-", extra_tags=("eval",), job_type="eval")
+            if rt.is_main else None)
 
 
 def main() -> None:

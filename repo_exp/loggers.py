@@ -61,13 +61,21 @@ class WandbSink:
     """A W&B run; every call is guarded, and the first failure turns the sink off with a warning."""
 
     def __init__(self, project: str, entity: str | None, group: str | None, name: str | None, config: dict,
-                 tags: list[str], run_dir: Path, mode: str | None, run_id: str | None, timeout: float = 60.0) -> None:
+                 tags: list[str], run_dir: Path, mode: str | None, run_id: str | None, timeout: float = 60.0,
+                 job_type: str | None = None, resume_step: int | None = None) -> None:
+        """``resume_step``: this run id was used before and the run goes on from that step. W&B rewinds the run there
+        (``resume_from``), so that the steps redone after a resume replace the ones logged past the checkpoint
+        (a plain resume would drop them as "step less than current step") and its history equals ``metrics.jsonl``."""
         self.run = None
+        if run_id and resume_step is not None:
+            resume = {"resume_from": f"{run_id}?_step={resume_step}"}
+        else:
+            resume = {"id": run_id, "resume": "allow" if run_id else None}
         try:
             import wandb
 
             self.wandb = wandb
-            self.run = wandb.init(
+            self.run = wandb.init(**resume, job_type=job_type,
                 project=project,
                 entity=entity,
                 group=scrub(group),
@@ -76,11 +84,15 @@ class WandbSink:
                 tags=scrub(list(tags)),
                 dir=str(run_dir),
                 mode=mode or os.environ.get("WANDB_MODE") or "online",
-                id=run_id,
-                resume="allow" if run_id else None,
                 reinit="create_new",
                 settings=wandb.Settings(init_timeout=timeout, silent=True),
             )
+            # step axes: every row carries the trainer's step as `train/step`; evaluation figures are plotted against
+            # the step they evaluated (`eval/step`)
+            self.run.define_metric("train/step")
+            self.run.define_metric("*", step_metric="train/step")
+            self.run.define_metric("eval/step")
+            self.run.define_metric("eval/*", step_metric="eval/step")
         except Exception as exc:  # no network, bad key, …
             log.warning("W&B is unavailable (%s: %s); metrics go to metrics.jsonl only", type(exc).__name__, exc)
             self.run = None
@@ -95,7 +107,17 @@ class WandbSink:
             self.run = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._guard("log", lambda: self.run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step))
+        row = {k: _jsonable(v) for k, v in metrics.items()} | {"train/step": step}
+        self._guard("log", lambda: self.run.log(row, step=step))
+
+    def log_checkpoint(self, folder: Path, step: int) -> None:
+        """The checkpoint folder as a ``model`` artifact of this run, aliased ``latest`` and ``step_N``."""
+        def do():
+            artifact = self.wandb.Artifact(f"checkpoint-{self.run.id}", type="model", metadata={"step": step})
+            artifact.add_dir(str(folder))
+            self.run.log_artifact(artifact, aliases=["latest", f"step_{step}"])
+
+        self._guard("artifact", do)
 
     def log_table(self, key: str, rows: list[dict], step: int) -> None:
         def do():
@@ -143,9 +165,10 @@ def keep_wandb_files_in(run_dir: Path) -> None:
 
 
 def wandb_sink(config, cfg, run_dir: Path, run_id: str | None = None, name_prefix: str = "",
-               extra_tags: Sequence[str] = ()) -> WandbSink | None:
+               extra_tags: Sequence[str] = (), job_type: str = "train",
+               resume_step: int | None = None) -> WandbSink | None:
     """The W&B run of a job when ``logger=wandb`` (else None): grouped and named by ``run_identity`` unless the
-    config names them, with the resolved config ``cfg`` attached."""
+    config names them, with the resolved config ``cfg`` attached; ``resume_step`` rewinds a used run id there."""
     if config.logger.name != "wandb":
         return None
     from omegaconf import OmegaConf
@@ -156,7 +179,7 @@ def wandb_sink(config, cfg, run_dir: Path, run_id: str | None = None, name_prefi
         project=config.logger.project, entity=config.logger.entity, group=config.logger.group or group,
         name=config.run_name or f"{name_prefix}{name}", config=OmegaConf.to_container(cfg, resolve=True),
         tags=[*config.logger.tags, *extra_tags], run_dir=run_dir, mode=config.logger.mode, run_id=run_id,
-        timeout=config.logger.init_timeout,
+        timeout=config.logger.init_timeout, job_type=job_type, resume_step=resume_step,
     )
 
 
@@ -185,6 +208,10 @@ class MetricsLogger:
     def log_histogram(self, key: str, values: list[float], step: int) -> None:
         if self.wandb:
             self.wandb.log_histogram(key, values, step)
+
+    def log_checkpoint(self, folder: Path, step: int) -> None:
+        if self.wandb:
+            self.wandb.log_checkpoint(folder, step)
 
     def close(self) -> None:
         if self.jsonl:

@@ -158,12 +158,20 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     tokenizer = _tokenizer_for(config.model, policy_path)
     # under ZeRO-3 the models stay on the CPU until DeepSpeed partitions them: six whole 7B models fit no GPU
     device = torch.device("cpu") if config.deepspeed.enabled and config.deepspeed.zero_stage == 3 else rt.device
-    policy = load_policy(config.model, tokenizer, policy_path).to(device)
+    # under ZeRO-3 the policy and the reference are partitioned as they load (unless a critic copies the policy's
+    # trunk, which a partitioned model cannot give)
+    partitioned = config.deepspeed.enabled and config.deepspeed.zero_stage == 3 and t.critic_init != "policy"
+    with _loading(config, rt, partitioned, train=True):
+        policy = load_policy(config.model, tokenizer, policy_path).to(device)
     # non-reentrant, the variant ZeRO-3's parameter hooks need; set before the reference and a policy-initialised
     # critic copy the policy, so that they inherit it
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref = frozen(copy.deepcopy(policy))
+    if partitioned:
+        with _loading(config, rt, partitioned, train=False):
+            ref = frozen(load_policy(config.model, tokenizer, policy_path))
+    else:
+        ref = frozen(copy.deepcopy(policy))
     reward_model = frozen(load_scorer(config.reward, _tokenizer_for(config.reward, reward_path), reward_path))
     cost_model = frozen(load_scorer(config.cost, _tokenizer_for(config.cost, cost_path), cost_path))
     reward_model.to(device)
@@ -234,6 +242,14 @@ def low_precision_frozen(*models: nn.Module) -> None:
         normalizer = getattr(model, "normalizer", None)
         if normalizer is not None:
             normalizer.float()
+
+
+def _loading(config: Config, rt: Runtime, partitioned: bool, train: bool) -> contextlib.AbstractContextManager:
+    if not partitioned:
+        return contextlib.nullcontext()
+    from repo_exp.deepspeed_engine import partitioned_loading
+
+    return partitioned_loading(config, rt, train)
 
 
 def _optimizer_steps(config: Config, actor: bool = False) -> int:

@@ -51,6 +51,7 @@ from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
 from repo_exp import run_folder
 from repo_exp.models.score_model import position_ids_from_mask
 from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
+from repo_exp.rollout.score import logprob_gap
 from repo_exp.runtime import Runtime, init_runtime
 from repo_exp.setup import Models, build_models, build_constraint
 
@@ -141,8 +142,12 @@ def micro_batches(mini: Experience, size: int, by_length: bool) -> Iterator[Expe
 
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
                fused: bool, all_finite: Callable[[bool], bool],
-               ptx: PtxStream | None = None) -> tuple[dict[str, float], bool]:
+               ptx: PtxStream | None = None,
+               check_logprobs: Callable[[torch.Tensor, Experience], None] | None = None,
+               ) -> tuple[dict[str, float], bool]:
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
+
+    ``check_logprobs(logprobs, micro)`` sees the first micro-batch's fresh log-probabilities, before any update.
 
     Returns mean statistics and whether the update was skipped because something was not finite.
     """
@@ -164,6 +169,9 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                                                                 micro.prompt_width)
                     logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask,
                                                  micro.prompt_width)
+                if check_logprobs is not None:
+                    check_logprobs(logprobs.detach(), micro)
+                    check_logprobs = None
                 if fused:  # the critics have not moved yet: these are the old values
                     micro.reward_values = reward_values.detach() * micro.response_mask
                     micro.cost_values = cost_values.detach() * micro.response_mask if cost_values is not None else None
@@ -334,6 +342,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.initial_rows: list[dict] | None = None
         self.stop_signal: int | None = None
+        self.logprobs_checked = False
         self._restore()
         self.logger = self._logger()
         # the fused value pass is exact only when the critics do not move before every sample has been seen
@@ -362,7 +371,11 @@ class Trainer:
 
     def _logger(self) -> MetricsLogger:
         wanted = self.config.logger.name == "wandb" and self.rt.is_main  # the id file is written only then
-        sink = wandb_sink(self.config, self.cfg, self.run_dir, run_id=self._wandb_id()) if wanted else None
+        if not wanted:
+            return MetricsLogger(self.run_dir, enabled=self.rt.is_main)
+        resumed = (self.run_dir / "wandb_id.txt").exists()  # this folder's W&B run exists: rewind it to our step
+        sink = wandb_sink(self.config, self.cfg, self.run_dir, run_id=self._wandb_id(), job_type="train",
+                          resume_step=self.start_step if resumed else None)
         return MetricsLogger(self.run_dir, enabled=self.rt.is_main, wandb=sink)
 
     def _wandb_id(self) -> str:
@@ -411,6 +424,8 @@ class Trainer:
                     self.save(done)
             if done > self.start_step:  # else this run resumed at its last step, whose checkpoint exists
                 self.save(done)
+            if self.config.logger.log_checkpoint and self.rt.is_main:
+                self.logger.log_checkpoint(self.checkpoints.folder(done), done)
             summary = self.evaluate("final", step=done) if e.at_end and self.eval_encoder is not None else {}
             return summary
         finally:
@@ -453,7 +468,8 @@ class Trainer:
             joint_ptx = self.config.ppo.ptx_mode == "joint"
             update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
                                                  all_finite=self.rt.comm.all_finished,
-                                                 ptx=self.ptx if joint_ptx else None)
+                                                 ptx=self.ptx if joint_ptx else None,
+                                                 check_logprobs=None if self.logprobs_checked else self._check_logprobs)
             if not skipped and self.ptx is not None and not joint_ptx:
                 update_metrics.update(ptx_update(self.models, self.config, self.ptx, exp.batch_size,
                                                  self.rt.comm.all_finished))
@@ -470,6 +486,28 @@ class Trainer:
         self.logger.log(metrics, step + 1)
         return metrics
 
+    def _check_logprobs(self, fresh: torch.Tensor, micro: Experience) -> None:
+        """Before the first update: the kept log-probabilities of sampling must be the update's forward pass's (the
+        first PPO ratio is 1). A gap means the sampler does not compute what the model does (dropout, a wrapped or
+        recurrent module, a kernel that differs): stop, naming the model and the gap, on every rank."""
+        self.logprobs_checked = True
+        low_precision = (self.config.trainer.mixed_precision != "no" or self.config.model.dtype != "float32"
+                         or (self.config.deepspeed.enabled and self.config.deepspeed.bf16))
+        tolerance = self.config.trainer.logprob_tolerance
+        tolerance = tolerance if tolerance is not None else (1e-1 if low_precision else 1e-4)
+        mean_gap, max_gap = logprob_gap(micro.logprobs, fresh, micro.response_mask)
+        log.info("kept vs recomputed log-probabilities before the first update: mean |gap| %.3g, max %.3g nats",
+                 mean_gap, max_gap)
+        if not self.rt.comm.all_finished(mean_gap <= tolerance):
+            name = type(getattr(self.models.policy.module, "module", self.models.policy.module)).__name__
+            raise RuntimeError(
+                f"the log-probabilities kept while sampling from {name} differ from its forward pass before any update "
+                f"(mean |gap| {mean_gap:.3g} nats per token, max {max_gap:.3g}; tolerance {tolerance:g} "
+                f"{'in reduced precision' if low_precision else 'in float32'}; a gap on another rank if 0 here): the "
+                f"sampler does not reproduce this model (dropout, a wrapped or recurrent module?). "
+                f"trainer.recompute_logprobs=true recomputes them with the forward pass; trainer.logprob_tolerance "
+                f"sets the limit")
+
     def rollout(self, step: int, timings: Timings) -> Experience:
         t = self.config.trainer
         local, offset = self.stream.next_local()
@@ -477,16 +515,17 @@ class Trainer:
         budget = generation_budget(t.max_new_tokens, t.max_length, batch.input_ids.shape[1],
                                    self.rt.comm.all_gather if self.rt.distributed else None, self.rt.device)
         m = self.models
-        return make_experience(
-            m.policy.module, m.ref, m.reward, m.cost, m.tokenizer, batch,
-            seed=self.config.seed, step=step, row_offset=offset * t.samples_per_prompt,
-            global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
-            max_new_tokens=budget, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
-            recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
-            measure_cost=t.measure_cost,
-            all_finished=self.rt.comm.all_finished if self.rt.distributed else None,
-            device=self.rt.device, timings=timings,
-        )
+        with m.policy.for_generation() as policy:  # under ZeRO-3: the policy's parameters gathered once
+            return make_experience(
+                policy, m.ref, m.reward, m.cost, m.tokenizer, batch,
+                seed=self.config.seed, step=step, row_offset=offset * t.samples_per_prompt,
+                global_batch=t.prompts_per_step * t.samples_per_prompt, chunk_size=t.rollout_batch_size,
+                max_new_tokens=budget, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+                recompute_logprobs=t.recompute_logprobs, missing_eos_penalty=t.missing_eos_penalty,
+                measure_cost=t.measure_cost,
+                all_finished=self.rt.comm.all_finished if self.rt.distributed else None,
+                device=self.rt.device, timings=timings,
+            )
 
     def _skip(self, step: int, why: str, timings: Timings, start: float) -> dict[str, float]:
         """A non-finite value: no parameter moved. Log it; stop after too many in a row."""

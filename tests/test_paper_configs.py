@@ -80,7 +80,7 @@ def test_the_two_paper_runs_differ_only_in_the_constraint(compose):
 
 def test_another_policy_is_one_yaml_file(compose):
     config = validate(compose("experiment=paper/repo", "model=qwen2_5_7b_instruct"))
-    assert config.model.path == "Qwen/Qwen2.5-7B-Instruct" and "{input}" in config.model.template
+    assert config.model.path == "Qwen/Qwen2.5-7B-Instruct" and config.model.template == "chat"
     assert config.model.template != config.reward.template  # so its responses are re-tokenised for the scorers
 
 

@@ -103,3 +103,49 @@ def test_rollout_costs_come_from_the_cost_models_own_encoding(policy_tokenizer, 
     rows = [cost_tokenizer(COST_TEMPLATE.format(input=p) + " " + r.strip())["input_ids"] + [2]
             for p, r in zip(exp.prompts, exp.responses)]
     torch.testing.assert_close(exp.costs, reference_end_scores(ref, rows), rtol=1e-4, atol=1e-5)
+
+
+# a ChatML template with a default system turn, as Qwen2.5-Instruct's tokenizer carries
+CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<s>system\nYou are helpful.</s>\n{% endif %}"
+                 "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_the_chat_template_path_renders_what_apply_chat_template_renders():
+    from repo_exp.data.ptx import PtxStream
+    from repo_exp.models.score_model import score_input_ids
+    from repo_exp.models.tokenizers import render_prompt
+
+    tokenizer = published_tokenizer(list(PAIRS[0][0].split()) + ["system", "You", "are", "helpful", "user",
+                                                                  "assistant", "."])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    prompt, response = PAIRS[0]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    assert rendered.startswith("<s>system\nYou are helpful.") and rendered.endswith("<s>assistant\n")
+    assert render_prompt(tokenizer, "chat", prompt) == rendered
+    # the template writes its own <s>: the tokenizer adds no second one
+    expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert expected.count(1) == 3
+    encoder = PromptEncoder(PromptSet([prompt]), tokenizer, "chat", 64)
+    assert encoder.ids == [expected]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    assert score_input_ids(tokenizer, "chat", prompt, response) == expected + response_ids + [2]
+    ptx = PtxStream([(prompt, response)], tokenizer, "chat", 64, seed=0)
+    assert ptx.examples == [(expected + response_ids + [2], len(expected))]
+    plain = published_tokenizer()
+    with pytest.raises(ValueError, match="has no chat template"):
+        PromptEncoder(PromptSet([prompt]), plain, "chat", 64)
+
+
+def test_a_scorer_whose_tokenizer_adds_bos_where_the_policys_does_not_retokenises():
+    from tokenizers import processors
+
+    with_bos = published_tokenizer()
+    without_bos = published_tokenizer()
+    without_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    text = COST_TEMPLATE.format(input=PAIRS[0][0])
+    assert with_bos(text)["input_ids"] == [1] + without_bos(text)["input_ids"]  # the only difference
+    assert with_bos.get_vocab() == without_bos.get_vocab()
+    assert Scorer(None, with_bos, COST_TEMPLATE, without_bos, COST_TEMPLATE).retokenize
+    assert not Scorer(None, with_bos, COST_TEMPLATE, published_tokenizer(), COST_TEMPLATE).retokenize

@@ -55,6 +55,9 @@ class FakeRun:
         if self.calls >= self.fail_at:
             raise ConnectionResetError("Connection lost")
 
+    def define_metric(self, name, step_metric=None) -> None:
+        pass
+
     def finish(self) -> None:
         self.finished = True
 

@@ -42,10 +42,14 @@ def load_pku_split(data: DataConfig, split: str, columns: Sequence[str] = PREFER
         parts = [_check_rows(_load_file(f), columns, str(f)) for f in files]
         # files of different formats type the same column differently (string / large_string): align to the first
         return datasets.concatenate_datasets([parts[0], *(p.cast(parts[0].features) for p in parts[1:])])
+    from repo_exp.revisions import check_loaded, check_offline_cache, dataset_commit
+
+    check_offline_cache(path, data.revision, "dataset")
     try:
         ds = datasets.load_dataset(path, revision=data.revision, data_dir=data.subset, split=split)
     except Exception as exc:  # offline and not cached, or no such dataset / revision / split
         raise FileNotFoundError(f"cannot load {path!r} (revision {data.revision}, split {split!r}): {exc}") from exc
+    check_loaded("dataset", path, data.revision, dataset_commit(ds))
     return _check_rows(ds, columns, f"{path}@{data.revision} ({split})")
 
 

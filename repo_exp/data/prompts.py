@@ -18,6 +18,7 @@ import torch
 
 from repo_exp.config import DataConfig, WorldConfig
 from repo_exp.data.files import FILE_BUILDERS, load_local_file, require_texts
+from repo_exp.models.tokenizers import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class PromptEncoder:
     def __init__(self, prompts: PromptSet, tokenizer, template: str, max_length: int) -> None:
         encoded, kept = [], []
         for i, text in enumerate(prompts.texts):
-            ids = tokenizer(template.format(input=text))["input_ids"]
+            ids = encode_prompt(tokenizer, template, text)
             if len(ids) <= max_length:
                 encoded.append(ids)
                 kept.append(i)

@@ -12,6 +12,7 @@ import torch
 
 from repo_exp.config import PtxConfig, WorldConfig
 from repo_exp.models.score_model import right_pad
+from repo_exp.models.tokenizers import encode_prompt, response_separator
 
 
 @dataclass
@@ -40,15 +41,28 @@ def load_ptx_pairs(ptx: PtxConfig, world: WorldConfig | None = None) -> list[tup
 
         ds = load_local_file(Path(ptx.path), "ptx.path")
     else:
+        from repo_exp.revisions import check_loaded, check_offline_cache, dataset_commit
+
+        check_offline_cache(ptx.path, ptx.revision, "dataset")
         ds = datasets.load_dataset(ptx.path, revision=ptx.revision, split=ptx.split)
-    for column in (ptx.prompt_column, ptx.response_column):
+        check_loaded("PTX dataset", ptx.path, ptx.revision, dataset_commit(ds))
+    columns = [ptx.prompt_column, ptx.response_column] + ([ptx.input_column] if ptx.input_column else [])
+    for column in columns:
         if column not in ds.column_names:
             raise ValueError(f"the PTX data {ptx.path!r} has no column {column!r} (columns: {ds.column_names})")
-    pairs = list(zip(require_texts(ds[ptx.prompt_column], ptx.prompt_column, f"the PTX data {ptx.path}"),
-                     require_texts(ds[ptx.response_column], ptx.response_column, f"the PTX data {ptx.path}")))
+    where = f"the PTX data {ptx.path}"
+    prompts = require_texts(ds[ptx.prompt_column], ptx.prompt_column, where)
+    responses = require_texts(ds[ptx.response_column], ptx.response_column, where)
+    inputs = ds[ptx.input_column] if ptx.input_column else [None] * len(prompts)
+    pairs = [(join_input(p, i), r) for p, i, r in zip(prompts, inputs, responses)]
     if not pairs:
         raise ValueError(f"the PTX data {ptx.path!r} is empty")
     return pairs
+
+
+def join_input(instruction: str, extra: str | None) -> str:
+    """An instruction with its optional input, joined by one space as the published Safe RLHF Alpaca data does."""
+    return f"{instruction} {extra}" if extra else instruction
 
 
 class PtxStream:
@@ -57,8 +71,8 @@ class PtxStream:
     def __init__(self, pairs: list[tuple[str, str]], tokenizer, template: str, max_length: int, seed: int) -> None:
         self.examples = []
         for prompt, response in pairs:
-            prompt_ids = tokenizer(template.format(input=prompt))["input_ids"]
-            response_ids = tokenizer(" " + response.strip())["input_ids"]
+            prompt_ids = encode_prompt(tokenizer, template, prompt)
+            response_ids = tokenizer(response_separator(template) + response.strip())["input_ids"]
             if response_ids and response_ids[0] == tokenizer.bos_token_id:
                 response_ids = response_ids[1:]
             ids = (prompt_ids + response_ids)[: max_length - 1] + [tokenizer.eos_token_id]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 from typing import Callable
 
 import torch
@@ -14,8 +15,46 @@ from repo_exp.config import ArchConfig, ModelConfig, ScoreModelConfig
 from repo_exp.models.score_model import ScoreModel, load_score_model
 from repo_exp.models.checks import check_all_weights_loaded, check_score_model
 from repo_exp.models.weights import unsafe_pickle_error
+from repo_exp.revisions import check_loaded, check_offline_cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dropout probabilities by name: `attention_dropout` (Llama, Qwen2, GPT-NeoX), `resid_pdrop` (GPT-2), …
+DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_rate|drop_prob", re.IGNORECASE)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout probability of ``model`` set to 0: its ``nn.Dropout`` modules, the float probabilities its
+    attention modules keep, and its config's (TRL's trainers do the same).
+
+    RL needs it: the kept log-probabilities come from sampling in eval mode, the update's forward pass runs in train
+    mode (for gradient checkpointing), and with dropout on the two differ before any update (GPT-2's default 0.1 gives
+    a first PPO ratio of ~1.05 and clips a quarter of the tokens)."""
+    configs = [getattr(model, "config", None)]
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and DROPOUT_NAME.search(name):
+                setattr(module, name, 0.0)
+        configs.append(getattr(module, "config", None))
+    for config in {id(c): c for c in configs if c is not None}.values():
+        for name, value in list(vars(config).items()):
+            if isinstance(value, float) and DROPOUT_NAME.search(name):
+                setattr(config, name, 0.0)
+    return model
+
+
+def check_causal_lm(model: nn.Module) -> nn.Module:
+    """Refuse a causal LM the rollout cannot sample from correctly, naming it: recurrent-state models (RWKV, Mamba)
+    keep no key/value cache, and the sampler's incremental decoding and its kept log-probabilities assume one."""
+    name = type(model).__name__
+    if getattr(model, "_is_stateful", False):
+        raise ValueError(f"{name} keeps a recurrent state instead of a key/value cache; repo_exp samples with a "
+                         f"key/value cache and keeps the log-probabilities of sampling, so it does not support {name}. "
+                         f"Use a transformer causal LM (Llama, Qwen2, Mistral, GPT-NeoX, GPT-2, …)")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model; repo_exp trains decoder-only causal LMs")
+    return model
 
 
 def tiny_llama_config(arch: ArchConfig, tokenizer, attn_implementation: str = "sdpa") -> LlamaConfig:
@@ -48,9 +87,10 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
     dtype = DTYPES[cfg.dtype]
     if cfg.source == "tiny":
         config = tiny_llama_config(cfg.arch, tokenizer, cfg.attn_implementation)
-        model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config))
-        return model.to(dtype)
+        model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config)).to(dtype)
+        return _partition_under_zero3(model)
     path = path or cfg.path
+    check_offline_cache(path, cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -66,9 +106,27 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         raise unsafe_pickle_error(path, exc) from exc
     model, loading_info = model
     check_all_weights_loaded(loading_info, path)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ValueError(f"the policy at {path!r} has {model.get_input_embeddings().weight.shape[0]} embeddings but "
+    check_loaded("model", path, cfg.revision, getattr(model.config, "_commit_hash", None))
+    check_causal_lm(model)
+    disable_dropout(model)
+    weight = model.get_input_embeddings().weight
+    embeddings = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partition's own shape is empty
+    if embeddings < len(tokenizer):
+        raise ValueError(f"the policy at {path!r} has {embeddings} embeddings but "
                          f"its tokenizer has {len(tokenizer)} tokens: they do not belong together")
+    return model
+
+
+def _partition_under_zero3(model: nn.Module) -> nn.Module:
+    """Within ``repo_exp.deepspeed_engine.partitioned_loading`` (transformers' ZeRO-3 integration active), partition
+    a model built in code; ``from_pretrained`` partitions hub models by itself as they load."""
+    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return model
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
     return model
 
 
@@ -83,6 +141,7 @@ def load_scorer(cfg: ScoreModelConfig, tokenizer, path: str | None = None) -> Sc
     model = load_score_model(path or cfg.path, dtype=dtype, revision=cfg.revision,
                              trust_remote_code=cfg.trust_remote_code, score_type=cfg.kind, normalize=cfg.normalize)
     check_score_model(model, tokenizer, path or cfg.path, cfg.kind)
+    disable_dropout(model)  # critics copied from it train with it
     return model
 
 

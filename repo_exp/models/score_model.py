@@ -50,8 +50,12 @@ NORMALIZE_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"
 
 
 def score_input_ids(tokenizer, template: str, prompt: str, response: str, max_length: int | None = None) -> list[int]:
-    """What a score model reads for one (prompt, response): ``template(prompt) + " " + response`` and EOS last."""
-    ids = tokenizer(template.format(input=prompt) + " " + response.strip())["input_ids"]
+    """What a score model reads for one (prompt, response): ``template(prompt) + " " + response`` and EOS last (no
+    space after a chat template)."""
+    from repo_exp.models.tokenizers import CHAT, render_prompt, response_separator
+
+    text = render_prompt(tokenizer, template, prompt) + response_separator(template) + response.strip()
+    ids = tokenizer(text, add_special_tokens=template != CHAT)["input_ids"]
     if max_length is not None:
         ids = ids[: max_length - 1]
     return ids + [tokenizer.eos_token_id]
@@ -292,9 +296,14 @@ def resolve_checkpoint(path: str | os.PathLike, revision: str | None = None) -> 
         return local
     from huggingface_hub import snapshot_download
 
+    from repo_exp.revisions import check_loaded, check_offline_cache, commit_in_path
+
+    check_offline_cache(str(path), revision)
     try:
-        return Path(snapshot_download(str(path), revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+        folder = Path(snapshot_download(str(path), revision=revision,
+                                        allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
     except Exception as exc:  # offline and not cached, or not on the hub
         raise FileNotFoundError(f"cannot find the checkpoint {path!r} (revision {revision}) locally or in the hub "
                                 f"cache: {exc}") from exc
+    check_loaded("score model", str(path), revision, commit_in_path(folder))
+    return folder

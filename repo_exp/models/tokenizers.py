@@ -36,6 +36,9 @@ def build_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a hub id or a folder and check it can pad."""
+    from repo_exp.revisions import check_offline_cache
+
+    check_offline_cache(path, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # a tokenizer file that is not JSON (a pickle, say)
@@ -52,13 +55,42 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tokenizer
 
 
+CHAT = "chat"  # a template value: render prompts with the tokenizer's own chat template
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, template: str, text: str) -> str:
+    """The prompt text the model reads: ``template`` filled with ``text``, or, for ``template="chat"``, one user turn
+    through the tokenizer's own chat template with the assistant's turn opened (system turn and all, as the model
+    was tuned with)."""
+    if template != CHAT:
+        return template.format(input=text)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"template=chat but the tokenizer {tokenizer.name_or_path!r} has no chat template; give a "
+                         f"literal template with {{input}} instead")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, template: str, text: str) -> list[int]:
+    """The prompt's token ids. A chat template writes its special tokens (a BOS included) into the text itself, so
+    the tokenizer adds none then; a literal template gets the tokenizer's own (e.g. Llama's BOS)."""
+    return tokenizer(render_prompt(tokenizer, template, text), add_special_tokens=template != CHAT)["input_ids"]
+
+
+def response_separator(template: str) -> str:
+    """What joins a prompt and its response: a space after a literal template (``… ASSISTANT: response``, as the
+    published Safe RLHF data), nothing after a chat template (its assistant turn ends in a newline)."""
+    return "" if template == CHAT else " "
+
+
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    """True when ``a`` and ``b`` have the same vocabulary, EOS and split a probe text alike."""
+    """True when ``a`` and ``b`` have the same vocabulary, EOS and encode a probe text alike, special tokens
+    included: a tokenizer that prepends BOS does not read the other's token sequences as its own."""
     if a is b:
         return True
     probe = "BEGINNING OF CONVERSATION: USER: Hello, world! 42 ASSISTANT: ok."
     return (
         a.get_vocab() == b.get_vocab()
         and a.eos_token_id == b.eos_token_id
-        and a(probe, add_special_tokens=False)["input_ids"] == b(probe, add_special_tokens=False)["input_ids"]
+        and a(probe)["input_ids"] == b(probe)["input_ids"]
     )

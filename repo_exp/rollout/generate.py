@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM
 
 from repo_exp.models.score_model import position_ids_from_mask
@@ -134,12 +135,12 @@ class LlamaDecoder:
     @staticmethod
     def supports(model) -> bool:
         """A plain Llama (no projection biases, no tensor-parallel slicing) whose weights are all present (not
-        partitioned by ZeRO-3)."""
+        partitioned by ZeRO-3, or gathered for the rollout with DeepSpeed's hooks lifted)."""
         config = getattr(model, "config", None)
         return (type(model) is LlamaForCausalLM and not model.training
                 and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
                 and getattr(config, "pretraining_tp", 1) in (None, 1)
-                and not _zero3_partitioned(model) and all(p.numel() > 0 for p in model.parameters()))
+                and _exactly_llama_modules(model) and all(p.numel() > 0 for p in model.parameters()))
 
     def step(self, token: torch.Tensor, position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after ``token`` (B,) at ``position`` (B,); ``real`` (B,) masks the token out where False."""
@@ -194,6 +195,28 @@ def distinct_prompts(prompt_ids: torch.Tensor,
     first = torch.full((distinct.shape[0],), prompt_ids.shape[0], dtype=torch.long, device=prompt_ids.device)
     first = first.scatter_reduce(0, expand, torch.arange(prompt_ids.shape[0], device=prompt_ids.device), "amin")
     return prompt_ids[first], prompt_mask[first], expand
+
+
+def _exactly_llama_modules(model: LlamaForCausalLM) -> bool:
+    """Whether every module the decoder reads is exactly the class it reproduces, with no hook: a wrapped projection
+    (an adapter around ``q_proj``), a replaced norm or a hook would be skipped by its fused weights."""
+    from transformers.models.llama import modeling_llama as llama
+
+    inner = model.model
+    expected = [(model, LlamaForCausalLM), (inner, llama.LlamaModel), (model.lm_head, nn.Linear),
+                (inner.embed_tokens, nn.Embedding), (inner.norm, llama.LlamaRMSNorm),
+                (inner.rotary_emb, llama.LlamaRotaryEmbedding)]
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        expected += [(layer, llama.LlamaDecoderLayer), (attn, llama.LlamaAttention), (mlp, llama.LlamaMLP),
+                     (layer.input_layernorm, llama.LlamaRMSNorm), (layer.post_attention_layernorm, llama.LlamaRMSNorm)]
+        expected += [(getattr(attn, name), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        expected += [(getattr(mlp, name), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj")]
+    if any(type(module) is not cls for module, cls in expected):
+        return False
+    # every module of the model must be one of those (nothing inserted), and none may carry a hook
+    known = {id(module) for module, _ in expected} | {id(layer.mlp.act_fn) for layer in inner.layers} | {id(inner.layers)}
+    return all(id(m) in known and not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
 
 
 def _zero3_partitioned(model) -> bool:

@@ -27,6 +27,14 @@ def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
     return token_logprobs(out.logits[:, :-1], sequences[:, prompt_width:])
 
 
+def logprob_gap(kept: torch.Tensor, fresh: torch.Tensor, response_mask: torch.Tensor) -> tuple[float, float]:
+    """Mean and max |kept − fresh| over response tokens: kept (B, T) from sampling, fresh (B, T) from a forward pass."""
+    gap = (kept.float() - fresh.float()).abs()[response_mask.bool()]
+    if gap.numel() == 0:
+        return 0.0, 0.0
+    return float(gap.mean()), float(gap.max())
+
+
 def critic_values(critic: ScoreModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
                   prompt_width: int) -> torch.Tensor:
     """V(s_t) before each response token: (B, T, score_dim), the critic's scores at positions P − 1 … L − 2.

@@ -1,0 +1,88 @@
+"""``python -m bench.zero3_memory``: peak host memory (RSS) per rank of one RL step with a ~100M-parameter Llama
+policy, under ZeRO-3 on two CPU ranks (the policy and reference partitioned as they load) against one process.
+
+    python -m bench.zero3_memory            # saves the policy once, runs both, prints the figures and their ratio
+
+Each run is its own process (``torchrun --nproc_per_node 2`` for ZeRO-3, plain Python for the one-process run) and
+reports its ``ru_maxrss``; the two runs must also sample the same tokens (equal step metrics). A command, not a test:
+it takes minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ARCH = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=12,
+            num_key_value_heads=12, max_position_embeddings=256)
+RUN = ("experiment=smoke", "logger=none", "trainer.progress=false", "eval.at_start=false", "eval.at_end=false",
+       "trainer.total_steps=1", "trainer.prompts_per_step=4", "trainer.samples_per_prompt=1",
+       "trainer.max_new_tokens=8", "trainer.num_threads=1", "model.source=hub", "model.tokenizer=world",
+       "model.gradient_checkpointing=true")
+
+
+def save_policy(folder: Path) -> int:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from repo_exp.config import ArchConfig
+    from repo_exp.models.policy import tiny_llama_config
+    from repo_exp.world import world_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(ArchConfig(**ARCH), world_tokenizer()))
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_one(out: Path, overrides: list[str]) -> None:
+    """One job in this process (a rank under torchrun): train, then write this rank's peak RSS."""
+    from repo_exp.config import compose_config, validate
+    from repo_exp.train import Trainer
+
+    cfg = compose_config([*RUN, *overrides])
+    trainer = Trainer(validate(cfg), cfg, out / "run")
+    trainer.fit()
+    rank = int(os.environ.get("RANK", "0"))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    (out / f"rss_rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_rss_mib": peak_mib}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", type=Path)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.worker:
+        run_one(args.worker, args.overrides)
+        return
+    root = Path(tempfile.mkdtemp(prefix="zero3_memory_"))
+    params = save_policy(root / "policy")
+    common = [f"model.path={root / 'policy'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    runs = {"one_process": ([sys.executable], ["deepspeed=none"]),
+            "zero3_two_ranks": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", "2"], ["deepspeed=zero3", "deepspeed.bf16=false"])}
+    result: dict = {"policy_parameters": params}
+    for name, (launcher, extra) in runs.items():
+        out = root / name
+        out.mkdir()
+        subprocess.run([*launcher, "-m", "bench.zero3_memory", "--worker", str(out), *common, *extra], env=env,
+                       check=True)
+        result[name] = [json.loads(p.read_text())["peak_rss_mib"] for p in sorted(out.glob("rss_rank*.json"))]
+        result[name + "_metrics"] = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    result["ratio_max_rank_to_one_process"] = max(result["zero3_two_ranks"]) / result["one_process"][0]
+    same = {k: (result["one_process_metrics"][k], result["zero3_two_ranks_metrics"][k])
+            for k in ("reward/mean", "cost/mean", "kl/mean", "response/length")}
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_metrics")}, indent=1))
+    print("step metrics (one process, two ZeRO-3 ranks):", json.dumps(same))
+
+
+if __name__ == "__main__":
+    main()
