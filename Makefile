@@ -1,4 +1,4 @@
-# `make run` runs the default experiment, `make test` the tests; each creates the environment it needs in .venv/.
+# `make run` runs the default comparison (a Hydra multirun: experiment=compare), `make test` the tests; each creates the environment it needs in .venv/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/python -m repo_exp
+	$(BIN)/python -m repo_exp -m experiment=compare
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_FLAGS)

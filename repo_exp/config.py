@@ -495,7 +495,7 @@ class LoggerConfig:
     name: str = MISSING  # none | wandb (metrics.jsonl is always written)
     project: str = "repo_exp"
     entity: Optional[str] = None
-    group: Optional[str] = None  # defaults to the sweep folder's name under --multirun
+    group: Optional[str] = None  # defaults to the sweep folder under --multirun (loggers.sweep_group)
     tags: list[str] = field(default_factory=list)
     mode: Optional[str] = None  # online | offline | disabled; defaults to WANDB_MODE or online
     init_timeout: float = 60.0  # seconds W&B may take to start before the run goes on without it

@@ -8,6 +8,7 @@ import copy
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 from hydra.utils import get_class
@@ -141,7 +142,20 @@ def world_paths(config: Config, rt: Runtime) -> dict[str, str]:
     return world_artifacts(config.world, rt)
 
 
-def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
+class EngineBackend(Protocol):
+    """What turns the trained models into engines when plain torch does not (``repo_exp.deepspeed_engine``): chosen
+    by the caller, so that the set-up never imports it."""
+
+    def engine_factory(self, config: Config, rt: Runtime) -> Callable[[nn.Module, str, bool], Engine]: ...
+
+    def finish(self, config: Config, models: Models) -> Models: ...
+
+
+def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: EngineBackend | None = None) -> Models:
+    """The run's models; under ``deepspeed`` the engines come from ``backend`` (``deepspeed_engine.backend_for``)."""
+    if config.deepspeed.enabled and backend is None:
+        raise ValueError("deepspeed is enabled but no engine backend was given: build_models(..., "
+                         "backend=repo_exp.deepspeed_engine.backend_for(config))")
     t, opt = config.trainer, config.optimizer
     paths = world_paths(config, rt)
     policy_path = paths.get("sft") if config.model.source == "world" else config.model.path
@@ -184,10 +198,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
         if with_cost:
             critic_modules["cost_critic"] = new_critic(cost_model, 1)
 
-    if config.deepspeed.enabled:
-        from repo_exp.deepspeed_engine import DeepSpeedModels, engine_factory, partition_frozen
-
-        engine = engine_factory(config, rt)
+    if backend is not None:
+        engine = backend.engine_factory(config, rt)
     else:
         def engine(module: nn.Module, name: str, actor: bool) -> Engine:
             module.requires_grad_(True)
@@ -202,8 +214,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
         critics = Critics(critic_engines["critic"], shared=True)
     else:
         critics = Critics(critic_engines["reward_critic"], critic_engines.get("cost_critic"))
-    if config.deepspeed.enabled:
-        return partition_frozen(config, DeepSpeedModels(tokenizer, policy_engine, ref, reward, cost, critics))
+    if backend is not None:
+        return backend.finish(config, Models(tokenizer, policy_engine, ref, reward, cost, critics, t.mixed_precision))
     for critic in critics.engines:  # trained models share the policy's attention kernel (model.attn_implementation)
         critic.module.model.set_attn_implementation(policy.config._attn_implementation)
     return Models(tokenizer, policy_engine, ref, reward, cost, critics, t.mixed_precision)

@@ -1,0 +1,153 @@
+"""The job side of the Hydra applications (``python -m repo_exp`` trains, ``python -m repo_exp.evaluate``
+evaluates): the run folder Hydra chose, config errors as exit 2, and what makes a sweep behave as a whole.
+
+A sweep stops as a whole: a job stopped by a signal (its checkpoint saved) leaves a stop mark in the sweep folder
+and fails, every job that has not started yet sees the mark and fails at once, so the sweep exits non-zero. The
+same sweep command with ``trainer.resume=auto`` continues the same job folders (when the job folders do not depend
+on the time, e.g. ``experiment=compare``'s ``<constraint>-seed<k>``): a finished run — ``eval/summary.json``
+present, written last — returns its summary at once, an interrupted one resumes from its checkpoint.
+
+Job folders never leave ``hydra.sweep.dir``: the ``job_subdir`` resolver refuses an override value that would
+put one outside (``../``, an absolute path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from repo_exp.config import ConfigError
+
+log = logging.getLogger("repo_exp")
+
+CONFIG_PATH = "pkg://repo_exp.conf"
+STOP_MARK = ".sweep_stopped"  # in the sweep folder: written when a job of the sweep was stopped by a signal
+RUN_CONFIG = "run_config.yaml"  # in the run folder: the job config of the run's first start (Hydra rewrites .hydra/)
+# settings that do not change what a run computes: a finished run is reused whatever they are
+NOT_THE_RUN = ("trainer.resume", "trainer.progress", "trainer.num_threads", "logger", "run_name")
+
+
+class SweepStopped(RuntimeError):
+    """A job of the sweep was stopped by a signal: the remaining jobs do not start and the sweep fails."""
+
+
+def job_subdir(subdir: str) -> str:
+    """``hydra.sweep.subdir`` as given, unless it would leave ``hydra.sweep.dir`` or its own folder (an absolute path,
+    or a ``..`` component coming from an override value: two jobs could then share a folder): then an error naming
+    the override."""
+    parts = Path(subdir).parts
+    if Path(subdir).is_absolute() or ".." in parts:
+        culprits = [item for item in subdir.split(",") if ".." in Path(item).parts or "=/" in item] or [subdir]
+        named = ", ".join(repr(c) for c in culprits)
+        raise ValueError(f"the job folder {subdir!r} would not be its own folder inside hydra.sweep.dir (it is "
+                         f"absolute or climbs out with '..'): the override {named} holds such a path; name the "
+                         f"sweep's job folders without it (hydra.sweep.subdir=...) or leave its key out of them "
+                         f"(hydra.job.config.override_dirname.exclude_keys)")
+    return subdir
+
+
+OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
+
+
+def strip_local_rank() -> None:
+    """The ``deepspeed`` launcher appends ``--local_rank=N``, which Hydra would reject: move it to the environment."""
+    args = []
+    it = iter(sys.argv[1:])
+    for arg in it:
+        if arg.startswith("--local_rank"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it)
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        args.append(arg)
+    sys.argv[1:] = args
+
+
+def job_dirs() -> tuple[Path, Path | None]:
+    """This job's run folder, and its sweep folder under ``--multirun`` (None for a single run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir), Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def stop_mark(sweep_dir: Path) -> Path:
+    return sweep_dir / STOP_MARK
+
+
+def mark_stopped(sweep_dir: Path, why: str) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    stop_mark(sweep_dir).write_text(why + "\n")
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The job config without the settings that do not change the run (``NOT_THE_RUN``)."""
+    plain = OmegaConf.to_container(cfg, resolve=False)  # as written (an env-dependent path stays as given)
+    for key in NOT_THE_RUN:
+        head, _, tail = key.partition(".")
+        node = plain.get(head) if tail else plain
+        if isinstance(node, dict):
+            node.pop(tail or head, None)
+            if tail and not node:
+                plain.pop(head)
+    return plain
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
+
+
+def finished_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Under ``trainer.resume=auto``: the final summary of a run that already finished in ``run_dir`` with the same
+    settings (then nothing is trained again); None when there is none. A finished run with other settings is
+    refused, naming them: its results would be reported under the new ones."""
+    record = run_dir / RUN_CONFIG
+    settings = run_settings(cfg)
+    summary = run_dir / "eval" / "summary.json"
+    if OmegaConf.select(cfg, "trainer.resume") != "auto" or not summary.is_file():
+        if not record.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record.write_text(OmegaConf.to_yaml(OmegaConf.create(settings)))
+        return None
+    if record.is_file():
+        changed = _differences(OmegaConf.to_container(OmegaConf.load(record)), settings)
+        if changed:
+            raise ConfigError(f"{run_dir} holds a finished run with other settings ({'; '.join(changed[:5])}); "
+                              f"choose another folder (hydra.sweep.dir=... or hydra.run.dir=...) or delete it")
+    log.info("%s already finished: its summary is reused (trainer.resume=auto)", run_dir)
+    return json.loads(summary.read_text())
+
+
+def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
+            reuse_finished: bool = False) -> dict[str, Any]:
+    """Run ``task(cfg, run_dir)`` in the folder Hydra chose. Under ``--multirun``: refuse to start after the sweep
+    was stopped, and stop the sweep when this job is stopped by a signal."""
+    run_dir, sweep_dir = job_dirs()
+    if sweep_dir is not None and stop_mark(sweep_dir).is_file():
+        why = stop_mark(sweep_dir).read_text().strip()
+        raise SweepStopped(f"not started: the sweep in {sweep_dir} was stopped ({why}); run the same command with "
+                           f"trainer.resume=auto to continue it")
+    try:
+        summary = finished_summary(cfg, run_dir) if reuse_finished else None
+        if summary is None:
+            summary = task(cfg, run_dir)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        raise SystemExit(2) from None
+    if sweep_dir is not None and isinstance(summary, dict) and "stopped_at" in summary:
+        why = f"{run_dir.name} stopped by a signal after step {summary['stopped_at']}"
+        mark_stopped(sweep_dir, why)
+        raise SweepStopped(f"{why} (its last checkpoint kept); the sweep stops: run the same command with "
+                           f"trainer.resume=auto to continue it")
+    return summary
