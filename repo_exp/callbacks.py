@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -163,6 +164,8 @@ class CompareReport(Callback):
         from repo_exp.world.pipeline import world_artifacts, world_metrics
 
         self.start = time.perf_counter()
+        # the jobs' processes (started after this) log lines; transformers' loading/saving bars would interleave
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         job = _job_config(config)
         if "world" not in (job.model.source, job.reward.source, job.cost.source):
             return

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from repo_exp.config import ConfigError
+from repo_exp.config import ConfigError, job_subdir
 
 log = logging.getLogger("repo_exp")
 
@@ -37,21 +37,8 @@ class SweepStopped(RuntimeError):
     """A job of the sweep was stopped by a signal: the remaining jobs do not start and the sweep fails."""
 
 
-def job_subdir(subdir: str) -> str:
-    """``hydra.sweep.subdir`` as given, unless it would leave ``hydra.sweep.dir`` or its own folder (an absolute path,
-    or a ``..`` component coming from an override value: two jobs could then share a folder): then an error naming
-    the override."""
-    parts = Path(subdir).parts
-    if Path(subdir).is_absolute() or ".." in parts:
-        culprits = [item for item in subdir.split(",") if ".." in Path(item).parts or "=/" in item] or [subdir]
-        named = ", ".join(repr(c) for c in culprits)
-        raise ValueError(f"the job folder {subdir!r} would not be its own folder inside hydra.sweep.dir (it is "
-                         f"absolute or climbs out with '..'): the override {named} holds such a path; name the "
-                         f"sweep's job folders without it (hydra.sweep.subdir=...) or leave its key out of them "
-                         f"(hydra.job.config.override_dirname.exclude_keys)")
-    return subdir
-
-
+# registered here too: a launcher's worker process imports this module (through the task function) and not the
+# entry point that calls register_configs
 OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
 
 

@@ -216,7 +216,7 @@ def test_an_override_with_dotdot_cannot_put_a_job_folder_outside_the_sweep(tmp_p
 
 
 def test_job_subdir_resolver():
-    from repo_exp.hydra_job import job_subdir
+    from repo_exp.config import job_subdir
 
     assert job_subdir("0_constraint=average,seed=1") == "0_constraint=average,seed=1"
     assert job_subdir("0_run_name=..") == "0_run_name=.."  # a name, not a step up
