@@ -100,20 +100,25 @@ def finished_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     settings (then nothing is trained again); None when there is none. A finished run with other settings is
     refused, naming them: its results would be reported under the new ones."""
     record = run_dir / RUN_CONFIG
-    settings = run_settings(cfg)
     summary = run_dir / "eval" / "summary.json"
     if OmegaConf.select(cfg, "trainer.resume") != "auto" or not summary.is_file():
-        if not record.is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            record.write_text(OmegaConf.to_yaml(OmegaConf.create(settings)))
         return None
-    if record.is_file():
-        changed = _differences(OmegaConf.to_container(OmegaConf.load(record)), settings)
+    if record.is_file():  # a run finished before this record existed is reused as it is
+        changed = _differences(OmegaConf.to_container(OmegaConf.load(record)), run_settings(cfg))
         if changed:
             raise ConfigError(f"{run_dir} holds a finished run with other settings ({'; '.join(changed[:5])}); "
                               f"choose another folder (hydra.sweep.dir=... or hydra.run.dir=...) or delete it")
     log.info("%s already finished: its summary is reused (trainer.resume=auto)", run_dir)
     return json.loads(summary.read_text())
+
+
+def record_settings(cfg: DictConfig, run_dir: Path) -> None:
+    """Keep the settings of the run's first start beside it (``.hydra/config.yaml`` is rewritten by every start)."""
+    record = run_dir / RUN_CONFIG
+    if not record.is_file() and run_dir.is_dir():
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(run_settings(cfg))))
+        tmp.replace(record)
 
 
 def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
@@ -129,6 +134,8 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
         summary = finished_summary(cfg, run_dir) if reuse_finished else None
         if summary is None:
             summary = task(cfg, run_dir)
+            if reuse_finished:  # the task accepted the settings and ran (to the end or to a stop)
+                record_settings(cfg, run_dir)
     except ConfigError as exc:
         log.error("config error: %s", exc)
         raise SystemExit(2) from None

@@ -270,10 +270,11 @@ def test_report_dedupes_by_wandb_id(tmp_path):
 
 def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     from repo_exp.config import ConfigError
-    from repo_exp.hydra_job import RUN_CONFIG, finished_summary
+    from repo_exp.hydra_job import RUN_CONFIG, finished_summary, record_settings
 
     cfg = OmegaConf.create({"seed": 0, "trainer": {"resume": "auto", "num_threads": 1}, "constraint": {"d": 0}})
-    assert finished_summary(cfg, tmp_path) is None and (tmp_path / RUN_CONFIG).is_file()  # recorded at the start
+    assert finished_summary(cfg, tmp_path) is None and not (tmp_path / RUN_CONFIG).exists()
+    record_settings(cfg, tmp_path)  # after the run's first start
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "summary.json").write_text('{"eval/mean_cost": -1.0}')
     cfg.trainer.num_threads = 2  # does not change the run
