@@ -116,7 +116,7 @@ def record_settings(cfg: DictConfig, run_dir: Path) -> None:
     """Keep the settings of the run's first start beside it (``.hydra/config.yaml`` is rewritten by every start)."""
     record = run_dir / RUN_CONFIG
     if not record.is_file() and run_dir.is_dir():
-        tmp = record.with_suffix(".tmp")
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")  # every rank of a distributed job gets here
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(run_settings(cfg))))
         tmp.replace(record)
 
