@@ -139,6 +139,12 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
     except ConfigError as exc:
         log.error("config error: %s", exc)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if sweep_dir is None:
+            raise
+        # Ctrl-C before the trainer's own handler was set (models still loading): a failed job like any other, so
+        # that a parallel launcher lets the other running jobs save their checkpoints instead of killing them
+        summary = {"stopped_at": 0}
     if sweep_dir is not None and isinstance(summary, dict) and "stopped_at" in summary:
         why = f"{run_dir.name} stopped by a signal after step {summary['stopped_at']}"
         mark_stopped(sweep_dir, why)

@@ -134,6 +134,17 @@ def test_a_stopped_job_stops_the_sweep_and_later_jobs_do_not_start(tmp_path, mon
     monkeypatch.setattr(hydra_job, "job_dirs", lambda: (tmp_path / "single", None))
     assert hydra_job.run_job(cfg, task) == {"stopped_at": 3}  # one run: exit 0, as a pre-empted job expects
 
+    def loading(cfg, run_dir):  # Ctrl-C while the models load, before the trainer's own handler is set
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hydra_job.run_job(cfg, loading)
+    other = tmp_path / "other"
+    monkeypatch.setattr(hydra_job, "job_dirs", lambda: (other / "job0", other))
+    with pytest.raises(hydra_job.SweepStopped):  # an ordinary failed job: a parallel launcher keeps the others alive
+        hydra_job.run_job(cfg, loading)
+    assert hydra_job.stop_mark(other).is_file()
+
 
 def _run_until_interrupted(args: list[str], marker: str, timeout: float = 600) -> tuple[int, str]:
     """Start ``python -m repo_exp ARGS`` in its own process group, send SIGINT to the whole group (as Ctrl-C in a
@@ -197,13 +208,13 @@ def test_sigint_stops_a_parallel_joblib_sweep_and_workers_log_to_the_terminal(tm
     assert 1 <= len(started) <= 2
     assert all(not (p / "eval" / "summary.json").exists() for p in started)
     assert len([p for p in sweep.iterdir() if p.is_dir()]) <= 4
+    saved = {job.name: sorted((job / "checkpoints").glob("step_*")) for job in started}
+    assert any(saved.values())
     proc = repo_exp(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name for p in sweep.iterdir() if p.is_dir()} == {f"{c}-seed{s}" for c in ("average", "rectified")
                                                                for s in (0, 1)}
     log = proc.stdout + proc.stderr
-    saved = {job.name: sorted((job / "checkpoints").glob("step_*")) for job in started}
-    assert any(saved.values())
     for name, checkpoints in saved.items():  # a job stopped before its first step has no checkpoint: it starts over
         expected = f"[{name}] resumed from {checkpoints[-1]}" if checkpoints else f"[{name}] trainer.resume=auto: no"
         assert expected in log, name
