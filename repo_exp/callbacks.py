@@ -2,7 +2,7 @@
 
 - ``SweepSignals`` (every multirun): Ctrl-C stops the sweep as a whole. The running jobs save a checkpoint and stop
   (the trainer's own handler), the jobs not started yet do not start (the stop mark, ``repo_exp.hydra_job``), and the
-  sweep exits non-zero; a second Ctrl-C aborts at once.
+  sweep exits non-zero; a second Ctrl-C stops the running jobs without their checkpoint.
 - ``CompareReport`` (``experiment=compare``): builds the synthetic world once before the jobs start (the jobs then
   find it in the cache; its file lock keeps concurrent builders safe), and when the sweep ends writes the report
   (``report.json``, ``report.md``, figures) beside the runs' folder and prints the summary table.
@@ -21,7 +21,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from repo_exp.hydra_job import mark_stopped, stop_mark
+from repo_exp.hydra_job import stop_mark
 
 log = logging.getLogger("repo_exp")
 
@@ -39,29 +39,26 @@ TABLE = (
 
 
 class SweepSignals(Callback):
-    """Ctrl-C during a multirun: stop the whole sweep after the running jobs have saved their checkpoints."""
+    """Ctrl-C during a multirun: stop the whole sweep after the running jobs have saved their checkpoints.
+
+    A terminal's Ctrl-C reaches every process of the sweep. joblib would answer it in the parent by killing its
+    workers, and a worker still starting (importing, reading its job) would die with it and break the pool, so that
+    the running jobs lose the checkpoint they are about to save. So the sweep's parent ignores SIGINT, the worker
+    processes it starts inherit that, and each job takes Ctrl-C back while it runs (``repo_exp.hydra_job.run_job``):
+    the trainer saves and stops, the job fails and leaves the sweep's stop mark, and the jobs not started yet see
+    the mark and do not start. (A Ctrl-C while no job runs yet, e.g. while the workers start, is ignored.)
+    """
 
     def __init__(self) -> None:
-        self.sweep_dir: Path | None = None
         self.previous: Any = None
-        self.stopping = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = Path(config.hydra.sweep.dir)
-        stop_mark(self.sweep_dir).unlink(missing_ok=True)  # a new start of the sweep (e.g. to resume it)
-        self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        stop_mark(Path(config.hydra.sweep.dir)).unlink(missing_ok=True)  # a new start of the sweep (e.g. to resume)
+        self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-
-    def _on_sigint(self, signum, frame) -> None:
-        if self.stopping:
-            raise KeyboardInterrupt
-        self.stopping = True
-        mark_stopped(self.sweep_dir, "interrupted (SIGINT)")
-        log.warning("interrupted: the running jobs save a checkpoint and stop, no other job starts (Ctrl-C again to "
-                    "abort at once); continue with the same command and trainer.resume=auto")
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:

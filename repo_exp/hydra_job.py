@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,6 +123,14 @@ def record_settings(cfg: DictConfig, run_dir: Path) -> None:
         tmp.replace(record)
 
 
+def _interruptible():
+    """Ctrl-C raises KeyboardInterrupt again (until the trainer sets its own handler); the previous handler, or None
+    off the main thread, where signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
             reuse_finished: bool = False) -> dict[str, Any]:
     """Run ``task(cfg, run_dir)`` in the folder Hydra chose. Under ``--multirun``: refuse to start after the sweep
@@ -130,6 +140,8 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
         why = stop_mark(sweep_dir).read_text().strip()
         raise SweepStopped(f"not started: the sweep in {sweep_dir} was stopped ({why}); run the same command with "
                            f"trainer.resume=auto to continue it")
+    # a sweep's job takes Ctrl-C back while it runs (a parallel launcher's worker ignores it: repo_exp.launchers)
+    previous = _interruptible() if sweep_dir is not None else None
     try:
         summary = finished_summary(cfg, run_dir) if reuse_finished else None
         if summary is None:
@@ -145,6 +157,9 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
         # Ctrl-C before the trainer's own handler was set (models still loading): a failed job like any other, so
         # that a parallel launcher lets the other running jobs save their checkpoints instead of killing them
         summary = {"stopped_at": 0}
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if sweep_dir is not None and isinstance(summary, dict) and "stopped_at" in summary:
         why = f"{run_dir.name} stopped by a signal after step {summary['stopped_at']}"
         mark_stopped(sweep_dir, why)
