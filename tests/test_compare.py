@@ -70,12 +70,10 @@ def _job_lines(output: str, job: str) -> list[str]:
     return [line for line in output.splitlines() if f"[{job}] rl step" in line]
 
 
-@pytest.mark.slow
 def test_compare_sweep_at_smoke_size_writes_the_report_and_reuses_finished_runs(tmp_path):
     """``python -m repo_exp -m experiment=compare trainer.total_steps=2 seed=0,1`` at smoke size, through Hydra's
     (in-process) launcher: four job folders named by constraint and seed, the report beside them, the table printed,
-    a progress line per job; the same command again trains nothing and reports each run once. (About 100 s on two
-    busy cores; the fast suite runs a two-job sweep in the Ctrl-C test below.)"""
+    a progress line per job; the same command again trains nothing and reports each run once (25 s on two cores)."""
     sweep = tmp_path / "cmp" / "runs"
     args = [*COMPARE_SMOKE, "seed=0,1", "hydra/launcher=basic", f"hydra.sweep.dir={sweep}"]
     proc = repo_exp("-m", *args)
@@ -164,7 +162,6 @@ def _run_until_interrupted(args: list[str], marker: str, timeout: float = 600) -
     return proc.returncode, "".join(lines)
 
 
-@pytest.mark.slow
 def test_sigint_stops_the_sweep_and_the_same_command_resumes_it(tmp_path):
     """Ctrl-C during job 0 of a two-job sweep (in-process launcher): job 0 saves a checkpoint, job 1 does not start,
     the sweep exits non-zero; the same command continues job 0 from its checkpoint in the same folder, runs job 1,
