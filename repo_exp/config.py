@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -586,7 +587,7 @@ class LoggerConfig:
     name: str = MISSING  # none | wandb (metrics.jsonl is always written)
     project: str = "repo_exp"
     entity: Optional[str] = None
-    group: Optional[str] = None  # defaults to the sweep folder's name under --multirun
+    group: Optional[str] = None  # defaults to the sweep folder under --multirun (loggers.sweep_group)
     tags: list[str] = field(default_factory=list)
     mode: Optional[str] = None  # online | offline | disabled; defaults to WANDB_MODE or online
     init_timeout: float = 60.0  # seconds W&B may take to start before the run goes on without it
@@ -681,6 +682,21 @@ CONSTRAINT_SCHEMAS = {
 }
 
 
+def job_subdir(subdir: str) -> str:
+    """``${job_subdir:SUBDIR}`` in ``hydra.sweep.subdir``: SUBDIR as given, unless it would leave ``hydra.sweep.dir``
+    or its own folder (an absolute path, or a ``..`` component coming from an override value: two jobs could then
+    share a folder); then an error naming the override."""
+    parts = PurePath(subdir).parts
+    if PurePath(subdir).is_absolute() or ".." in parts:
+        culprits = [item for item in subdir.split(",") if ".." in PurePath(item).parts or "=/" in item] or [subdir]
+        named = ", ".join(repr(c) for c in culprits)
+        raise ValueError(f"the job folder {subdir!r} would not be its own folder inside hydra.sweep.dir (it is "
+                         f"absolute or climbs out with '..'): the override {named} holds such a path; name the "
+                         f"sweep's job folders without it (hydra.sweep.subdir=...) or leave its key out of them "
+                         f"(hydra.job.config.override_dirname.exclude_keys)")
+    return subdir
+
+
 def package_file(package: str, relative: str, distribution: Optional[str] = None) -> str:
     """``${package_file:PACKAGE,RELATIVE[,DISTRIBUTION]}``: the path of a data file shipped inside an installed
     package, found without importing the package (a data set's package may import heavy dependencies)."""
@@ -700,6 +716,7 @@ def package_file(package: str, relative: str, distribution: Optional[str] = None
 def register_configs() -> None:
     """Register every schema under ``schema/<group>/<name>``; the YAML files extend them through their defaults."""
     OmegaConf.register_new_resolver("package_file", package_file, replace=True)
+    OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config", group="schema", node=Config)
     cs.store(name="model", group="schema", node=ModelConfig)

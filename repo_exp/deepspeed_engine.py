@@ -349,3 +349,23 @@ def partition_frozen(config: Config, models: DeepSpeedModels) -> DeepSpeedModels
         scorer.model.normalizer.float()  # the normaliser's statistics stay in fp32 under bf16
     models.frozen_engines = tuple(frozen_engines)
     return models
+
+
+class DeepSpeedBackend:
+    """The DeepSpeed engines ``repo_exp.setup.build_models`` plugs in (``backend=``): one engine per trained model,
+    the frozen ones partitioned under ZeRO-3."""
+
+    def engine_factory(self, config: Config, rt: Runtime) -> Callable[[nn.Module, str, bool], DeepSpeedEngine]:
+        return engine_factory(config, rt)
+
+    def finish(self, config: Config, models: Models) -> DeepSpeedModels:
+        m = models
+        return partition_frozen(config, DeepSpeedModels(m.tokenizer, m.policy, m.ref, m.reward, m.cost, m.critics))
+
+    def loading(self, config: Config, rt: Runtime, train: bool):
+        return partitioned_loading(config, rt, train)
+
+
+def backend_for(config: Config) -> DeepSpeedBackend | None:
+    """The engine backend ``build_models`` needs for ``config``: DeepSpeed's under ``deepspeed.enabled``, else None."""
+    return DeepSpeedBackend() if config.deepspeed.enabled else None

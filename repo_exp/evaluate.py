@@ -29,6 +29,7 @@ import torch
 from repo_exp.data.prompts import PromptEncoder, PromptSet, load_prompt_set
 from repo_exp.metrics import eval_figures, exploit_figures, prefixed, prompt_stats
 from repo_exp.rollout.budget import generation_budget
+from repo_exp.progress import Every
 from repo_exp.rollout.make import make_experience
 
 if TYPE_CHECKING:
@@ -95,7 +96,10 @@ def evaluate_policy(
     all_finished = runtime.comm.all_finished if runtime is not None and runtime.distributed else None
     rows: list[dict[str, Any]] = []
     rounds = math.ceil(len(batches) / world)
+    every = Every(10.0)
     for r in range(rounds):
+        if rank == 0 and every():
+            log.info("evaluation: %d/%d prompts × %d samples", min(n, r * world * per_batch), n, k)
         b = r * world + rank
         real = b < len(batches)
         indices = batches[b] if real else batches[0]  # idle ranks still run the forward passes ZeRO-3 needs
@@ -325,6 +329,7 @@ def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     Returns the summary of the policy evaluated last.
     """
     from repo_exp.config import validate
+    from repo_exp.deepspeed_engine import backend_for
     from repo_exp.loggers import MetricsLogger
     from repo_exp.runtime import init_runtime
     from repo_exp.setup import build_constraint, build_models
@@ -348,6 +353,7 @@ def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if problem is not None:
         raise problem
     models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm))
+from repo_exp.progress import Every
     prompts = eval_prompt_set(config)
     encoder = PromptEncoder(prompts, models.tokenizer, config.model.template, config.trainer.max_prompt_length)
     logger = MetricsLogger(run_dir, enabled=rt.is_main, wandb=_wandb_sink(config, cfg, rt, run_dir))
@@ -391,9 +397,16 @@ def _wandb_sink(config: Config, cfg: DictConfig, rt: Runtime, run_dir: Path):
 
 
 def main() -> None:
-    from repo_exp.__main__ import run_hydra
+    """``python -m repo_exp.evaluate``: its own Hydra application over the same config as training."""
+    import hydra
 
-    run_hydra(task="evaluate")
+    from repo_exp.config import register_configs
+    from repo_exp.hydra_job import CONFIG_PATH, run_job, strip_local_rank
+
+    register_configs()
+    strip_local_rank()
+    hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")(
+        lambda cfg: run_job(cfg, evaluate_job))()
 
 
 if __name__ == "__main__":

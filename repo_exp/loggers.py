@@ -7,6 +7,7 @@ run goes on with the local file. Secrets from the environment never reach a logg
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -134,16 +135,26 @@ class WandbSink:
         self._guard("finish", lambda: self.run.finish())
 
 
+def sweep_group(sweep_dir: Path) -> str:
+    """One W&B group per sweep folder: its path relative to the working folder (``multirun/2026-11-30/12-00-00``: the
+    day is kept), or, for a folder elsewhere, its name and a hash of its absolute path."""
+    folder = Path(os.path.abspath(sweep_dir))
+    cwd = Path.cwd()
+    if folder.is_relative_to(cwd) and folder != cwd:
+        return str(folder.relative_to(cwd))
+    return f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
+
+
 def run_identity(config) -> tuple[str | None, str]:
-    """W&B group and name of this job: under ``--multirun`` the group is the sweep folder and the name the job's
-    overrides; a single run gets no group and the run folder's name."""
+    """W&B group and name of this job: under ``--multirun`` the group is the sweep folder (``sweep_group``) and the
+    name the job's overrides; a single run gets no group and the run folder's name."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
-            group = Path(hc.sweep.dir).name
+            group = sweep_group(Path(hc.sweep.dir))
             name = hc.job.override_dirname or f"job{hc.job.num}"
             return group, name
         return None, Path(hc.runtime.output_dir).name

@@ -23,6 +23,7 @@ multiplier learning rate …; seeds are replicates), and writes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -573,6 +574,40 @@ def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str
     return "\n".join(lines) + "\n"
 
 
+def run_keys(run: Run) -> list[tuple[str, str]]:
+    """What makes two run folders one run: the same W&B run id (``wandb_id.txt``, kept across resumes) or the same
+    settings (``.hydra/config.yaml`` without those that do not change the run, ``hydra_job.NOT_THE_RUN``)."""
+    keys = [("folder", str(run.path.resolve()))]
+    wandb_id = run.path / "wandb_id.txt"
+    if wandb_id.is_file() and wandb_id.read_text().strip():
+        keys.append(("wandb", wandb_id.read_text().strip()))
+    config = run.path / ".hydra" / "config.yaml"
+    if config.is_file():
+        from omegaconf import OmegaConf
+
+        from repo_exp.hydra_job import run_settings
+
+        settings = json.dumps(run_settings(OmegaConf.load(config)), sort_keys=True, default=str)
+        keys.append(("settings", hashlib.sha256(settings.encode()).hexdigest()))
+    return keys
+
+
+def unique_runs(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+    """``runs`` with each run once — the most recently finished copy when two folders hold the same run (e.g. a sweep
+    started again in new folders) — and the folders left out as copies."""
+    seen: set[tuple[str, str]] = set()
+    kept: set[int] = set()
+    for run in sorted(runs, key=lambda r: -(r.path / "eval" / "summary.json").stat().st_mtime):
+        keys = run_keys(run)
+        if not seen.intersection(keys):
+            kept.add(id(run))
+        seen.update(keys)
+    duplicates = [str(r.path) for r in runs if id(r) not in kept]
+    for path in duplicates:
+        log.warning("%s repeats a run already in the report (same folder, W&B id or settings): counted once", path)
+    return [r for r in runs if id(r) in kept], duplicates
+
+
 def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = "repo_exp comparison",
                  write: bool = True) -> dict[str, Any]:
     """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the PNG figures to ``out_dir``
@@ -590,6 +625,7 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
         (runs.append(run) if run is not None else skipped.append(str(folder)))
     if not runs:
         raise NoRunsError(f"none of the {len(folders)} run folders found has eval/summary.json: {skipped[:5]}")
+    runs, duplicates = unique_runs(runs)
     groups = group_runs(runs)
     report = aggregate(runs, groups)
     figures: dict[str, str] = {}
@@ -606,7 +642,7 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
         path = Path(entry["path"]).resolve()
         if path.is_relative_to(out.resolve()):
             entry["path"] = str(path.relative_to(out.resolve()))
-    report.update({"title": title, "figures": figures, "skipped": skipped})
+    report.update({"title": title, "figures": figures, "skipped": skipped, "duplicates": duplicates})
     if write:
         write_report(report, out)
     log.info("report of %d runs (%d groups) in %s", len(runs), len(report["groups"]), out)

@@ -30,6 +30,7 @@ from omegaconf import MISSING
 
 from repo_exp.config import ArchConfig, DataConfig, _non_negative, _one_of, _positive, _require
 from repo_exp.models.score_model import ScoreModel, right_pad, score_input_ids
+from repo_exp.progress import Every, step_line
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def train_score_model(model: ScoreModel, encoder: PreferenceEncoder, train_rows:
         optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     loss = torch.tensor(float("nan"))
+    every = Every(10.0)
     for step in range(steps):
         rows = [train_rows[rng.randrange(len(train_rows))] for _ in range(batch_size)]
         loss, _, _ = pair_loss(model, encoder.batch(rows, kind), kind, score_regularization)
@@ -173,6 +175,8 @@ def train_score_model(model: ScoreModel, encoder: PreferenceEncoder, train_rows:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if every(force=step + 1 == steps):
+            log.info(step_line(f"{kind} model", step + 1, steps, {"loss": loss.item()}))
     metrics = evaluate_score_model(model, encoder, test_rows, kind) if test_rows else {}
     metrics[f"{kind}/train_loss"] = float(loss.detach())
     if kind == "cost":

@@ -8,6 +8,7 @@ import copy
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 from hydra.utils import get_class
@@ -147,7 +148,24 @@ def world_paths(config: Config, rt: Runtime) -> dict[str, str]:
     return world_artifacts(config.world, rt)
 
 
-def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
+class EngineBackend(Protocol):
+    """What turns the trained models into engines when plain torch does not (``repo_exp.deepspeed_engine``): chosen
+    by the caller, so that the set-up never imports it."""
+
+    def engine_factory(self, config: Config, rt: Runtime) -> Callable[[nn.Module, str, bool], Engine]: ...
+
+    def finish(self, config: Config, models: Models) -> Models: ...
+
+    def loading(self, config: Config, rt: Runtime, train: bool) -> contextlib.AbstractContextManager:
+        """Models loaded inside are partitioned as they load (ZeRO-3), with the trained or the frozen models'
+        config."""
+
+
+def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: EngineBackend | None = None) -> Models:
+    """The run's models; under ``deepspeed`` the engines come from ``backend`` (``deepspeed_engine.backend_for``)."""
+    if config.deepspeed.enabled and backend is None:
+        raise ValueError("deepspeed is enabled but no engine backend was given: build_models(..., "
+                         "backend=repo_exp.deepspeed_engine.backend_for(config))")
     t, opt = config.trainer, config.optimizer
     paths = world_paths(config, rt)
     policy_path = paths.get("sft") if config.model.source == "world" else config.model.path
@@ -161,14 +179,14 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
     # under ZeRO-3 the policy and the reference are partitioned as they load (unless a critic copies the policy's
     # trunk, which a partitioned model cannot give)
     partitioned = config.deepspeed.enabled and config.deepspeed.zero_stage == 3 and t.critic_init != "policy"
-    with _loading(config, rt, partitioned, train=True):
+    with _loading(backend, config, rt, partitioned, train=True):
         policy = load_policy(config.model, tokenizer, policy_path).to(device)
     # non-reentrant, the variant ZeRO-3's parameter hooks need; set before the reference and a policy-initialised
     # critic copy the policy, so that they inherit it
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if partitioned:
-        with _loading(config, rt, partitioned, train=False):
+        with _loading(backend, config, rt, partitioned, train=False):
             ref = frozen(load_policy(config.model, tokenizer, policy_path))
     else:
         ref = frozen(copy.deepcopy(policy))
@@ -204,10 +222,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
         if with_cost:
             critic_modules["cost_critic"] = new_critic(cost_model, 1)
 
-    if config.deepspeed.enabled:
-        from repo_exp.deepspeed_engine import DeepSpeedModels, engine_factory, partition_frozen
-
-        engine = engine_factory(config, rt)
+    if backend is not None:
+        engine = backend.engine_factory(config, rt)
     else:
         def engine(module: nn.Module, name: str, actor: bool) -> Engine:
             module.requires_grad_(True)
@@ -223,8 +239,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint) -> Models:
         critics = Critics(critic_engines["critic"], shared=True)
     else:
         critics = Critics(critic_engines.get("reward_critic"), critic_engines.get("cost_critic"))
-    if config.deepspeed.enabled:
-        return partition_frozen(config, DeepSpeedModels(tokenizer, policy_engine, ref, reward, cost, critics))
+    if backend is not None:
+        return backend.finish(config, Models(tokenizer, policy_engine, ref, reward, cost, critics, t.mixed_precision))
     for critic in critics.engines:  # trained models share the policy's attention kernel (model.attn_implementation)
         critic.module.model.set_attn_implementation(policy.config._attn_implementation)
     if t.mixed_precision == "bf16":  # after the critics were copied from them: those train in float32
@@ -244,12 +260,11 @@ def low_precision_frozen(*models: nn.Module) -> None:
             normalizer.float()
 
 
-def _loading(config: Config, rt: Runtime, partitioned: bool, train: bool) -> contextlib.AbstractContextManager:
-    if not partitioned:
+def _loading(backend: EngineBackend | None, config: Config, rt: Runtime, partitioned: bool,
+             train: bool) -> contextlib.AbstractContextManager:
+    if not partitioned or backend is None:
         return contextlib.nullcontext()
-    from repo_exp.deepspeed_engine import partitioned_loading
-
-    return partitioned_loading(config, rt, train)
+    return backend.loading(config, rt, train)
 
 
 def _optimizer_steps(config: Config, actor: bool = False) -> int:

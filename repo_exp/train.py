@@ -46,16 +46,19 @@ from repo_exp.constraints import Constraint
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
 from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
 from repo_exp.rollout.budget import generation_budget
+from repo_exp.deepspeed_engine import backend_for
 from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
 from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
 from repo_exp import run_folder
 from repo_exp.models.score_model import position_ids_from_mask
+from repo_exp.progress import Every, step_line
 from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
 from repo_exp.rollout.score import logprob_gap
 from repo_exp.runtime import Runtime, init_runtime
 from repo_exp.setup import Models, build_models, build_constraint
 
 log = logging.getLogger("repo_exp")
+PROGRESS_FIGURES = ("reward/mean", "cost/mean", "constraint/lambda", "timing/step")
 
 
 class NonFiniteError(RuntimeError):
@@ -328,7 +331,7 @@ class Trainer:
         if t.epochs is not None:  # before the engines are built: their learning-rate schedules span the whole run
             t.total_steps = max(1, math.ceil(t.epochs * len(train_set) / t.prompts_per_step))
             log.info("trainer.epochs=%g over %d prompts: %d steps", t.epochs, len(train_set), t.total_steps)
-        self.models = build_models(config, self.rt, self.constraint)
+        self.models = build_models(config, self.rt, self.constraint, backend_for(config))
         self.encoder = PromptEncoder(train_set, self.models.tokenizer, config.model.template, t.max_prompt_length)
         self.stream = PromptStream(len(self.encoder), t.prompts_per_step, config.seed, self.rt.rank, self.rt.world_size)
         self.ptx = (PtxStream(load_ptx_pairs(config.ptx, config.world), self.models.tokenizer, config.model.template,
@@ -343,6 +346,7 @@ class Trainer:
         self.initial_rows: list[dict] | None = None
         self.stop_signal: int | None = None
         self.logprobs_checked = False
+        self.every = Every(10.0)
         self._restore()
         self.logger = self._logger()
         # the fused value pass is exact only when the critics do not move before every sample has been seen
@@ -413,6 +417,7 @@ class Trainer:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "cost/mean", "constraint/lambda")
                                  if k in metrics})
                 done = step + 1
+                self._progress_line(done, metrics, shown=not bar.disable)
                 if e.every and done % e.every == 0 and done < t.total_steps:
                     self.evaluate(f"step_{done:06d}", step=done)
                 if self._agreed_stop():
@@ -434,6 +439,12 @@ class Trainer:
             self.logger.close()
             if self.rt.is_main:  # a refused duplicate's Hydra may have rewritten them meanwhile
                 run_folder.restore_hydra_files(self.run_dir)
+
+    def _progress_line(self, done: int, metrics: dict[str, float], shown: bool) -> None:
+        """Without a progress bar (``trainer.progress=false``, e.g. parallel sweep jobs): a log line every 10 s."""
+        total = self.config.trainer.total_steps
+        if not shown and self.rt.is_main and self.every(force=done == total):
+            log.info(step_line("rl", done, total, {k: metrics.get(k) for k in PROGRESS_FIGURES}))
 
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()

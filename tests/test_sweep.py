@@ -17,6 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from repo_exp.config import validate
+from repo_exp.loggers import sweep_group
 
 from conftest import repo_root
 
@@ -187,7 +188,7 @@ def test_two_job_sweep_runs_in_parallel_through_joblib_in_one_wandb_group(tmp_pa
         assert (job / "eval" / "summary.json").is_file()
         (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
         run = next(r.run for r in wandb_run_records(run_file) if r.WhichOneof("record_type") == "run")
-        assert run.run_group == sweep.name
+        assert run.run_group == sweep_group(sweep)  # the sweep folder's name and a hash of its path
         names.append(run.display_name)
         # the per-prompt W&B table of the final evaluation, with the prompt text and its figures
         (table_file,) = job.glob("wandb/offline-run-*/files/media/table/eval/per_prompt/final_*.table.json")
@@ -206,7 +207,8 @@ def test_two_job_sweep_runs_in_parallel_through_joblib_in_one_wandb_group(tmp_pa
 
 def test_four_job_multirun_gives_four_wandb_runs_in_one_group(tmp_path):
     """`--multirun experiment=smoke constraint=average,rectified constraint.threshold=0,0.5` with W&B offline:
-    four jobs, four runs, one group named after the sweep, the overrides in each run's name, the resolved config."""
+    four jobs, four runs, one group named after the sweep folder, the overrides in each run's name, the resolved
+    config."""
     sweep = tmp_path / "sweep_four"
     env = _offline_wandb_env(tmp_path)
     proc = subprocess.run(
@@ -226,7 +228,7 @@ def test_four_job_multirun_gives_four_wandb_runs_in_one_group(tmp_path):
         names.append(run.display_name)
         config = {item.key: item.value_json for item in run.config.update}
         assert json.loads(config["constraint"])["name"] in ("average", "rectified")  # the resolved config
-    assert groups == {sweep.name}
+    assert groups == {sweep_group(sweep)}
     for constraint in ("average", "rectified"):
         for threshold in ("0", "0.5"):
             assert sum(f"constraint={constraint}" in n and f"constraint.threshold={threshold}," in n + ","

@@ -28,7 +28,9 @@ import torch
 from filelock import FileLock
 
 from repo_exp.config import WorldConfig
-from repo_exp.world.grammar import Prompt, grammar_fingerprint, sample_response, split_prompts
+from repo_exp.progress import Every, step_line
+from repo_exp.world import grammar, oracle
+from repo_exp.world.grammar import Prompt, sample_response, split_prompts
 from repo_exp.world.oracle import oracle_cost, oracle_reward, parse
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def grammar_fingerprint() -> str:
+    """A hash of everything that defines the world's prompts, responses and ground truth (the grammar's and the
+    oracle's source): cached artifacts depend on it, so editing either rebuilds them."""
+    import inspect
+
+    blob = inspect.getsource(grammar) + inspect.getsource(oracle)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stage_key(name: str, config: dict, deps: list[str]) -> str:
@@ -124,6 +135,7 @@ def build_sft(world: WorldConfig, out: Path) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model.train()
     losses = []
+    every = Every(10.0)
     for step in range(stage.steps):
         batch = [examples[rng.randrange(len(examples))] for _ in range(stage.batch_size)]
         width = max(len(ids) for ids, _ in batch)
@@ -141,6 +153,8 @@ def build_sft(world: WorldConfig, out: Path) -> dict:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if every(force=step + 1 == stage.steps):
+            log.info(step_line("world SFT", step + 1, stage.steps, {"loss": loss.item()}))
     model.eval()
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
@@ -156,7 +170,10 @@ def sample_policy(model, tokenizer, prompts: list[Prompt], seed: int, max_new_to
     from repo_exp.rollout.make import decode_responses
 
     out: list[str] = []
+    every = Every(10.0)
     for start in range(0, len(prompts), batch_size):
+        if every():
+            log.info("world preferences: sampled %d/%d responses", start, len(prompts))
         chunk = prompts[start : start + batch_size]
         encoded = [tokenizer(TEMPLATE.format(input=p.text))["input_ids"] for p in chunk]
         width = max(len(e) for e in encoded)
