@@ -72,15 +72,36 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
+def _the_run(overrides: list[str]) -> tuple[str, ...]:
+    """The overrides that decide what a run computes (``hydra_job.NOT_THE_RUN`` and ``hydra.*`` left out), sorted."""
+    from repo_exp.hydra_job import NOT_THE_RUN
+
+    def key(item: str) -> str:
+        return item.split("=", 1)[0].lstrip("+~")
+
+    return tuple(sorted(o for o in overrides if not key(o).startswith("hydra.")
+                        and not any(key(o) == k or key(o).startswith(k + ".") for k in NOT_THE_RUN)))
+
+
 def job_folders(sweep_dir: Path, jobs: list[list[str]]) -> list[Path]:
-    """The folders under ``sweep_dir`` whose ``.hydra/overrides.yaml`` is one of ``jobs`` (the folders this sweep's
-    jobs ran in, not those of other sweeps kept in the same place)."""
-    wanted = {tuple(sorted(job)) for job in jobs}
+    """The folders under ``sweep_dir`` (at any depth) whose ``.hydra/overrides.yaml`` is one of ``jobs``, up to
+    settings that do not change a run (the folders this sweep's jobs ran in or reused, not those of other sweeps
+    kept in the same place)."""
+    wanted = {_the_run(job) for job in jobs}
     found = []
-    for path in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        if tuple(sorted(map(str, OmegaConf.load(path)))) in wanted:
+    for path in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
+        if _the_run(list(map(str, OmegaConf.load(path)))) in wanted:
             found.append(path.parent.parent)
     return found
+
+
+def sweep_worlds(jobs: list[list[str]]) -> list[list[str]]:
+    """One job's overrides for each distinct world among ``jobs`` (jobs differ in ``world``/``world.*``)."""
+    seen: dict[tuple[str, ...], list[str]] = {}
+    for job in jobs:
+        world = tuple(sorted(o for o in job if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "world"))
+        seen.setdefault(world, job)
+    return list(seen.values())
 
 
 def helpfulness_sources(report: dict, constraints: list[str]) -> dict[str, dict[str, float]]:
@@ -113,13 +134,21 @@ def table(report: dict, constraints: list[str]) -> str:
     return "\n".join(lines)
 
 
-def models_line(world: dict[str, float]) -> str:
+def models_line(world: dict[str, Any]) -> str:
+    several = {k: v for k, v in world.items() if k.startswith("seed") and isinstance(v, dict)}
+    if several:  # a sweep over worlds: one line each
+        return "\n".join(f"World seed {v['seed']}: {models_line(v)}" for _, v in sorted(several.items()))
     if "reward/pairwise_accuracy" not in world:
         return "The reward and cost models are not the world's (no world accuracies)."
     return (f"Reward model: held-out pairwise accuracy {world['reward/pairwise_accuracy']:.3f} on noisy labels, "
             f"{world['reward/oracle_pairwise_accuracy']:.3f} against the oracle. Cost model: pairwise "
             f"{world['cost/pairwise_accuracy']:.3f} (oracle {world['cost/oracle_pairwise_accuracy']:.3f}), sign "
-            f"{world['cost/sign_accuracy']:.3f} (oracle {world['cost/oracle_sign_accuracy']:.3f}).")
+            f"{world['cost/sign_accuracy']:.3f} (oracle {world['cost/oracle_sign_accuracy']:.3f})."
+            + (f" On the round's policy samples, against the oracle: reward pairwise "
+               f"{world['reward/on_policy_oracle_pairwise_accuracy']:.3f}, cost pairwise "
+               f"{world['cost/on_policy_oracle_pairwise_accuracy']:.3f}, cost sign "
+               f"{world['cost/on_policy_oracle_sign_accuracy']:.3f}."
+               if "cost/on_policy_oracle_sign_accuracy" in world else ""))
 
 
 def _job_config(config: DictConfig):
@@ -163,20 +192,27 @@ class CompareReport(Callback):
         self.start = time.perf_counter()
         # the jobs' processes (started after this) log lines; transformers' loading/saving bars would interleave
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from repo_exp.config import compose_config, validate
+
         job = _job_config(config)
         if "world" not in (job.model.source, job.reward.source, job.cost.source):
             return
-        log.info("building (or reusing) the world %r: SFT → preferences → reward and cost models", job.world.name)
+        worlds = sweep_worlds(sweep_jobs(config))  # every world the jobs train in (the robustness study has three)
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # no job runs yet: Ctrl-C stops at once
         try:
-            paths = world_artifacts(job.world)
+            for overrides in worlds:
+                world = job.world if len(worlds) == 1 else validate(compose_config(overrides)).world
+                log.info("building (or reusing) the world %r (seed %d): SFT → preferences → reward and cost models "
+                         "→ an on-policy round", world.name, world.seed)
+                paths = world_artifacts(world)
+                metrics = world_metrics(paths)
+                entry = {"name": world.name, "seed": world.seed, "paths": paths, **metrics}
+                self.world = entry if len(worlds) == 1 else {**self.world, f"seed{world.seed}": entry}
+                log.info("world %d ready after %.0f s: reward model held-out accuracy %.3f, cost model %.3f, cost "
+                         "sign %.3f", world.seed, time.perf_counter() - self.start, metrics["reward/pairwise_accuracy"],
+                         metrics["cost/pairwise_accuracy"], metrics["cost/sign_accuracy"])
         finally:
             signal.signal(signal.SIGINT, previous)
-        metrics = world_metrics(paths)
-        self.world = {"name": job.world.name, "paths": paths, **metrics}
-        log.info("world ready in %.0f s: reward model held-out accuracy %.3f, cost model %.3f, cost sign %.3f",
-                 time.perf_counter() - self.start, metrics["reward/pairwise_accuracy"],
-                 metrics["cost/pairwise_accuracy"], metrics["cost/sign_accuracy"])
 
     @_fatal("the comparison's report")
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

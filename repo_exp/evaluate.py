@@ -352,8 +352,7 @@ def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise ValueError(box[0])
     if problem is not None:
         raise problem
-    models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm))
-from repo_exp.progress import Every
+    models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm), backend_for(config))
     prompts = eval_prompt_set(config)
     encoder = PromptEncoder(prompts, models.tokenizer, config.model.template, config.trainer.max_prompt_length)
     logger = MetricsLogger(run_dir, enabled=rt.is_main, wandb=_wandb_sink(config, cfg, rt, run_dir))
