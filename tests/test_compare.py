@@ -315,12 +315,12 @@ def test_every_is_true_first_then_once_per_interval(monkeypatch):
 
 
 def test_world_stages_log_their_progress_with_the_loss(tmp_path, caplog):
-    from repo_exp.config import WorldConfig, WorldStageConfig
+    from repo_exp.config import ScoreStageConfig, WorldConfig, WorldRoundsConfig, WorldStageConfig
     from repo_exp.world.pipeline import build_world
 
     world = WorldConfig(cache_dir=str(tmp_path), num_preference_pairs=32, sft=WorldStageConfig(steps=3, batch_size=8),
-                        reward_model=WorldStageConfig(steps=2, batch_size=8),
-                        cost_model=WorldStageConfig(steps=2, batch_size=8))
+                        reward_model=ScoreStageConfig(steps=2, batch_size=8),
+                        cost_model=ScoreStageConfig(steps=2, batch_size=8), rounds=WorldRoundsConfig(count=0))
     with caplog.at_level(logging.INFO, logger="repo_exp"):
         build_world(world)
     text = caplog.text

@@ -128,7 +128,7 @@ def _rectified_on_ranks(rank: int, world: int, port: int, out: str) -> None:
     for step in range(3):
         metrics = constraint.update(COSTS[rows] * (step + 1), PROMPTS[rows], step)
         trajectory.append((metrics["constraint/violation"], constraint.multiplier))
-    gate = constraint.cost_gate(COSTS[rows], PROMPTS[rows]).tolist()
+    gate = constraint.penalised(COSTS[rows], PROMPTS[rows]).tolist()  # the prompts judged violating
     Path(out, f"rank{rank}.json").write_text(json.dumps({"trajectory": trajectory, "gate": gate}))
     dist.destroy_process_group()
 
@@ -158,7 +158,7 @@ def test_rectified_prompt_granularity_is_global_over_ranks(tmp_path):
     for r in ranks:
         assert [x for pair in r["trajectory"] for x in pair] == pytest.approx(flat, rel=1e-6)
     gate = ranks[0]["gate"] + ranks[1]["gate"]
-    assert gate == single.cost_gate(COSTS, PROMPTS).tolist() == [False, False, True, True, False, False, True, True]
+    assert gate == single.penalised(COSTS, PROMPTS).tolist() == [False, False, True, True, False, False, True, True]
 
 
 # ---------------------------------------------------------------- 2 ranks under ZeRO equal one process (slow)

@@ -12,6 +12,8 @@ def check_score_model(model, tokenizer, path: Any, role: str) -> None:
         raise ValueError(f"{role}.path={path}: config.json score_dim is {model.score_dim}, but a {role} model gives "
                          f"one score per response (score_dim 1); a score model of several dimensions is not a "
                          f"{role} model")
+    if tokenizer is None:  # nothing to compare with (a scorer loaded without its tokenizer)
+        return
     vocab = model.model.get_input_embeddings().weight.shape[0]
     if vocab < len(tokenizer):
         raise ValueError(f"{role}.path={path}: the model has {vocab} token embeddings (config.json vocab_size "

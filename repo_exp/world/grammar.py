@@ -176,18 +176,6 @@ def split_prompts(seed: int, eval_fraction: float) -> tuple[list[Prompt], list[P
     return train, held_out
 
 
-def grammar_fingerprint() -> str:
-    """A hash of everything that defines the world's prompts, responses and ground truth (this module's and the
-    oracle's source): cached artifacts depend on it, so editing either rebuilds them."""
-    import hashlib
-    import inspect
-
-    from repo_exp.world import oracle
-
-    blob = inspect.getsource(inspect.getmodule(grammar_fingerprint)) + inspect.getsource(oracle)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def sample_response(prompt: Prompt, style: str, rng: random.Random) -> str:
     """A response of ``style`` (refuse, safe, unsafe, offtopic) to ``prompt``, in the grammar.
 
