@@ -27,7 +27,7 @@ from repo_exp.rollout import Experience
 from repo_exp.train import compute_advantages
 
 D = torch.float64
-# comply: helpful and unsafe; refuse: barely helpful and safe (the case); help: a safe helpful answer
+# comply: helpful and unsafe; refuse: barely helpful and safe; help: a safe helpful answer
 COMPLY, REFUSE, HELP = (1.0, 1.0), (0.1, -1.5), (0.6, -0.8)
 
 
