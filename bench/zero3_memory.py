@@ -1,7 +1,10 @@
 """``python -m bench.zero3_memory``: peak host memory (RSS) per rank of one RL step with a ~100M-parameter Llama
-policy, under ZeRO-3 on two CPU ranks (the policy and reference partitioned as they load) against one process.
+policy and reward and cost models of the same size (as at paper scale, where all three are 7B), under ZeRO-3 on
+two CPU ranks (policy, reference, reward, cost and both critics partitioned as they load) against one process.
 
-    python -m bench.zero3_memory            # saves the policy once, runs both, prints the figures and their ratio
+    python -m bench.zero3_memory                    # saves the models once, runs both, prints the figures and ratio
+    python -m bench.zero3_memory --scorers tiny     # tiny random reward and cost models instead
+    python -m bench.zero3_memory --out FILE.json    # also writes the figures there
 
 Each run is its own process (``torchrun --nproc_per_node 2`` for ZeRO-3, plain Python for the one-process run) and
 reports its ``ru_maxrss``; the two runs must also sample the same tokens (equal step metrics). A command, not a test:
@@ -27,17 +30,23 @@ RUN = ("experiment=smoke", "logger=none", "trainer.progress=false", "eval.at_sta
        "model.gradient_checkpointing=true")
 
 
-def save_policy(folder: Path) -> int:
+def save_models(folder: Path, scorers: bool) -> int:
+    """The policy (and, with ``scorers``, a reward and a cost model in the published layout, of the same trunk);
+    returns the policy's parameter count."""
     import torch
     from transformers import LlamaForCausalLM
 
     from repo_exp.config import ArchConfig
     from repo_exp.models.policy import tiny_llama_config
+    from repo_exp.models.score_model import ScoreModel
     from repo_exp.world import world_tokenizer
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(ArchConfig(**ARCH), world_tokenizer()))
-    model.save_pretrained(folder)
+    config = tiny_llama_config(ArchConfig(**ARCH), world_tokenizer())
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder / "policy")
+    for kind in ("reward", "cost") if scorers else ():
+        ScoreModel(config, score_type=kind).save_pretrained(folder / kind)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -57,30 +66,44 @@ def run_one(out: Path, overrides: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", type=Path)
+    parser.add_argument("--scorers", choices=("same", "tiny"), default="same",
+                        help="reward and cost models of the policy's size (default) or tiny random ones")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 on both sides (the same tokens and metrics), or bf16: the one process with "
+                             "trainer.mixed_precision=bf16 against DeepSpeed's bf16")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.worker:
         run_one(args.worker, args.overrides)
         return
     root = Path(tempfile.mkdtemp(prefix="zero3_memory_"))
-    params = save_policy(root / "policy")
+    params = save_models(root, args.scorers == "same")
     common = [f"model.path={root / 'policy'}"]
+    if args.scorers == "same":
+        common += [f"{kind}.{key}={value}" for kind in ("reward", "cost")
+                   for key, value in (("source", "hub"), ("path", root / kind), ("tokenizer", "world"),
+                                      ("dtype", "float32"))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    runs = {"one_process": ([sys.executable], ["deepspeed=none"]),
+    bf16 = args.precision == "bf16"
+    runs = {"one_process": ([sys.executable], ["deepspeed=none", f"trainer.mixed_precision={'bf16' if bf16 else 'no'}"]),
             "zero3_two_ranks": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node", "2"], ["deepspeed=zero3", "deepspeed.bf16=false"])}
-    result: dict = {"policy_parameters": params}
+                                 "--nproc_per_node", "2"], ["deepspeed=zero3", f"deepspeed.bf16={str(bf16).lower()}"])}
+    result: dict = {"policy_parameters": params, "scorers": args.scorers, "precision": args.precision, "overrides": args.overrides}
     for name, (launcher, extra) in runs.items():
         out = root / name
         out.mkdir()
-        subprocess.run([*launcher, "-m", "bench.zero3_memory", "--worker", str(out), *common, *extra], env=env,
-                       check=True)
+        subprocess.run([*launcher, "-m", "bench.zero3_memory", "--worker", str(out), *common, *extra,
+                        *args.overrides], env=env, check=True)
         result[name] = [json.loads(p.read_text())["peak_rss_mib"] for p in sorted(out.glob("rss_rank*.json"))]
         result[name + "_metrics"] = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
     result["ratio_max_rank_to_one_process"] = max(result["zero3_two_ranks"]) / result["one_process"][0]
     same = {k: (result["one_process_metrics"][k], result["zero3_two_ranks_metrics"][k])
             for k in ("reward/mean", "cost/mean", "kl/mean", "response/length")}
+    result["same_step_metrics"] = same
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_metrics")}, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1, default=str))
     print("step metrics (one process, two ZeRO-3 ranks):", json.dumps(same))
 
 

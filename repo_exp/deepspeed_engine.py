@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from repo_exp.config import AdamWConfig, Config, ConfigError, SchedulerConfig
+from repo_exp.config import AdamWConfig, Config, ConfigError, SchedulerConfig, ScoreModelConfig
 from repo_exp.engine import build_optimizer
 from repo_exp.models.score_model import ScoreModel
 from repo_exp.runtime import Runtime
@@ -133,6 +133,56 @@ def partitioned_loading(config: Config, rt: Runtime, train: bool):
     finally:
         del alive
         unset_hf_deepspeed_config()
+
+
+def load_score_model_partitioned(config: Config, rt: Runtime, train: bool, cfg: ScoreModelConfig, path: str,
+                                 score_type: str | None = None, normalize: bool | None = None,
+                                 score_dim: int | None = None) -> ScoreModel:
+    """A score model in the published layout (reward, cost, or a critic started from one), partitioned as it is
+    built (``deepspeed.zero.Init`` with the trained or the frozen models' config) and filled one parameter at a
+    time: rank 0 reads that tensor from the checkpoint and DeepSpeed scatters it, so no rank holds the whole model
+    or the whole checkpoint. The same checks and normaliser as ``load_score_model``. ``score_dim`` widens the head
+    (one critic for reward and cost): its first rows come from the checkpoint, the rest and the bias start at zero,
+    as ``critic_from_scorer`` does."""
+    import deepspeed
+
+    from repo_exp.models.score_model import check_score_weights, normalizer_state, read_score_checkpoint
+    from repo_exp.models.weights import LazyWeights
+
+    score_type = score_type or cfg.kind
+    normalize = cfg.normalize if normalize is None else normalize
+    folder, trunk_config, fields, raw = read_score_checkpoint(path, cfg.revision, cfg.trust_remote_code, score_type,
+                                                              normalize)
+    weights = LazyWeights(folder)
+    rows = fields["score_dim"]
+    widened = score_dim is not None and score_dim != rows
+    if widened:
+        fields = {**fields, "score_dim": score_dim}
+    dtype = getattr(torch, cfg.dtype)
+    ds_config = train_config(config, rt.world_size, config.optimizer.critic) if train else inference_config(config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = ScoreModel(trunk_config, **fields)
+    check_score_weights(path, weights.shapes(), model, rows)  # names only: the head's rows are the checkpoint's
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            if rank != 0:
+                continue
+            if widened and name.startswith("score_head."):
+                param.zero_()
+                if name == "score_head.weight":
+                    param[:rows].copy_(weights[name])
+            else:
+                param.copy_(weights[name])
+    if not widened:  # a widened critic never normalises: its statistics stay the identity
+        buffers = {k: b for k, b in model.named_buffers() if k.startswith("normalizer.")}
+        stats = normalizer_state(raw, buffers)
+        stats.update({k: weights[k] for k in buffers if k in weights})
+        with torch.no_grad():
+            for key, value in stats.items():
+                buffers[key].copy_(value)
+    model.normalizer.float()
+    return model.eval()
 
 
 class DeepSpeedEngine:
@@ -364,6 +414,10 @@ class DeepSpeedBackend:
 
     def loading(self, config: Config, rt: Runtime, train: bool):
         return partitioned_loading(config, rt, train)
+
+    def load_score_model(self, config: Config, rt: Runtime, train: bool, cfg: ScoreModelConfig, path: str,
+                         **kwargs) -> ScoreModel:
+        return load_score_model_partitioned(config, rt, train, cfg, path, **kwargs)
 
 
 def backend_for(config: Config) -> DeepSpeedBackend | None:

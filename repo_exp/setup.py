@@ -19,8 +19,9 @@ from repo_exp.config import Config, ModelConfig, ScoreModelConfig
 from repo_exp.constraints import Comm, Constraint
 from repo_exp.engine import Engine, TorchEngine
 from repo_exp.machine import resolve_attention
-from repo_exp.models.checks import check_context_length
-from repo_exp.models.policy import critic_from_policy, critic_from_scorer, frozen, load_policy, load_scorer
+from repo_exp.models.checks import check_context_length, check_score_model
+from repo_exp.models.policy import (critic_from_policy, critic_from_scorer, disable_dropout, frozen, load_policy,
+                                    load_scorer)
 from repo_exp.models.score_model import ScoreModel
 from repo_exp.models.tokenizers import load_tokenizer
 from repo_exp.models.weights import load_state_dict_safely
@@ -160,6 +161,11 @@ class EngineBackend(Protocol):
         """Models loaded inside are partitioned as they load (ZeRO-3), with the trained or the frozen models'
         config."""
 
+    def load_score_model(self, config: Config, rt: Runtime, train: bool, cfg: ScoreModelConfig, path: str,
+                         **kwargs) -> ScoreModel:
+        """A score model from ``path``, partitioned as it loads (ZeRO-3), with the trained (a critic) or the frozen
+        models' config; ``kwargs``: ``score_type``, ``normalize``, ``score_dim``."""
+
 
 def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: EngineBackend | None = None) -> Models:
     """The run's models; under ``deepspeed`` the engines come from ``backend`` (``deepspeed_engine.backend_for``)."""
@@ -190,8 +196,22 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
             ref = frozen(load_policy(config.model, tokenizer, policy_path))
     else:
         ref = frozen(copy.deepcopy(policy))
-    reward_model = frozen(load_scorer(config.reward, _tokenizer_for(config.reward, reward_path), reward_path))
-    cost_model = frozen(load_scorer(config.cost, _tokenizer_for(config.cost, cost_path), cost_path))
+    # under ZeRO-3, scorers read from a checkpoint are partitioned as they load, and so are the critics started
+    # from them (loaded again from the same checkpoint: a partitioned model cannot be copied)
+    scorers_partitioned = partitioned and backend is not None
+
+    def scorer(cfg: ScoreModelConfig, path: str | None) -> ScoreModel:
+        tokenizer_ = _tokenizer_for(cfg, path)
+        if not (scorers_partitioned and cfg.source != "tiny"):
+            return frozen(load_scorer(cfg, tokenizer_, path))
+        with _loading(backend, config, rt, partitioned, train=False):
+            model = backend.load_score_model(config, rt, False, cfg, path)
+        check_score_model(model, tokenizer_, path, cfg.kind)
+        disable_dropout(model)
+        return frozen(model)
+
+    reward_model = scorer(config.reward, reward_path)
+    cost_model = scorer(config.cost, cost_path)
     reward_model.to(device)
     cost_model.to(device)
     max_len = t.max_length or t.max_prompt_length + t.max_new_tokens
@@ -206,21 +226,27 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
     with_cost = constraint.needs_cost_critic
     shared = t.shared_critic and with_cost
 
-    def new_critic(scorer: ScoreModel, dim: int) -> ScoreModel:
+    def new_critic(scorer_model: ScoreModel, cfg: ScoreModelConfig, path: str | None, dim: int) -> ScoreModel:
         if t.critic_init == "policy":
             return critic_from_policy(policy, dim)
-        return critic_from_scorer(scorer, dim)
+        if scorers_partitioned and cfg.source != "tiny":
+            with _loading(backend, config, rt, partitioned, train=True):
+                critic = backend.load_score_model(config, rt, True, cfg, path, score_type="critic", normalize=False,
+                                                  score_dim=dim)
+            disable_dropout(critic)
+            return critic
+        return critic_from_scorer(scorer_model, dim)
 
     # every critic is copied (from a score model or the policy) before any engine is built: a model that ZeRO-3 has
     # partitioned cannot be copied
     if config.estimator.critic_free:  # group baselines replace both critics: nothing to build, step or save
         critic_modules = {}
     elif shared:
-        critic_modules = {"critic": new_critic(reward_model, 2)}
+        critic_modules = {"critic": new_critic(reward_model, config.reward, reward_path, 2)}
     else:
-        critic_modules = {"reward_critic": new_critic(reward_model, 1)}
+        critic_modules = {"reward_critic": new_critic(reward_model, config.reward, reward_path, 1)}
         if with_cost:
-            critic_modules["cost_critic"] = new_critic(cost_model, 1)
+            critic_modules["cost_critic"] = new_critic(cost_model, config.cost, cost_path, 1)
 
     if backend is not None:
         engine = backend.engine_factory(config, rt)

@@ -14,7 +14,8 @@ def check_score_model(model, tokenizer, path: Any, role: str) -> None:
                          f"{role} model")
     if tokenizer is None:  # nothing to compare with (a scorer loaded without its tokenizer)
         return
-    vocab = model.model.get_input_embeddings().weight.shape[0]
+    weight = model.model.get_input_embeddings().weight
+    vocab = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partitioned weight keeps its shape there
     if vocab < len(tokenizer):
         raise ValueError(f"{role}.path={path}: the model has {vocab} token embeddings (config.json vocab_size "
                          f"{getattr(model.config, 'vocab_size', '?')}) but its tokenizer has {len(tokenizer)} tokens: "

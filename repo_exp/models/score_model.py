@@ -216,6 +216,29 @@ def load_score_model(
     Weights come from safetensors, or from ``.bin`` shards with ``weights_only=True`` (no pickled code runs).
     Raises ``ValueError`` naming the problem when the checkpoint is not a score model.
     """
+    folder, config, fields, raw = read_score_checkpoint(path, revision, trust_remote_code, score_type, normalize)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    state = load_state_dict_safely(folder)
+    with torch.device("meta"):
+        model = ScoreModel(config, **fields)
+    check_score_weights(path, {k: tuple(v.shape) for k, v in state.items()}, model, fields["score_dim"])
+    full = model.state_dict()
+    state.update({k: v for k, v in normalizer_state(raw, full).items() if k not in state})
+    model.load_state_dict(state, assign=True, strict=True)
+    # rotary caches are buffers created at init (non-persistent): rebuild them off the meta device
+    _rebuild_nonpersistent_buffers(model, config)
+    model = model.to(dtype)
+    model.normalizer.float()
+    model.eval()
+    return model
+
+
+def read_score_checkpoint(path: str | os.PathLike, revision: str | None = None, trust_remote_code: bool = False,
+                          score_type: str | None = None, normalize: bool | None = None
+                          ) -> tuple[Path, PretrainedConfig, dict[str, Any], dict[str, Any]]:
+    """A score checkpoint's folder, trunk config, ``ScoreModel`` fields and raw config.json, without its weights.
+    Raises ``ValueError`` naming the problem when config.json is not a score model's."""
     folder = resolve_checkpoint(path, revision)
     raw = read_config(folder)
     architectures = raw.get("architectures") or []
@@ -224,8 +247,6 @@ def load_score_model(
             f"{path} is not a score model: config.json architectures is {architectures}, expected one of "
             f"LlamaModelForScore / LlamaForScore (a trunk plus score_head)"
         )
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     trunk_config = {k: v for k, v in raw.items() if k not in SCORE_CONFIG_FIELDS and k != "architectures"}
     model_type = trunk_config.pop("model_type", None)
     if model_type is None:
@@ -233,42 +254,42 @@ def load_score_model(
     config = AutoConfig.for_model(model_type, **trunk_config)
     if trust_remote_code:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    fields = _score_fields(raw, path, score_type, normalize)
-    state = load_state_dict_safely(folder)
-    if "score_head.weight" not in state:
+    return folder, config, _score_fields(raw, path, score_type, normalize), raw
+
+
+def check_score_weights(path: Any, shapes: dict[str, tuple[int, ...]], model: "ScoreModel", score_dim: int) -> None:
+    """The checkpoint's tensor names and head shape against ``model`` (built from its config.json, ``score_dim``
+    as config.json says): raises ``ValueError`` naming what does not fit."""
+    if "score_head.weight" not in shapes:
         raise ValueError(
             f"{path}: the checkpoint has no score_head.weight, so it is not a score model in the published layout "
-            f"(found keys such as {sorted(state)[:4]})"
+            f"(found keys such as {sorted(shapes)[:4]})"
         )
-    head = state["score_head.weight"]
-    if head.shape[0] != fields["score_dim"]:
-        raise ValueError(f"{path}: score_head.weight has shape {tuple(head.shape)} but config.json says "
-                         f"score_dim={fields['score_dim']}")
-    if "score_head.bias" in state and not fields["bias"]:
+    if shapes["score_head.weight"][0] != score_dim:
+        raise ValueError(f"{path}: score_head.weight has shape {shapes['score_head.weight']} but config.json says "
+                         f"score_dim={score_dim}")
+    if "score_head.bias" in shapes and not model.bias:
         raise ValueError(f"{path}: score_head.bias is in the weights but config.json sets bias/score_bias false")
-    with torch.device("meta"):
-        model = ScoreModel(config, **fields)
-    missing = [k for k in model.state_dict() if k not in state and not k.startswith("normalizer.")]
-    unexpected = [k for k in state if k not in model.state_dict()]
+    names = model.state_dict().keys()
+    missing = [k for k in names if k not in shapes and not k.startswith("normalizer.")]
+    unexpected = [k for k in shapes if k not in names]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match a {type(model.model).__name__} score model: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    full = model.state_dict()
-    for key in full:  # statistics missing from the weights: config.json's mean / var, else the identity
-        if key.startswith("normalizer.") and key not in state:
+
+
+def normalizer_state(raw: dict[str, Any], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The normaliser's statistics when the weights lack them: config.json's mean / var, else the identity."""
+    out = {}
+    for key in full:
+        if key.startswith("normalizer."):
             name = key.removeprefix("normalizer.")
             if name in ("mean", "var") and raw.get(name) is not None:
-                state[key] = torch.as_tensor(raw[name], dtype=torch.float32).reshape(full[key].shape)
+                out[key] = torch.as_tensor(raw[name], dtype=torch.float32).reshape(full[key].shape)
             else:
-                state[key] = (torch.ones(full[key].shape) if name == "var"
-                              else torch.zeros(full[key].shape, dtype=full[key].dtype))
-    model.load_state_dict(state, assign=True, strict=True)
-    # rotary caches are buffers created at init (non-persistent): rebuild them off the meta device
-    _rebuild_nonpersistent_buffers(model, config)
-    model = model.to(dtype)
-    model.normalizer.float()
-    model.eval()
-    return model
+                out[key] = (torch.ones(full[key].shape) if name == "var"
+                            else torch.zeros(full[key].shape, dtype=full[key].dtype))
+    return out
 
 
 def _rebuild_nonpersistent_buffers(model: ScoreModel, config: PretrainedConfig) -> None:

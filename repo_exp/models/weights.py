@@ -51,35 +51,77 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read {path}: it is truncated or corrupt ({exc})") from exc
 
 
-def load_state_dict_safely(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder: one or sharded safetensors, else one or sharded ``.bin``."""
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder: the shards its index names (safetensors first), else every
+    ``*.safetensors``, else every ``*.bin``."""
     folder = Path(folder)
-    for index_name, loader in ((SAFETENSORS_INDEX, load_safetensors), (BIN_INDEX, load_bin)):
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = folder / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
             if not weight_map:
                 raise ValueError(f"{index} has no weight_map")
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                shard_path = folder / shard
-                if not shard_path.is_file():
-                    raise FileNotFoundError(f"{index} names the shard {shard}, which is missing")
-                state.update(loader(shard_path))
-            return state
-    singles = sorted(folder.glob("*.safetensors"))
-    if singles:
-        state = {}
-        for f in singles:
-            state.update(load_safetensors(f))
-        return state
-    bins = sorted(folder.glob("*.bin"))
-    if bins:
-        state = {}
-        for f in bins:
-            state.update(load_bin(f))
-        return state
-    raise FileNotFoundError(f"{folder} has no weights (*.safetensors or *.bin)")
+            shards = [folder / shard for shard in sorted(set(weight_map.values()))]
+            for shard in shards:
+                if not shard.is_file():
+                    raise FileNotFoundError(f"{index} names the shard {shard.name}, which is missing")
+            return shards
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no weights (*.safetensors or *.bin)")
+    return files
+
+
+def load_state_dict_safely(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: one or sharded safetensors, else one or sharded ``.bin``."""
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder):
+        state.update(load_safetensors(f) if f.suffix == ".safetensors" else load_bin(f))
+    return state
+
+
+class LazyWeights:
+    """The tensors of a checkpoint folder by name, each read from disk when asked for: a process that fills a
+    partitioned model one parameter at a time never holds the whole checkpoint. ``.bin`` files are memory-mapped
+    (``torch.load(mmap=True, weights_only=True)``)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self._files: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._mapped: dict[str, torch.Tensor] = {}
+        for f in weight_files(folder):
+            if f.suffix == ".safetensors":
+                try:
+                    with safe_open(str(f), framework="pt") as handle:
+                        for name in handle.keys():
+                            self._files[name] = f
+                            self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+                except Exception as exc:
+                    raise ValueError(f"cannot read {f}: it is truncated or corrupt ({exc})") from exc
+            else:
+                try:
+                    mapped = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except pickle.UnpicklingError as exc:
+                    raise unsafe_pickle_error(f, exc) from exc
+                for name, tensor in mapped.items():
+                    self._mapped[name] = tensor
+                    self._shapes[name] = tuple(tensor.shape)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._mapped:
+            return self._mapped[name]
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
