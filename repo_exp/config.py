@@ -348,7 +348,7 @@ class WorldRoundsConfig:
     training prompts, labels pairs (policy sample, SFT sample) with the oracle (with the world's label noise), and
     retrains both models on every pair so far. The prompts are training prompts only; evaluation stays held out."""
 
-    count: int = 1  # rounds after the first models (0: the SFT samples alone)
+    count: int = 2  # rounds after the first models (0: the SFT samples alone)
     constraints: list[str] = field(default_factory=lambda: ["average", "rectified"])
     steps: int = 150  # RL steps per round run
     pairs_per_policy: int = 1500
