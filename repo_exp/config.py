@@ -744,11 +744,34 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys of ``node`` and its children that their schema dataclass does not declare (dotted paths)."""
+    import dataclasses
+
+    if not isinstance(node, DictConfig):
+        return []
+    out = []
+    schema = OmegaConf.get_type(node)
+    keys = [k for k in node.keys() if not (prefix == "" and k == "hydra")]
+    if schema is not None and dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        out += [f"{prefix}{k}" for k in keys if k not in known]
+    for key in keys:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            out += unknown_keys(child, f"{prefix}{key}.")
+    return out
+
+
 def validate(cfg: DictConfig) -> Config:
     """Resolve ``cfg`` into the schema dataclasses, running every range and consistency check.
 
     Raises ``ConfigError`` naming the field. The constraint node is typed by its own group's schema.
     """
+    unknown = unknown_keys(cfg)
+    if unknown:  # a key added with `+` (as Hydra's own hint suggests for a misspelt one) would be silently ignored
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: no such setting (check the spelling; "
+                          f"`python -m repo_exp --cfg job` lists every key)")
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except ConfigError:

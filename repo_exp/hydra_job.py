@@ -25,12 +25,13 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from repo_exp.config import ConfigError, job_subdir
+from repo_exp.run_folder import HARMLESS, changed_settings, covered, harmless, restore_hydra_files
 
 log = logging.getLogger("repo_exp")
 
 CONFIG_PATH = "pkg://repo_exp.conf"
 STOP_MARK = ".sweep_stopped"  # in the sweep folder: written when a job of the sweep was stopped by a signal
-RUN_CONFIG = "run_config.yaml"  # in the run folder: the job config of the run's first start (Hydra rewrites .hydra/)
+RUN_CONFIG = "run_config.yaml"  # in the run folder: the settings the run has now (Hydra rewrites .hydra/)
 # settings that do not change what a run computes: a finished run is reused whatever they are
 NOT_THE_RUN = ("trainer.resume", "trainer.progress", "trainer.num_threads", "logger", "run_name")
 
@@ -88,15 +89,6 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
-
-
 def finished_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Under ``trainer.resume=auto``: the final summary of a run that already finished in ``run_dir`` with the same
     settings (then nothing is trained again); None when there is none. A finished run with other settings is
@@ -106,18 +98,28 @@ def finished_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if OmegaConf.select(cfg, "trainer.resume") != "auto" or not summary.is_file():
         return None
     if record.is_file():  # a run finished before this record existed is reused as it is
-        changed = _differences(OmegaConf.to_container(OmegaConf.load(record)), run_settings(cfg))
-        if changed:
-            raise ConfigError(f"{run_dir} holds a finished run with other settings ({'; '.join(changed[:5])}); "
-                              f"choose another folder (hydra.sweep.dir=... or hydra.run.dir=...) or delete it")
+        old, new = OmegaConf.to_container(OmegaConf.load(record)), run_settings(cfg)
+        changes = changed_settings(old, new)
+        allowed = list(OmegaConf.select(cfg, "trainer.allow_changes") or [])
+        refused = [f"{k}: {o!r} → {n!r}" for k, o, n in changes if not harmless(k, new) and not covered(k, allowed)]
+        if refused:
+            raise ConfigError(f"{run_dir} holds a finished run with other settings ({'; '.join(refused[:5])}); "
+                              f"choose another folder (hydra.sweep.dir=... or hydra.run.dir=...) or delete it, or, "
+                              f"to continue that run with them, name them in trainer.allow_changes")
+        if any(not covered(k, HARMLESS) for k, _, _ in changes):
+            # a longer run, or changes allowed by name: the trainer continues from the last checkpoint
+            log.info("%s finished; continuing it with changed settings (%s)", run_dir,
+                     "; ".join(f"{k}: {o!r} → {n!r}" for k, o, n in changes[:5]))
+            return None
     log.info("%s already finished: its summary is reused (trainer.resume=auto)", run_dir)
     return json.loads(summary.read_text())
 
 
 def record_settings(cfg: DictConfig, run_dir: Path) -> None:
-    """Keep the settings of the run's first start beside it (``.hydra/config.yaml`` is rewritten by every start)."""
+    """Keep the settings the run now has beside it, those of its first start or of the last launch whose changes
+    the trainer accepted (``.hydra/config.yaml`` keeps the first start's)."""
     record = run_dir / RUN_CONFIG
-    if not record.is_file() and run_dir.is_dir():
+    if run_dir.is_dir():
         tmp = record.with_suffix(f".{os.getpid()}.tmp")  # every rank of a distributed job gets here
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(run_settings(cfg))))
         tmp.replace(record)
@@ -143,7 +145,16 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
     # a sweep's job takes Ctrl-C back while it runs (a parallel launcher's worker ignores it: repo_exp.launchers)
     previous = _interruptible() if sweep_dir is not None else None
     try:
-        summary = finished_summary(cfg, run_dir) if reuse_finished else None
+        summary = None
+        if reuse_finished:
+            # refused or reused, this launch trains nothing: the folder shows the run as it was started
+            try:
+                summary = finished_summary(cfg, run_dir)
+            except ConfigError:
+                restore_hydra_files(run_dir)
+                raise
+            if summary is not None:
+                restore_hydra_files(run_dir)
         if summary is None:
             summary = task(cfg, run_dir)
             if reuse_finished:  # the task accepted the settings and ran (to the end or to a stop)

@@ -177,7 +177,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def _covered(key: str, prefixes: Iterable[str]) -> bool:
+def covered(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
@@ -192,7 +192,7 @@ def changed_settings(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 
 def harmless(key: str, new: dict) -> bool:
-    if _covered(key, HARMLESS):
+    if covered(key, HARMLESS):
         return True
     if key in RUN_LENGTH:
         flat = flatten(new)
@@ -205,7 +205,7 @@ def check_changes(old: dict, new: dict, allowed: Iterable[str], where: str) -> l
     ``ResumeRefused`` naming every other one. ``where`` names the saved config compared with."""
     allowed = list(allowed)
     changes = changed_settings(old, new)
-    refused = [(k, o, n) for k, o, n in changes if not harmless(k, new) and not _covered(k, allowed)]
+    refused = [(k, o, n) for k, o, n in changes if not harmless(k, new) and not covered(k, allowed)]
     if refused:
         listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in refused)
         keys = ",".join(k for k, _, _ in refused)

@@ -55,6 +55,17 @@ def test_range_errors_name_the_field(compose):
         validate(compose("model=tiny", "trainer.max_new_tokens=400"))
 
 
+@pytest.mark.parametrize("override,key", [("+trainer.total_step=10", "trainer.total_step"),
+                                          ("+constraint.tresh=0.5", "constraint.tresh"),
+                                          ("+world.rounds.cout=3", "world.rounds.cout")])
+def test_a_key_added_with_plus_that_no_schema_declares_is_refused(compose, override, key):
+    """Hydra's hint for a misspelt key is to add it with `+`; the run must not then ignore it silently."""
+    with pytest.raises(ConfigError, match=rf"unknown config key\(s\) {key.replace('.', '[.]')}"):
+        validate(compose("experiment=smoke", override))
+    # free-form settings stay free: DeepSpeed's own keys under deepspeed.extra
+    validate(compose("experiment=smoke", "deepspeed=zero3", "+deepspeed.extra.zero_optimization.reduce_bucket_size=10"))
+
+
 def test_cli_help_compose_and_errors():
     help_text = run_cli("--help")
     assert help_text.returncode == 0

@@ -194,13 +194,22 @@ def test_the_command_line_resume_keeps_hydras_original_config(hydra_run, tmp_pat
             "logger=none", "trainer.progress=false", "trainer.resume=auto")
     before = hashes(run)
     refused = cli(*base, "trainer.total_steps=2", "constraint.threshold=0.5")
-    assert refused.returncode != 0 and "constraint.threshold: 0.0 -> 0.5" in refused.stdout
+    assert refused.returncode == 2 and "finished run with other settings (constraint.threshold: 0.0 → 0.5)" in refused.stdout
     assert hashes(run) == before
     done = cli(*base, "trainer.total_steps=3", "optimizer.actor.lr=0.001", "trainer.allow_changes=[optimizer.actor.lr]")
     assert done.returncode == 0, done.stdout[-3000:]
     assert (run / ".hydra" / "config.yaml").read_bytes() == original
     assert "lr: 0.001" in (run / ".hydra" / "config.resumed-1.yaml").read_text()
     assert metric_rows(run)[-2]["lr/actor"] == 0.001
+
+    # the run is finished: launched again, refused with other settings or reused with its own, it trains nothing
+    # and its .hydra files still show the run as it was started (the report reads them to name the run)
+    hydra_files = {name: (run / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
+    other = cli(*base, "trainer.total_steps=3", "optimizer.actor.lr=0.001", "constraint=average")
+    assert other.returncode == 2 and "holds a finished run with other settings (constraint" in other.stdout
+    same = cli(*base, "trainer.total_steps=3", "optimizer.actor.lr=0.001")
+    assert same.returncode == 0 and "its summary is reused" in same.stdout
+    assert {name: (run / ".hydra" / name).read_bytes() for name in hydra_files} == hydra_files
 
 
 # ------------------------------------------------------------------------------------------- multi-file outputs
