@@ -156,6 +156,9 @@ def step_of(folder: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+REJECTED = "rejected"  # under the checkpoints folder: checkpoints a resume skipped as corrupt or incomplete
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int = 2, is_main: bool = True,
                  barrier: Callable[[], None] = lambda: None, hash_files: bool = True) -> None:
@@ -164,6 +167,7 @@ class CheckpointManager:
         self.is_main = is_main
         self.barrier = barrier
         self.hash_files = hash_files
+        self.rejected: list[Path] = []  # checkpoints a resume found corrupt or incomplete
 
     def folder(self, step: int) -> Path:
         return self.root / f"step_{step:06d}"
@@ -218,9 +222,20 @@ class CheckpointManager:
             if problem is None:
                 return folder
             log.warning("skipping checkpoint %s: %s", folder, problem)
+            self.rejected.append(folder)
         return None
 
     def _prune(self) -> None:
+        # a checkpoint the resume skipped never counts among the last keep_last: moved aside (kept, for a look),
+        # so that rotation cannot delete the good one resumed from and keep the bad one
+        for bad in self.rejected:
+            if bad.is_dir():
+                aside = self.root / REJECTED / bad.name
+                shutil.rmtree(aside, ignore_errors=True)
+                aside.parent.mkdir(exist_ok=True)
+                os.replace(bad, aside)
+                log.warning("moved the skipped checkpoint %s to %s", bad, aside)
+        self.rejected = []
         for old in self.checkpoints()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         # temporary folders left by a process killed while writing: never complete, and as large as a checkpoint

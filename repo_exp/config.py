@@ -763,6 +763,12 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix.rstrip(".")]
+    return [key for k, v in tree.items() for key in [f"{prefix}{k}", *_dotted_keys(v, f"{prefix}{k}.")]]
+
+
 def validate(cfg: DictConfig) -> Config:
     """Resolve ``cfg`` into the schema dataclasses, running every range and consistency check.
 
@@ -772,6 +778,12 @@ def validate(cfg: DictConfig) -> Config:
     if unknown:  # a key added with `+` (as Hydra's own hint suggests for a misspelt one) would be silently ignored
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: no such setting (check the spelling; "
                           f"`python -m repo_exp --cfg job` lists every key)")
+    named = [str(k) for k in (OmegaConf.select(cfg, "trainer.allow_changes") or [])]
+    keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    typos = [k for k in named if not any(key == k or key.startswith(k + ".") for key in keys)]
+    if typos:  # a change named with a typo would leave the real change refused, and the typo recorded as allowed
+        raise ConfigError(f"trainer.allow_changes names {', '.join(typos)}, which is no config key (check the "
+                          f"spelling; `python -m repo_exp --cfg job` lists every key)")
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except ConfigError:

@@ -19,7 +19,7 @@ from repo_exp.config import Config, ModelConfig, ScoreModelConfig
 from repo_exp.constraints import Comm, Constraint
 from repo_exp.engine import Engine, TorchEngine
 from repo_exp.machine import resolve_attention
-from repo_exp.models.checks import check_context_length, check_score_model
+from repo_exp.models.checks import check_context_length, check_local_path, check_score_model
 from repo_exp.models.policy import (critic_from_policy, critic_from_scorer, disable_dropout, frozen, load_policy,
                                     load_scorer)
 from repo_exp.models.score_model import ScoreModel
@@ -178,6 +178,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
     reward_path = paths.get("reward") if config.reward.source == "world" else config.reward.path
     cost_path = paths.get("cost") if config.cost.source == "world" else config.cost.path
 
+    for key, path in (("model.path", policy_path), ("reward.path", reward_path), ("cost.path", cost_path)):
+        check_local_path(key, path)
     resolve_attention(config, policy_path, rt.device)  # model.attn_implementation=auto: the faster kernel here
     tokenizer = _tokenizer_for(config.model, policy_path)
     # under ZeRO-3 the models stay on the CPU until DeepSpeed partitions them: six whole 7B models fit no GPU

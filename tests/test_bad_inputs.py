@@ -328,6 +328,11 @@ CASES: dict[str, Callable[[Case], str]] = {
     "prompt and response longer than the model's context": lambda c: c.config("trainer.max_prompt_length=250"),
     "a value of the wrong type": lambda c: c.config("trainer.total_steps=ten"),
     "a misspelt key": lambda c: c.config("trainer.total_step=10"),
+    "a misspelt key added with `+` (as Hydra's hint suggests)": lambda c: c.config("+trainer.total_step=10"),
+    "a setting named in `trainer.allow_changes` that does not exist":
+        lambda c: c.config("trainer.allow_changes=[constraint.treshold]"),
+    "a local model folder that does not exist":
+        lambda c: c.cli("model.source=hub", "model.path=/no/such/folder", exit_code=2),
     "an option a group does not have": lambda c: c.config("constraint=averge"),
     "a probability out of range": lambda c: c.config("trainer.top_p=1.5"),
     "per-prompt granularity with one response per prompt":

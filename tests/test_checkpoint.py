@@ -81,6 +81,21 @@ def test_latest_complete_skips_a_truncated_newest_checkpoint_with_a_warning(tmp_
     assert f"skipping checkpoint {manager.folder(2)}: weights.bin has 40 bytes, 100 were written" in caplog.text
 
 
+def test_rotation_after_a_resume_keeps_the_good_checkpoint_and_moves_the_skipped_one_aside(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    for step in (40, 41):
+        manager.save(step, writer(b"w" * 100))
+    (manager.folder(41) / "weights.bin").write_bytes(b"w" * 10)  # cut: the resume goes back to step 40
+    assert manager.latest_complete() == manager.folder(40)
+    manager.save(42, writer(b"w" * 100))
+    assert [step_of(p) for p in manager.checkpoints()] == [40, 42]  # not [41 (corrupt), 42]
+    assert all(verify(p) is None for p in manager.checkpoints())
+    aside = manager.root / "rejected" / "step_000041"
+    assert (aside / "weights.bin").read_bytes() == b"w" * 10  # kept, not deleted
+    manager.save(43, writer(b"w" * 100))
+    assert [step_of(p) for p in manager.checkpoints()] == [42, 43] and aside.is_dir()
+
+
 def test_rng_states_round_trip_per_rank(tmp_path):
     def draw() -> tuple:
         return random.random(), float(np.random.rand()), float(torch.rand(()))

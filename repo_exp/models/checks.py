@@ -3,6 +3,7 @@ otherwise report deep inside the first step, or not at all (a missing weight is 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -42,3 +43,17 @@ def check_context_length(model_config, role: str, path: Any, max_prompt_length: 
         raise ValueError(f"trainer.max_prompt_length + trainer.max_new_tokens ({max_prompt_length} + "
                          f"{max_new_tokens} = {needed}) exceeds max_position_embeddings ({positions}) of the {what} "
                          f"model at {role}.path={path}; shorten them or use a model with a longer context")
+
+
+def check_local_path(key: str, path: Any) -> None:
+    """A path written as a local one (absolute, starting with ``.`` or ``~``, or with more than one ``/``, which no
+    hub id has) must exist: otherwise the hub is asked for a repository of that name, and its error never says that
+    the folder is missing."""
+    from repo_exp.config import ConfigError
+
+    if path is None:
+        return
+    text = str(path)
+    local = text.startswith(("/", ".", "~")) or text.count("/") > 1
+    if local and not Path(text).expanduser().exists():
+        raise ConfigError(f"{key}={text}: no such file or folder (a local path; a hub id looks like org/name)")
