@@ -258,6 +258,11 @@ def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
     return pair_metrics("preferences", rows, first + second)
 
 
+# β of the rounds' RL runs: the published value, whatever the compared runs use (the world preset's ppo.kl_coeff),
+# so that the world does not change with the runs' settings
+ROUND_KL_COEFF = 0.01
+
+
 def round_rl_command(world: WorldConfig, constraint: str, seed: int, run_dir: Path, sft: str, reward: str,
                      cost: str) -> list[str]:
     """One round's RL run: the world's trainer and optimizer against the given models, no evaluation."""
@@ -268,6 +273,7 @@ def round_rl_command(world: WorldConfig, constraint: str, seed: int, run_dir: Pa
         "cost.source=hub", f"cost.path={cost}", "cost.tokenizer=world",
         f"world.seed={world.seed}", f"world.eval_fraction={world.eval_fraction}",
         f"world.temptation={str(world.temptation).lower()}", f"trainer.total_steps={world.rounds.steps}",
+        f"ppo.kl_coeff={ROUND_KL_COEFF}",
         "eval.at_start=false", "eval.at_end=false", "logger=none", "trainer.progress=false",
         "trainer.num_threads=1", f"hydra.run.dir={run_dir}",
     ]
