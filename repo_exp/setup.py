@@ -19,7 +19,7 @@ from repo_exp.config import Config, ModelConfig, ScoreModelConfig
 from repo_exp.constraints import Comm, Constraint
 from repo_exp.engine import Engine, TorchEngine
 from repo_exp.machine import resolve_attention
-from repo_exp.models.checks import check_context_length, check_local_path, check_score_model
+from repo_exp.models.checks import check_context_length, check_local_path
 from repo_exp.models.policy import (critic_from_policy, critic_from_scorer, disable_dropout, frozen, load_policy,
                                     load_scorer)
 from repo_exp.models.score_model import ScoreModel
@@ -198,19 +198,17 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
             ref = frozen(load_policy(config.model, tokenizer, policy_path))
     else:
         ref = frozen(copy.deepcopy(policy))
-    # under ZeRO-3, scorers read from a checkpoint are partitioned as they load, and so are the critics started
-    # from them (loaded again from the same checkpoint: a partitioned model cannot be copied)
-    scorers_partitioned = partitioned and backend is not None
+    def partitioned_from_checkpoint(cfg: ScoreModelConfig) -> bool:
+        """Under ZeRO-3 a scorer read from a checkpoint is partitioned as it loads, and so is a critic started from
+        it (loaded again from the same checkpoint: a partitioned model cannot be copied); a tiny one is built whole."""
+        return partitioned and backend is not None and cfg.source != "tiny"
 
     def scorer(cfg: ScoreModelConfig, path: str | None) -> ScoreModel:
-        tokenizer_ = _tokenizer_for(cfg, path)
-        if not (scorers_partitioned and cfg.source != "tiny"):
-            return frozen(load_scorer(cfg, tokenizer_, path))
+        if not partitioned_from_checkpoint(cfg):
+            return frozen(load_scorer(cfg, _tokenizer_for(cfg, path), path))
         with _loading(backend, config, rt, partitioned, train=False):
-            model = backend.load_score_model(config, rt, False, cfg, path)
-        check_score_model(model, tokenizer_, path, cfg.kind)
-        disable_dropout(model)
-        return frozen(model)
+            return frozen(load_scorer(cfg, _tokenizer_for(cfg, path), path,
+                                      load=lambda: backend.load_score_model(config, rt, False, cfg, path)))
 
     reward_model = scorer(config.reward, reward_path)
     cost_model = scorer(config.cost, cost_path)
@@ -231,7 +229,7 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
     def new_critic(scorer_model: ScoreModel, cfg: ScoreModelConfig, path: str | None, dim: int) -> ScoreModel:
         if t.critic_init == "policy":
             return critic_from_policy(policy, dim)
-        if scorers_partitioned and cfg.source != "tiny":
+        if partitioned_from_checkpoint(cfg):
             with _loading(backend, config, rt, partitioned, train=True):
                 critic = backend.load_score_model(config, rt, True, cfg, path, score_type="critic", normalize=False,
                                                   score_dim=dim)

@@ -130,16 +130,19 @@ def _partition_under_zero3(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_scorer(cfg: ScoreModelConfig, tokenizer, path: str | None = None) -> ScoreModel:
-    """A reward or cost model: random for ``source=tiny``, else the published layout from ``path``."""
+def load_scorer(cfg: ScoreModelConfig, tokenizer, path: str | None = None,
+                load: Callable[[], ScoreModel] | None = None) -> ScoreModel:
+    """A reward or cost model: random for ``source=tiny``, else the published layout from ``path``, read by
+    ``load`` when given (a ZeRO-3 partitioned load) and checked the same way."""
     dtype = DTYPES[cfg.dtype]
     if cfg.source == "tiny":
         config = tiny_llama_config(cfg.arch, tokenizer)
         model = _seeded(cfg.seed, lambda: ScoreModel(config, score_type=cfg.kind))
         return model.to(dtype).eval()
     # the slot decides the role (a cost model without score_type must not be normalised as a reward)
-    model = load_score_model(path or cfg.path, dtype=dtype, revision=cfg.revision,
-                             trust_remote_code=cfg.trust_remote_code, score_type=cfg.kind, normalize=cfg.normalize)
+    model = load() if load is not None else load_score_model(
+        path or cfg.path, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        score_type=cfg.kind, normalize=cfg.normalize)
     check_score_model(model, tokenizer, path or cfg.path, cfg.kind)
     disable_dropout(model)  # critics copied from it train with it
     return model
