@@ -58,8 +58,12 @@ class Plan:
     scaling_repeats: int = 2
     trl_setups: tuple[str, ...] = ("bf16_sdpa", "bf16_eager", "fp32_sdpa", "fp32_eager")  # precision_attention
     critic_free: tuple[str, ...] = CRITIC_FREE
+    # variable lengths: responses up to 128 tokens (prompts are ~19), several micro-batches per minibatch
+    variable_prompts: int = 32
+    variable_new_tokens: int = 128
     variable_micro_batch: int = 4
     variable_eos_rate: float = 1 / 24  # per-step EOS probability of the variable-length policy: mean length ~ 24
+    variable_more_rates: tuple[float, ...] = (1 / 8, 1 / 64)  # more length-grouped runs, for the fitted line
     variable_repeats: int = 3
     extra: list[str] = field(default_factory=list)  # more overrides for our trainer
 
@@ -266,16 +270,19 @@ def scaling(plan: Plan, results: dict[str, Any]) -> None:
 
 
 def variable_length(plan: Plan, results: dict[str, Any]) -> None:
-    """Phase 4: the update's time against the tokens generated, on a policy that stops at varied positions."""
+    """Phase 4: the update's time against the tokens generated, on policies that stop at varied positions."""
     size = plan.headline
     # the actor's learning rate all but zero: the lengths stay those of the constructed policy over the repeats, and
     # the update does the same work (the optimizer step still runs)
     micro = [f"trainer.micro_batch_size={plan.variable_micro_batch}", "optimizer.actor.lr=1e-9"]
-    base = _ours(plan, size, "none") + micro
-    rows = {"uniform": ({"overrides": base + ["trainer.group_by_length=true"]}),
-            "varied_grouped": {"overrides": base + ["trainer.group_by_length=true"], "eos_rate": plan.variable_eos_rate},
-            "varied_padded": {"overrides": base + ["trainer.group_by_length=false"],
-                              "eos_rate": plan.variable_eos_rate}}
+    base = _ours(plan, size, "none", batch=plan.variable_prompts, new_tokens=plan.variable_new_tokens) + micro
+    grouped, padded = base + ["trainer.group_by_length=true"], base + ["trainer.group_by_length=false"]
+    rows = {"uniform": {"overrides": grouped},
+            "varied_grouped": {"overrides": grouped, "eos_rate": plan.variable_eos_rate},
+            "varied_padded": {"overrides": padded, "eos_rate": plan.variable_eos_rate}}
+    more = {f"grouped_eos_rate_{rate:.4g}": {"overrides": grouped, "eos_rate": rate}
+            for rate in plan.variable_more_rates}
+    rows.update(more)
     _log(f"variable lengths on {size}: " + ", ".join(rows))
     workers = {row: Worker("ours", spec, plan.threads, f"variable-{row}") for row, spec in rows.items()}
     for _ in range(plan.warmup):
@@ -285,13 +292,16 @@ def variable_length(plan: Plan, results: dict[str, Any]) -> None:
     for _ in range(plan.variable_repeats):
         for row, w in workers.items():
             iterations[row].append(w.call("iteration"))
-    out: dict[str, Any] = {"model": size, "constraint": "none", "micro_batch_size": plan.variable_micro_batch,
+    out: dict[str, Any] = {"model": size, "constraint": "none", "prompts": plan.variable_prompts,
+                           "max_new_tokens": plan.variable_new_tokens, "micro_batch_size": plan.variable_micro_batch,
                            "eos_rate": plan.variable_eos_rate, "repeats": plan.variable_repeats}
     for row, w in workers.items():
         w.stop()
         out[row] = report.update_work(iterations[row])
+        out[row]["eos_rate"] = rows[row].get("eos_rate")
         out[row]["overrides"] = rows[row]["overrides"]
-    out.update(report.follows_tokens(out["uniform"], out["varied_grouped"], out["varied_padded"]))
+    out.update(report.follows_tokens(out["uniform"], out["varied_grouped"], out["varied_padded"],
+                                     [out[row] for row in more]))
     results["variable_length"] = out
 
 
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         plan = Plan(sizes=("1M",), headline="1M", batch=4, new_tokens=8, threads=args.threads, rounds=2, repeats=1,
                     side_by_side_warmup=1, scaling_batches=(2, 4), scaling_lengths=(4, 8), scaling_repeats=1,
-                    trl_setups=setups, variable_micro_batch=2, variable_eos_rate=0.25, variable_repeats=1,
+                    trl_setups=setups, variable_prompts=4, variable_new_tokens=8, variable_micro_batch=2,
+                    variable_eos_rate=0.25, variable_more_rates=(0.5,), variable_repeats=1,
                     extra=args.overrides)
     phases = tuple(p for p in args.phases.split(",") if p)
     unknown = [p for p in phases if p not in PHASES]

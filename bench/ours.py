@@ -159,7 +159,11 @@ class Ours:
         out = {"seconds": seconds, "rollout_tokens_per_s": metrics["throughput/rollout_tokens_per_s"],
                "update_tokens_per_s": metrics["throughput/update_tokens_per_s"],
                "response_tokens": float(lengths.sum()), "longest_response": float(lengths.max()),
-               "padded_response_tokens": float(exp.batch_size * exp.response_width)}
+               "padded_response_tokens": float(exp.batch_size * exp.response_width),
+               "sequence_tokens": float(exp.attention_mask.sum()),
+               # absent when the step was skipped (a non-finite loss)
+               "micro_batches": metrics.get("update/micro_batches", float("nan")),
+               "padding": metrics.get("update/padding", float("nan"))}
         out.update({k: v for k, v in metrics.items() if k.startswith("timing/")})
         return out
 

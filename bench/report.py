@@ -65,12 +65,30 @@ def side_by_side(trl_seconds: list[float], ours: dict[str, list[float]]) -> dict
     return out
 
 
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
+    """The least-squares line ``y ≈ intercept + slope · x`` and its R²."""
+    if len(xs) != len(ys) or len(set(xs)) < 2:
+        raise ValueError("fitting a line needs at least two distinct x")
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    total = sum((y - my) ** 2 for y in ys)
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    return {"intercept": intercept, "slope": slope, "r2": 1.0 - residual / total if total else 1.0}
+
+
+UPDATE_KEYS = ("update_seconds", "response_tokens", "sequence_tokens", "longest_response", "padded_response_tokens",
+               "micro_batches", "padding")
+
+
 def update_work(iterations: list[dict[str, float]]) -> dict[str, Any]:
-    """The update's seconds and the response tokens of each iteration: generated (``response_tokens``), and padded
-    to the batch's longest response (``padded_response_tokens``, what one padded pass computes over)."""
-    keys = ("update_seconds", "response_tokens", "longest_response", "padded_response_tokens")
+    """The update's seconds and the work of each iteration: response tokens generated (``response_tokens``), prompt
+    and response tokens without padding (``sequence_tokens``, what the update's passes must process), response tokens
+    padded to the batch's longest response (``padded_response_tokens``, what one padded pass computes over), the
+    update's micro-batches per minibatch and the share of the response columns it computed that were padding."""
     lists = {"update_seconds": [it["timing/update"] for it in iterations],
-             **{k: [it[k] for it in iterations] for k in keys[1:]}}
+             **{k: [it[k] for it in iterations] for k in UPDATE_KEYS[1:] if k in iterations[0]}}
     out: dict[str, Any] = {k: median(v) for k, v in lists.items()}
     out["all"] = lists
     out["update_ms_per_generated_token"] = 1e3 * median(
@@ -78,21 +96,37 @@ def update_work(iterations: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-def follows_tokens(uniform: dict[str, Any], grouped: dict[str, Any], padded: dict[str, Any]) -> dict[str, Any]:
-    """Whether the update's time follows the tokens generated: per repeat, the varied-length run's update seconds
-    over the uniform run's (``*_time_ratio``) beside its generated tokens over the uniform run's (``token_ratio``)
-    and its padded tokens over the uniform run's (``padded_token_ratio``); medians over repeats."""
+def follows_tokens(uniform: dict[str, Any], grouped: dict[str, Any], padded: dict[str, Any],
+                   more_grouped: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Whether the update's time follows the tokens generated.
+
+    Per repeat, the varied-length run's update seconds over the uniform run's (``*_time_ratio``) beside its generated
+    tokens over the uniform run's (``token_ratio``), its prompt and response tokens over the uniform run's
+    (``sequence_token_ratio``: the passes process prompts too) and its padded tokens over the uniform run's
+    (``padded_token_ratio``); medians over repeats. ``fit``: the line through every iteration of the uniform and
+    length-grouped runs (``more_grouped``: at other EOS rates), update seconds against sequence tokens; time that
+    follows the tokens has an R² near 1 and an intercept (``fixed_share`` of the uniform run's time) near 0."""
     u, g, p = uniform["all"], grouped["all"], padded["all"]
 
     def ratio(a: list[float], b: list[float]) -> float:
         return median(paired_ratios(a, b))
 
-    return {
+    out = {
         "token_ratio": ratio(g["response_tokens"], u["response_tokens"]),
         "padded_token_ratio": ratio(g["padded_response_tokens"], u["padded_response_tokens"]),
         "grouped_time_ratio": ratio(g["update_seconds"], u["update_seconds"]),
         "padded_time_ratio": ratio(p["update_seconds"], u["update_seconds"]),
     }
+    if "sequence_tokens" in g:
+        out["sequence_token_ratio"] = ratio(g["sequence_tokens"], u["sequence_tokens"])
+        rows = [u, g, *(m["all"] for m in more_grouped)]
+        xs = [x for r in rows for x in r["sequence_tokens"]]
+        ys = [y for r in rows for y in r["update_seconds"]]
+        if len(set(xs)) >= 2:
+            fit = fit_line(xs, ys)
+            fit["fixed_share"] = fit["intercept"] / uniform["update_seconds"]
+            out["fit"] = fit
+    return out
 
 
 def scaling(values: list[int], seconds: list[list[float]]) -> dict[str, Any]:
@@ -147,9 +181,18 @@ def table(results: dict[str, Any]) -> str:
                      f"{a['exponent']:.2f}")
     if "variable_length" in results:
         vl = results["variable_length"]
-        lines.append(f"variable lengths ({vl['model']}, micro-batches of {vl['micro_batch_size']}), against uniform "
-                     f"full-length responses: generated tokens {vl['token_ratio']:.2f}, padded tokens "
-                     f"{vl['padded_token_ratio']:.2f}; update time, length-grouped {vl['grouped_time_ratio']:.2f}, "
-                     f"padded {vl['padded_time_ratio']:.2f}")
+        line = (f"variable lengths ({vl['model']}, {vl.get('prompts', '?')} prompts, micro-batches of "
+                f"{vl['micro_batch_size']}), against uniform full-length responses: generated tokens "
+                f"{vl['token_ratio']:.2f}")
+        if "sequence_token_ratio" in vl:
+            line += f", prompt + response tokens {vl['sequence_token_ratio']:.2f}"
+        line += (f", padded tokens {vl['padded_token_ratio']:.2f}; update time, length-grouped "
+                 f"{vl['grouped_time_ratio']:.2f}, padded {vl['padded_time_ratio']:.2f}")
+        lines.append(line)
+        if "fit" in vl:
+            f = vl["fit"]
+            lines.append(f"  update seconds against prompt + response tokens (uniform and length-grouped runs): "
+                         f"R² {f['r2']:.3f}, intercept {f['intercept']:.2f} s ({f['fixed_share']:.0%} of the "
+                         f"uniform run's), {1e3 * f['slope']:.2f} s per thousand tokens")
     lines.append(f"total {results['total_seconds']:.0f} s")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ two CPU ranks (policy, reference, reward, cost and both critics partitioned as t
     python -m bench.zero3_memory                    # saves the models once, runs both, prints the figures and ratio
     python -m bench.zero3_memory --scorers tiny     # tiny random reward and cost models instead
     python -m bench.zero3_memory --out FILE.json    # also writes the figures there
+    python -m bench.zero3_memory --ranks 4          # four ranks instead of two
 
 Each run is its own process (``torchrun --nproc_per_node 2`` for ZeRO-3, plain Python for the one-process run) and
 reports its ``ru_maxrss``; the two runs must also sample the same tokens (equal step metrics). A command, not a test:
@@ -71,13 +72,18 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32 on both sides (the same tokens and metrics), or bf16: the one process with "
                              "trainer.mixed_precision=bf16 against DeepSpeed's bf16")
-    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--ranks", type=int, default=2, help="ZeRO-3 ranks (torchrun processes on this machine)")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file (appended to its runs)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.worker:
         run_one(args.worker, args.overrides)
         return
-    root = Path(tempfile.mkdtemp(prefix="zero3_memory_"))
+    with tempfile.TemporaryDirectory(prefix="zero3_memory_") as folder:  # models and checkpoints: gigabytes
+        measure(args, Path(folder))
+
+
+def measure(args: argparse.Namespace, root: Path) -> None:
     params = save_models(root, args.scorers == "same")
     common = [f"model.path={root / 'policy'}"]
     if args.scorers == "same":
@@ -87,9 +93,11 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     bf16 = args.precision == "bf16"
     runs = {"one_process": ([sys.executable], ["deepspeed=none", f"trainer.mixed_precision={'bf16' if bf16 else 'no'}"]),
-            "zero3_two_ranks": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node", "2"], ["deepspeed=zero3", f"deepspeed.bf16={str(bf16).lower()}"])}
-    result: dict = {"policy_parameters": params, "scorers": args.scorers, "precision": args.precision, "overrides": args.overrides}
+            "zero3_ranks": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", str(args.ranks)],
+                            ["deepspeed=zero3", f"deepspeed.bf16={str(bf16).lower()}"])}
+    result: dict = {"policy_parameters": params, "scorers": args.scorers, "precision": args.precision,
+                    "ranks": args.ranks, "overrides": args.overrides}
     for name, (launcher, extra) in runs.items():
         out = root / name
         out.mkdir()
@@ -97,14 +105,20 @@ def main() -> None:
                         *args.overrides], env=env, check=True)
         result[name] = [json.loads(p.read_text())["peak_rss_mib"] for p in sorted(out.glob("rss_rank*.json"))]
         result[name + "_metrics"] = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    result["ratio_max_rank_to_one_process"] = max(result["zero3_two_ranks"]) / result["one_process"][0]
-    same = {k: (result["one_process_metrics"][k], result["zero3_two_ranks_metrics"][k])
+    result["ratio_max_rank_to_one_process"] = max(result["zero3_ranks"]) / result["one_process"][0]
+    same = {k: (result["one_process_metrics"][k], result["zero3_ranks_metrics"][k])
             for k in ("reward/mean", "cost/mean", "kl/mean", "response/length")}
     result["same_step_metrics"] = same
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_metrics")}, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1, default=str))
-    print("step metrics (one process, two ZeRO-3 ranks):", json.dumps(same))
+    if args.out:  # appended to the file's runs, beside the CPU they ran on
+        from repo_exp.machine import cpu_model
+
+        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+        doc["cpu"] = f"{cpu_model()}, {os.cpu_count()} cores"
+        doc["command"] = "python -m bench.zero3_memory [--precision bf16] [--ranks N] [OVERRIDES] --out FILE"
+        doc.setdefault("runs", []).append(result)
+        args.out.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"step metrics (one process, {args.ranks} ZeRO-3 ranks):", json.dumps(same))
 
 
 if __name__ == "__main__":

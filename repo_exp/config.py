@@ -492,6 +492,10 @@ class TrainerConfig:
     # micro-batches of samples of similar response length, each cut to its longest row: the update's passes run over
     # the generated tokens, not the padding to the batch's longest response (the same gradient; false: rows in order)
     group_by_length: bool = True
+    # with group_by_length: the padded tokens (rows × width) one update micro-batch may hold; it then takes as many
+    # samples as fit, so short responses run in fewer, fuller passes. null: micro_batch_size × the full width (prompt
+    # + max_new_tokens, or max_length), the memory micro_batch_size was chosen for
+    micro_batch_tokens: Optional[int] = None
     rollout_batch_size: int = 64  # samples generated and scored at once on one rank
     max_prompt_length: int = 128
     max_new_tokens: int = 64
@@ -533,6 +537,8 @@ class TrainerConfig:
                      "max_prompt_length", "max_new_tokens", "keep_last", "max_nonfinite_in_a_row"):
             _positive(f"trainer.{name}", getattr(self, name))
         _non_negative("trainer.save_every", self.save_every)
+        if self.micro_batch_tokens is not None:
+            _positive("trainer.micro_batch_tokens", self.micro_batch_tokens)
         if self.max_length is not None:
             _require(self.max_length > self.max_prompt_length,
                      f"trainer.max_length ({self.max_length}) must exceed trainer.max_prompt_length "
@@ -611,6 +617,9 @@ class DeepSpeedConfig:
     # ZeRO-3: gather the policy's parameters once per rollout for sampling (one whole copy per GPU meanwhile) instead
     # of gathering each layer at every generated token
     gather_for_generation: bool = True
+    # ZeRO-3: freed host memory goes back to the system (glibc: large blocks mapped alone, free pages trimmed after
+    # each partitioned load, each rollout's gathered policy and each optimizer step); false: the allocator's defaults
+    release_host_memory: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def __post_init__(self) -> None:

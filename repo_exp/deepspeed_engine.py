@@ -32,7 +32,7 @@ from transformers import get_scheduler
 from repo_exp.config import AdamWConfig, Config, ConfigError, SchedulerConfig, ScoreModelConfig
 from repo_exp.engine import build_optimizer
 from repo_exp.models.score_model import ScoreModel
-from repo_exp.runtime import Runtime
+from repo_exp.runtime import Runtime, release_free_memory
 from repo_exp.setup import Models, _load_into, _optimizer_steps
 
 # ZeRO-3 knobs of the published Safe RLHF configs: small parameters stay gathered, and at most 3e7 parameters are
@@ -46,8 +46,8 @@ ZERO3_SETTINGS = {
 
 
 def micro_batching(config: Config, world_size: int) -> tuple[int, int]:
-    """(samples per micro-batch, micro-batches per optimizer step) on one rank, as ``repo_exp.train.ppo_update``
-    splits its minibatches."""
+    """(samples per micro-batch, micro-batches per optimizer step) on one rank at full length: DeepSpeed's batch
+    bookkeeping only (``ppo_update`` fills micro-batches up to a token budget and calls ``step`` itself)."""
     t, ppo = config.trainer, config.ppo
     samples = t.prompts_per_step * t.samples_per_prompt
     if samples % (world_size * ppo.num_minibatches):
@@ -103,6 +103,19 @@ def train_config(config: Config, world_size: int, opt: AdamWConfig | None = None
         out["optimizer"] = {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
                                                         "weight_decay": opt.weight_decay}}
     return deep_merge(out, dict(ds.extra))
+
+
+def model_train_config(config: Config, world_size: int, opt: AdamWConfig, module: nn.Module) -> dict[str, Any]:
+    """``train_config`` for one model. Under ZeRO-3 its reduce bucket is ``hidden_size²`` elements (transformers'
+    ``auto`` value) unless ``deepspeed.extra`` sets one: DeepSpeed's default of 5e8 elements takes a whole model's
+    gradients below that size and keeps the buffer, about the model's size again in bf16 on every rank."""
+    out = train_config(config, world_size, opt)
+    zero = out["zero_optimization"]
+    extra = dict(config.deepspeed.extra).get("zero_optimization") or {}
+    hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+    if zero["stage"] == 3 and hidden and "reduce_bucket_size" not in extra:
+        zero["reduce_bucket_size"] = int(hidden) ** 2
+    return out
 
 
 def inference_config(config: Config) -> dict[str, Any]:
@@ -193,11 +206,13 @@ class DeepSpeedEngine:
     """
 
     def __init__(self, module: nn.Module, opt: AdamWConfig, sched: SchedulerConfig, total_steps: int,
-                 ds_config: dict[str, Any], name: str, gather_for_generation: bool = True) -> None:
+                 ds_config: dict[str, Any], name: str, gather_for_generation: bool = True,
+                 release_memory: bool = True) -> None:
         import deepspeed
 
         self.name = name
         self.gather_for_generation = gather_for_generation
+        self.release_memory = release_memory and int(ds_config["zero_optimization"]["stage"]) == 3
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         params = [p for p in module.parameters() if p.requires_grad]
         warmup = math.ceil(sched.warmup_ratio * total_steps)
@@ -236,6 +251,8 @@ class DeepSpeedEngine:
                 _restore_zero3_hooks(offload, start_of_forward)
                 engine.module_forward_pre_hook = engine._create_module_forward_pre_hook()
                 engine.module_forward_post_hook = engine._create_module_forward_post_hook()
+        if self.release_memory:  # on a CPU: the whole policy gathered for sampling, and the sampling's buffers
+            release_free_memory()
 
     def backward(self, loss: torch.Tensor) -> None:
         # the trainer has already weighed the micro-batch: no division by the accumulation steps
@@ -246,6 +263,8 @@ class DeepSpeedEngine:
         lr = float(self.module.get_lr()[0])  # the rate this step applies, as TorchEngine reports it
         self.module.step()
         self._backward_since_step = False
+        if self.release_memory:  # the micro-batches' and the step's freed host buffers
+            release_free_memory()
         grad_norm = self.module.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         # DeepSpeed skips the update (and the scheduler step) when the global gradient norm is not finite
@@ -334,18 +353,20 @@ class DeepSpeedModels(Models):
     """``Models`` whose trained parts are DeepSpeed engines. Exporting the weights is collective under ZeRO-3."""
 
     frozen_engines: tuple = ()  # the frozen models' ZeRO-3 engines, kept alive with their partitions
+    release_memory: bool = False  # deepspeed.release_host_memory under ZeRO-3
 
     def save_weights(self, folder: Path, is_main: bool = True) -> None:
         """The policy as a causal-LM folder and each critic in the score layout, gathered whole (call on every rank;
-        only ``is_main`` writes)."""
-        states = [engine.full_state_dict() for engine in self.engines]
-        if not is_main:
-            return
-        policy_state, *critic_states = states
-        self.policy.model.save_pretrained(folder / "policy", state_dict=policy_state, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / "policy")
-        for name, engine, state in zip(self.critics.names, self.critics.engines, critic_states):
-            engine.model.save_pretrained(folder / name, state_dict=state)
+        only ``is_main`` writes). One model at a time: rank 0 never holds more than one whole model."""
+        for name, engine in zip(["policy", *self.critics.names], self.engines):
+            state = engine.full_state_dict()
+            if is_main:
+                engine.model.save_pretrained(folder / name, state_dict=state)
+                if name == "policy":
+                    self.tokenizer.save_pretrained(folder / "policy")
+            del state
+            if self.release_memory:
+                release_free_memory()
 
     def load_weights(self, folder: Path, critics: bool = True) -> None:
         self.policy.load_full_state_dict(folder / "policy")
@@ -374,9 +395,14 @@ def engine_factory(config: Config, rt: Runtime) -> Callable[[nn.Module, str, boo
         if config.model.gradient_checkpointing and not actor:
             _enable_gradient_checkpointing(module)
         part = opt.actor if actor else opt.critic
-        return DeepSpeedEngine(module.to(dtype), part, opt.actor_scheduler if actor else opt.critic_scheduler,
-                               _optimizer_steps(config, actor), train_config(config, rt.world_size, part), name,
-                               gather_for_generation=config.deepspeed.gather_for_generation)
+        out = DeepSpeedEngine(module.to(dtype), part, opt.actor_scheduler if actor else opt.critic_scheduler,
+                              _optimizer_steps(config, actor), model_train_config(config, rt.world_size, part, module),
+                              name,
+                              gather_for_generation=config.deepspeed.gather_for_generation,
+                              release_memory=config.deepspeed.release_host_memory)
+        if out.release_memory:  # set-up's transient buffers
+            release_free_memory()
+        return out
 
     return engine
 
@@ -395,9 +421,12 @@ def partition_frozen(config: Config, models: DeepSpeedModels) -> DeepSpeedModels
             frozen_engine, *_ = deepspeed.initialize(model=module.to(dtype), config=inference_config(config))
             frozen_engine.eval()
             frozen_engines.append(frozen_engine)
+            if ds.release_host_memory:
+                release_free_memory()
     for scorer in (models.reward, models.cost):
         scorer.model.normalizer.float()  # the normaliser's statistics stay in fp32 under bf16
     models.frozen_engines = tuple(frozen_engines)
+    models.release_memory = ds.zero_stage == 3 and ds.release_host_memory
     return models
 
 

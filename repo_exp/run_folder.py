@@ -44,7 +44,7 @@ HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 HARMLESS = (
     "logger", "run_name", "trainer.progress", "trainer.num_threads", "trainer.resume", "trainer.init_from",
     "trainer.allow_changes", "trainer.save_every", "trainer.keep_last", "eval.every", "eval.at_start", "eval.at_end",
-    "eval.batch_size", "world.cache_dir",
+    "eval.batch_size", "world.cache_dir", "deepspeed.release_host_memory",
 )
 # the length of the run: harmless only when no learning-rate schedule depends on it
 RUN_LENGTH = ("trainer.total_steps", "trainer.epochs")

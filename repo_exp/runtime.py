@@ -6,11 +6,71 @@ set) the group is initialised with NCCL on GPUs and gloo on CPUs.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library's symbols (the process's own, which include libc's on Linux), or None."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+        except OSError:
+            return None
+    for fn, args in (("malloc_trim", [ctypes.c_size_t]), ("mallopt", [ctypes.c_int, ctypes.c_int])):
+        if hasattr(libc, fn):  # glibc only
+            getattr(libc, fn).argtypes = args
+            getattr(libc, fn).restype = ctypes.c_int
+    return libc
+
+
+def _malloc_trim():
+    return getattr(_libc(), "malloc_trim", None)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def map_large_blocks(threshold: int = 128 * 1024) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more from its own mapping, handed back to the operating system
+    when freed (glibc's ``M_MMAP_THRESHOLD``, fixed; elsewhere nothing is done and False is returned).
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB) and keeps the pages of
+    blocks below it for reuse. ZeRO-3 gathers and releases whole parameters at every pass, so a rank's resident memory
+    then grows by hundreds of MiB of freed pages during an update; with a fixed threshold it stays at what the rank
+    holds. Process-wide and kept for the process's life. Costs a page fault per page of each large allocation, which
+    only a CPU run notices."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def release_free_memory() -> bool:
+    """Hand the C allocator's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing is
+    done and False is returned).
+
+    Loading a model under ZeRO-3 builds each parameter whole before keeping this rank's partition of it; glibc keeps
+    the freed pages of such blocks for later requests, so without this a rank's resident memory grows by about as
+    much again as the partitions it keeps, model after model. Called under ZeRO-3 after each partitioned load, engine
+    set-up, rollout and optimizer step and whole-weight export: a walk over the allocator's free lists, milliseconds
+    next to any of them."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class DistComm:
@@ -34,6 +94,13 @@ class DistComm:
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y / self.world_size
 
+    def all_max(self, n: int) -> int:
+        value = torch.tensor([n], dtype=torch.long)
+        if dist.get_backend() == "nccl":
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
+
     def all_finished(self, local_done: bool) -> bool:
         flag = torch.tensor([0 if local_done else 1], dtype=torch.long)
         if dist.get_backend() == "nccl":
@@ -50,6 +117,9 @@ class LocalRuntimeComm:
 
     def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def all_max(self, n: int) -> int:
+        return n
 
     def all_finished(self, local_done: bool) -> bool:
         return local_done

@@ -26,7 +26,7 @@ from repo_exp.models.score_model import ScoreModel
 from repo_exp.models.tokenizers import load_tokenizer
 from repo_exp.models.weights import load_state_dict_safely
 from repo_exp.rollout.score import Scorer, critic_values
-from repo_exp.runtime import Runtime
+from repo_exp.runtime import Runtime, release_free_memory
 
 
 def build_constraint(node: DictConfig, comm: Comm) -> Constraint:
@@ -286,11 +286,15 @@ def low_precision_frozen(*models: nn.Module) -> None:
             normalizer.float()
 
 
-def _loading(backend: EngineBackend | None, config: Config, rt: Runtime, partitioned: bool,
-             train: bool) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _loading(backend: EngineBackend | None, config: Config, rt: Runtime, partitioned: bool, train: bool):
     if not partitioned or backend is None:
-        return contextlib.nullcontext()
-    return backend.loading(config, rt, train)
+        yield
+        return
+    with backend.loading(config, rt, train):
+        yield
+    if config.deepspeed.release_host_memory:
+        release_free_memory()  # the whole parameters built before partitioning: their pages back to the system
 
 
 def _optimizer_steps(config: Config, actor: bool = False) -> int:

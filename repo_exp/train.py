@@ -54,7 +54,7 @@ from repo_exp.models.score_model import position_ids_from_mask
 from repo_exp.progress import Every, step_line
 from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
 from repo_exp.rollout.score import logprob_gap
-from repo_exp.runtime import Runtime, init_runtime
+from repo_exp.runtime import Runtime, init_runtime, map_large_blocks
 from repo_exp.setup import Models, build_models, build_constraint
 
 log = logging.getLogger("repo_exp")
@@ -129,26 +129,97 @@ def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float
     return micro.batch_size / mini.batch_size
 
 
-def micro_batches(mini: Experience, size: int, by_length: bool) -> Iterator[Experience]:
-    """The micro-batches of a minibatch, ``size`` samples each. With ``by_length`` the samples are taken longest
-    response first and each micro-batch is cut to its own longest response and widest prompt, so that the update's
-    passes run over the tokens generated rather than over the padding up to the batch's longest response; the
-    accumulated gradient is the same (``micro_weight`` weighs each micro-batch by its share of the minibatch)."""
+def micro_batch_plan(prompt_lengths: list[int], response_lengths: list[int], budget: int) -> list[int]:
+    """The sizes of consecutive micro-batches over samples taken longest response first: each takes samples while its
+    padded tokens (rows × (widest prompt + longest response)) stay within ``budget``, and always at least one.
+
+    Short responses therefore share a micro-batch with more of their kind, so the update runs fewer, fuller passes: a
+    pass has a cost that does not shrink with its width (per-layer overhead, the weights' casts, accumulating the
+    gradient), and the padded tokens of each pass stay within what the budget allows for memory."""
+    sizes: list[int] = []
+    rows = prompt = response = 0
+    for p, r in zip(prompt_lengths, response_lengths):
+        wider_prompt, longer = max(prompt, p), max(response, r)
+        if rows and (rows + 1) * (wider_prompt + longer) > budget:
+            sizes.append(rows)
+            rows, wider_prompt, longer = 0, p, r
+        rows, prompt, response = rows + 1, wider_prompt, longer
+    if rows:
+        sizes.append(rows)
+    return sizes
+
+
+def split_to(sizes: list[int], count: int) -> list[int]:
+    """``sizes`` with its largest micro-batches halved (the first of equals) until there are ``count`` of them: every
+    rank runs as many backward passes as the others, which ZeRO's collective gradient reduction needs."""
+    sizes = list(sizes)
+    if count < len(sizes) or count > sum(sizes):
+        raise ValueError(f"cannot split {len(sizes)} micro-batches of {sum(sizes)} samples into {count}")
+    while len(sizes) < count:
+        i = max(range(len(sizes)), key=lambda j: sizes[j])
+        sizes[i: i + 1] = [sizes[i] - sizes[i] // 2, sizes[i] // 2]
+    return sizes
+
+
+def micro_batches(mini: Experience, size: int, by_length: bool, token_budget: int | None = None,
+                  agree: Callable[[int], int] | None = None) -> Iterator[Experience]:
+    """The micro-batches of a minibatch.
+
+    Without ``by_length``: ``size`` samples each, in order, padded to the batch's longest response. With it: samples
+    longest response first, each micro-batch cut to its own longest response and widest prompt, so that the passes
+    run over the tokens generated rather than over padding. With ``token_budget`` as well, a micro-batch holds as many
+    samples as fit within that many padded tokens (``micro_batch_plan``) instead of ``size``: fewer, fuller passes
+    when responses are short. ``agree(n)`` returns the largest count over ranks; a rank with fewer micro-batches
+    splits its largest ones to match. The accumulated gradient is the same in every case (``micro_weight`` weighs each
+    micro-batch by its share of the minibatch)."""
     if not by_length:
         yield from mini.split(size)
         return
     lengths = mini.response_mask.sum(-1)
     order = torch.sort(lengths, descending=True, stable=True).indices
-    for micro in mini.select(order).split(size):
-        yield micro.trimmed()
+    ordered = mini.select(order)
+    if token_budget is None:
+        sizes = [min(size, mini.batch_size - start) for start in range(0, mini.batch_size, size)]
+    else:
+        prompt_lengths = ordered.attention_mask[:, : ordered.prompt_width].sum(-1)
+        sizes = micro_batch_plan(prompt_lengths.tolist(), ordered.response_mask.sum(-1).tolist(), token_budget)
+    if agree is not None:
+        sizes = split_to(sizes, agree(len(sizes)))
+    start = 0
+    for rows in sizes:
+        yield ordered.select(slice(start, start + rows)).trimmed()
+        start += rows
+
+
+def micro_batch_tokens(cfg: Config, prompt_width: int) -> int | None:
+    """The padded-token budget of one micro-batch in the update: ``trainer.micro_batch_tokens``, or by default what a
+    micro-batch of ``trainer.micro_batch_size`` samples at full length holds (the memory the micro-batch size was
+    chosen for). None without ``trainer.group_by_length`` (micro-batches of ``micro_batch_size`` samples)."""
+    t = cfg.trainer
+    if not t.group_by_length:
+        return None
+    if t.micro_batch_tokens is not None:
+        return t.micro_batch_tokens
+    full = t.max_length if t.max_length is not None else prompt_width + t.max_new_tokens
+    return t.micro_batch_size * full
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    total = sum(w for _, w in pairs)
+    if total <= 0:  # micro-batches without a response token under token_mean: plain mean
+        return sum(v for v, _ in pairs) / len(pairs)
+    return sum(v * w for v, w in pairs) / total
 
 
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
                fused: bool, all_finite: Callable[[bool], bool],
                ptx: PtxStream | None = None,
                check_logprobs: Callable[[torch.Tensor, Experience], None] | None = None,
+               agree: Callable[[int], int] | None = None,
                ) -> tuple[dict[str, float], bool]:
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
+
+    ``agree(n)`` is the largest of ``n`` over ranks (micro-batches per minibatch; None in one process).
 
     ``check_logprobs(logprobs, micro)`` sees the first micro-batch's fresh log-probabilities, before any update.
 
@@ -159,14 +230,21 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
     engines = [policy, *critics.engines]
     for engine in engines:
         engine.module.train()
-    stats: dict[str, list[float]] = defaultdict(list)
+    # (value, weight) pairs: a micro-batch's figures weigh as much as its share of the minibatch, whatever its size
+    stats: dict[str, list[tuple[float, float]]] = defaultdict(list)
     n = exp.batch_size
+    budget = micro_batch_tokens(cfg, exp.prompt_width)
+    passes = computed = 0
     for _ in range(ppo.epochs):
         order = torch.randperm(n, generator=generator) if ppo.epochs * ppo.num_minibatches > 1 else torch.arange(n)
         for minibatch in order.chunk(ppo.num_minibatches):
             mini = exp.select(minibatch.to(exp.sequences.device))
-            for micro in micro_batches(mini, cfg.trainer.micro_batch_size, cfg.trainer.group_by_length):
+            for micro in micro_batches(mini, cfg.trainer.micro_batch_size, cfg.trainer.group_by_length, budget,
+                                       agree):
                 weight = micro_weight(micro, mini, agg)
+                micro_stats: dict[str, list[float]] = defaultdict(list)
+                passes += 1
+                computed += micro.batch_size * micro.response_width
                 with models.autocast():
                     reward_values, cost_values = critics.values(micro.sequences, micro.attention_mask,
                                                                 micro.prompt_width)
@@ -183,12 +261,15 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                                              ppo.clip_range_ratio, agg)
                 if cfg.estimator.kl == "loss" and ppo.kl_coeff > 0:  # the GRPO paper's k3 term: β for every sample
                     kl_loss = masked_mean(kl_k3(logprobs, micro.ref_logprobs), micro.response_mask, agg)
-                    stats["loss/kl"].append(kl_loss.item())
+                    micro_stats["loss/kl"].append(kl_loss.item())
                     actor_loss = actor_loss + ppo.kl_coeff * kl_loss
                 if ptx is not None and ppo.ptx_coeff > 0:
                     with models.autocast():
-                        pretrain_loss = ptx_step_loss(policy.module, ptx.next(micro.batch_size), exp.sequences.device)
-                    stats["loss/ptx"].append(pretrain_loss.item())
+                        # at most micro_batch_size rows: a token-budgeted micro-batch of short responses may hold many
+                        # more samples than PTX rows of up to ptx.max_length fit beside them
+                        rows = min(micro.batch_size, cfg.trainer.micro_batch_size)
+                        pretrain_loss = ptx_step_loss(policy.module, ptx.next(rows), exp.sequences.device)
+                    micro_stats["loss/ptx"].append(pretrain_loss.item())
                     actor_loss = actor_loss + ppo.ptx_coeff * pretrain_loss
                 reward_critic_loss = (critic_loss(reward_values, micro.reward_values, micro.reward_returns,
                                                   micro.response_mask, ppo.clip_range_value, agg)
@@ -206,30 +287,37 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                 if reward_critic_loss is not None:
                     critics.backward(weight * reward_critic_loss,
                                      weight * cost_critic_loss if cost_critic_loss is not None else None)
-                    stats["loss/reward_critic"].append(reward_critic_loss.item())
-                stats["loss/actor"].append(actor_loss.item())
+                    micro_stats["loss/reward_critic"].append(reward_critic_loss.item())
+                micro_stats["loss/actor"].append(actor_loss.item())
                 if cost_critic_loss is not None:
-                    stats["loss/cost_critic"].append(cost_critic_loss.item())
+                    micro_stats["loss/cost_critic"].append(cost_critic_loss.item())
                 for key, value in pg.items():
-                    stats[f"policy/{key}"].append(value.item())
+                    micro_stats[f"policy/{key}"].append(value.item())
                 if fused:
-                    _advantage_stats(micro, stats)
+                    _advantage_stats(micro, micro_stats)
+                for key, values in micro_stats.items():
+                    stats[key].extend((value, weight) for value in values)
             for name, engine in zip(["actor", *critics.names], engines):
                 result = engine.step()
                 if result["skipped"]:
                     for e in engines:
                         e.zero_grad()
                     return {"loss/nonfinite": 1.0, f"grad_norm/{name}": result["grad_norm"]}, True
-                stats[f"grad_norm/{name}"].append(result["grad_norm"])
-                stats[f"lr/{name}"].append(result["lr"])
-    return {k: sum(v) / len(v) for k, v in stats.items()}, False
+                stats[f"grad_norm/{name}"].append((result["grad_norm"], 1.0))
+                stats[f"lr/{name}"].append((result["lr"], 1.0))
+    out = {k: _weighted_mean(v) for k, v in stats.items()}
+    # the update's shape: forward/backward passes per minibatch, and the response columns they computed that were
+    # padding (0: every column computed was a generated token)
+    out["update/micro_batches"] = passes / (ppo.epochs * ppo.num_minibatches)
+    out["update/padding"] = 1.0 - ppo.epochs * float(exp.response_mask.sum()) / max(1, computed)
+    return out, False
 
 
 def ptx_update(models: Models, cfg: Config, ptx: PtxStream, samples: int,
                all_finite: Callable[[bool], bool]) -> dict[str, float]:
     """``ppo.ptx_mode=separate`` (the published Safe RLHF trainer): after the RL update, the PTX loss gets its own
     backward passes and optimizer steps — as many steps as the RL update took, each on as many supervised samples as
-    an RL minibatch, in the same micro-batches — instead of being added to the actor loss."""
+    an RL minibatch, in micro-batches of ``trainer.micro_batch_size`` — instead of being added to the actor loss."""
     ppo, policy = cfg.ppo, models.policy
     per_step = max(1, samples // ppo.num_minibatches)
     sizes = [min(cfg.trainer.micro_batch_size, per_step - i) for i in range(0, per_step, cfg.trainer.micro_batch_size)]
@@ -318,6 +406,9 @@ class Trainer:
         self.config = config
         self.cfg = cfg
         self.rt = init_runtime(config.deepspeed.enabled)
+        ds = config.deepspeed
+        if ds.enabled and ds.zero_stage == 3 and ds.release_host_memory:
+            map_large_blocks()  # before any model is built: ZeRO-3's gathers would otherwise pin freed pages
         if self.rt.distributed and not config.deepspeed.enabled:
             raise ConfigError(f"{self.rt.world_size} processes but deepspeed=none: plain torch engines do not average "
                               f"gradients over ranks; launch with deepspeed=zero2 or zero3")
@@ -480,7 +571,8 @@ class Trainer:
             update_metrics, skipped = ppo_update(exp, self.models, self.constraint, self.config, generator, self.fused,
                                                  all_finite=self.rt.comm.all_finished,
                                                  ptx=self.ptx if joint_ptx else None,
-                                                 check_logprobs=None if self.logprobs_checked else self._check_logprobs)
+                                                 check_logprobs=None if self.logprobs_checked else self._check_logprobs,
+                                                 agree=self.rt.comm.all_max if self.rt.world_size > 1 else None)
             if not skipped and self.ptx is not None and not joint_ptx:
                 update_metrics.update(ptx_update(self.models, self.config, self.ptx, exp.batch_size,
                                                  self.rt.comm.all_finished))

@@ -325,6 +325,7 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a threshold that is not finite": lambda c: c.config("constraint.threshold=nan"),
     "a learning rate that is not positive": lambda c: c.config("optimizer.critic.lr=0"),
     "a length that is not positive": lambda c: c.config("trainer.max_new_tokens=0"),
+    "a micro-batch token budget that is not positive": lambda c: c.config("trainer.micro_batch_tokens=0"),
     "prompt and response longer than the model's context": lambda c: c.config("trainer.max_prompt_length=250"),
     "a value of the wrong type": lambda c: c.config("trainer.total_steps=ten"),
     "a misspelt key": lambda c: c.config("trainer.total_step=10"),

@@ -70,6 +70,36 @@ def test_update_work_follows_tokens_by_hand():
     assert out["padded_time_ratio"] == pytest.approx(0.95)  # median of 0.95, 2/2.2 = 0.909, 1.05
 
 
+def test_fit_line_by_hand():
+    exact = report.fit_line([1, 2, 3], [3, 5, 7])
+    assert exact["intercept"] == pytest.approx(1.0) and exact["slope"] == pytest.approx(2.0) and exact["r2"] == 1.0
+    # x̄ 1.5, ȳ 2.25, Sxy 4.5, Sxx 5: slope 0.9, intercept 0.9; residuals 0.1, 0.2, −0.7, 0.4 → R² = 1 − 0.7/4.75
+    noisy = report.fit_line([0, 1, 2, 3], [1, 2, 2, 4])
+    assert noisy["slope"] == pytest.approx(0.9) and noisy["intercept"] == pytest.approx(0.9)
+    assert noisy["r2"] == pytest.approx(1 - 0.7 / 4.75)
+    with pytest.raises(ValueError, match="two distinct"):
+        report.fit_line([2, 2], [1, 3])
+
+
+def test_update_time_is_fitted_against_prompt_and_response_tokens():
+    def its(update, sequence):
+        return [{"timing/update": u, "response_tokens": t - 100, "sequence_tokens": t, "longest_response": 64,
+                 "padded_response_tokens": 256, "micro_batches": 4, "padding": 0.1} for u, t in zip(update, sequence)]
+
+    # seconds = 0.1 + 0.001 · tokens on the uniform and grouped runs; the padded run stays at the uniform's time
+    uniform = report.update_work(its([1.1, 1.1], [1000, 1000]))
+    grouped = report.update_work(its([0.6, 0.5], [500, 400]))
+    short = report.update_work(its([0.3], [200]))
+    padded = report.update_work(its([1.1, 1.0], [500, 400]))
+    assert uniform["micro_batches"] == 4 and uniform["padding"] == pytest.approx(0.1)
+    out = report.follows_tokens(uniform, grouped, padded, [short])
+    assert out["sequence_token_ratio"] == pytest.approx(0.45)  # median of 0.5, 0.4
+    assert out["token_ratio"] == pytest.approx((400 / 900 + 300 / 900) / 2)
+    assert out["grouped_time_ratio"] == pytest.approx((0.6 / 1.1 + 0.5 / 1.1) / 2)
+    assert out["fit"]["slope"] == pytest.approx(1e-3) and out["fit"]["intercept"] == pytest.approx(0.1)
+    assert out["fit"]["r2"] == pytest.approx(1.0) and out["fit"]["fixed_share"] == pytest.approx(0.1 / 1.1)
+
+
 def test_critic_free_rows_run_k_samples_per_prompt_and_skip_when_they_do_not_compose():
     args = overrides("1M", "rectified_rloo", batch=8, new_tokens=6, threads=1)
     assert {"estimator=rloo", "constraint=rectified", "trainer.samples_per_prompt=4",
@@ -201,6 +231,8 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     for key in ("token_ratio", "padded_token_ratio", "grouped_time_ratio", "padded_time_ratio"):
         assert math.isfinite(variable[key]) and variable[key] > 0
     assert variable["token_ratio"] < 1  # the biased policy stopped before the limit
+    assert variable["sequence_token_ratio"] < 1 and "r2" in variable["fit"]
+    assert variable["uniform"]["micro_batches"] >= 1 and 0 <= variable["varied_grouped"]["padding"] < 1
     assert math.isfinite(results["overhead"]["ratio"])
     for constraint in ("none", "average", "rectified"):
         row = results["sizes"]["1M"][constraint]

@@ -56,6 +56,60 @@ def test_extra_settings_merge_into_the_generated_config(smoke_cfg):
     assert ds["wall_clock_breakdown"] is True
 
 
+def test_zero3_reduce_buckets_are_hidden_squared_unless_set(smoke_cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from repo_exp.deepspeed_engine import model_train_config
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    zero3 = validate(smoke_cfg("deepspeed=zero3"))
+    ds = model_train_config(zero3, 1, zero3.optimizer.actor, model)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 256  # transformers' "auto": hidden_size²
+    own = validate(smoke_cfg("deepspeed=zero3", "+deepspeed.extra.zero_optimization.reduce_bucket_size=1000"))
+    assert model_train_config(own, 1, own.optimizer.actor, model)["zero_optimization"]["reduce_bucket_size"] == 1000
+    zero2 = validate(smoke_cfg("deepspeed=zero2"))
+    assert "reduce_bucket_size" not in model_train_config(zero2, 1, zero2.optimizer.actor, model)["zero_optimization"]
+
+
+FREED_PAGES = """
+import json, sys, torch
+from repo_exp.runtime import _libc, map_large_blocks, release_free_memory
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+mode = sys.argv[1]
+if mode == "mapped":
+    assert map_large_blocks()
+else:  # what glibc does after freeing a large block: blocks below 16 MiB then come from the heap and stay there
+    assert _libc().mallopt(-3, 16 << 20)  # (at most 32 MiB)
+blocks = [torch.ones(256 * 1024) for _ in range(400)]  # 400 blocks of 1 MiB
+before = rss_mib()
+del blocks[::2]  # every other one: 200 MiB of holes between blocks that stay
+freed = rss_mib()
+trimmed = rss_mib() if mode == "mapped" else (release_free_memory(), rss_mib())[1]
+print(json.dumps({"before": before, "freed": freed, "trimmed": trimmed}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("mode", ["heap", "mapped"])
+def test_freed_host_memory_goes_back_to_the_system(mode):
+    """ZeRO-3 loading and gathering free many blocks of a few MiB: ``release_free_memory`` hands their pages back
+    after the fact, ``map_large_blocks`` as they are freed."""
+    done = subprocess.run([sys.executable, "-c", FREED_PAGES, mode], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rss = json.loads(done.stdout.strip().splitlines()[-1])
+    if mode == "heap":
+        assert rss["before"] - rss["freed"] < 50  # freed, but kept by the allocator
+    else:
+        assert rss["before"] - rss["freed"] > 150  # each block its own mapping: unmapped when freed
+    assert rss["before"] - rss["trimmed"] > 150
+
+
 def test_a_batch_that_does_not_split_over_ranks_is_a_config_error(smoke_cfg):
     from repo_exp.deepspeed_engine import micro_batching
 
@@ -174,8 +228,9 @@ CASES = {
     "zero3-rectified-prompt": ("constraint=rectified", "constraint.granularity=prompt",
                                "constraint.multiplier=learned", "constraint.lambda_lr=0.5", "deepspeed=zero3"),
 }
-# per-micro-batch token-weighted means: a rank's mean over its own tokens is not a share of the global one
-LOCAL_DIAGNOSTICS = ("timing/", "throughput/", "advantages/", "returns/", "values/")
+# per-micro-batch token-weighted means: a rank's mean over its own tokens is not a share of the global one; and the
+# update's shape on one rank (its micro-batches and their padding)
+LOCAL_DIAGNOSTICS = ("timing/", "throughput/", "advantages/", "returns/", "values/", "update/")
 RTOL, ATOL = 1e-4, 1e-6  # fp32 on CPU: only the order of the sums differs (gloo all-reduce vs one process)
 
 

@@ -4,8 +4,9 @@ asserted here.
 - attention: sdpa and eager give the same losses and gradients; ``model.attn_implementation=auto`` measures once and
   reads its cached answer after that;
 - generation: one prefill per distinct prompt samples the same tokens with the same log-probabilities as one per row;
-- the update: length-grouped micro-batches cut to their longest row accumulate the loss and gradients of one padded
-  batch, for both loss aggregations;
+- the update: length-grouped micro-batches cut to their longest row, as many samples each as a token budget holds,
+  accumulate the loss and gradients of one padded batch, for both loss aggregations and when ranks agree on more
+  micro-batches than one rank needs;
 - frozen models kept in bf16 under ``trainer.mixed_precision=bf16`` score as autocast over float32 weights did, within
   bf16 rounding.
 """
@@ -24,7 +25,7 @@ from repo_exp.machine import PROBE_FILE, choose_attention, cpu_model, resolve_at
 from repo_exp.rollout import Timings
 from repo_exp.rollout.generate import distinct_prompts, generate, sampling_generator
 from repo_exp.rollout.score import sequence_logprobs
-from repo_exp.train import micro_batches, ppo_update
+from repo_exp.train import micro_batch_plan, micro_batches, ppo_update, split_to
 
 from reliability_support import make_trainer
 from test_generate import EOS, PAD, left_padded_prompts, tiny_llama
@@ -156,11 +157,13 @@ def _varied_lengths(exp, pad_id: int):
     return exp
 
 
-def _update_gradients(trainer, exp, micro_batch_size: int, grouped: bool, monkeypatch):
+def _update_gradients(trainer, exp, micro_batch_size: int, grouped: bool, monkeypatch, tokens: int | None = None,
+                      agree=None):
     """The loss handed to backward (summed over micro-batches) and every engine's gradient before its step."""
     models = copy.deepcopy(trainer.models)
     trainer.config.trainer.micro_batch_size = micro_batch_size
     trainer.config.trainer.group_by_length = grouped
+    trainer.config.trainer.micro_batch_tokens = tokens
     losses, grads = [], {}
     for engine in models.engines:
         backward, step = engine.backward, engine.step
@@ -177,14 +180,21 @@ def _update_gradients(trainer, exp, micro_batch_size: int, grouped: bool, monkey
         monkeypatch.setattr(engine, "step", record_step)
     exp = copy.copy(exp)
     stats, skipped = ppo_update(exp, models, trainer.constraint, trainer.config, torch.Generator().manual_seed(0),
-                                trainer.fused, all_finite=lambda ok: ok)
+                                trainer.fused, all_finite=lambda ok: ok, agree=agree)
     assert not skipped
+    _update_gradients.micro_batches = stats["update/micro_batches"]
+    _update_gradients.stats = stats
     return torch.stack(losses).sum(), grads
 
 
+# (micro-batch size, token budget, extra micro-batches agreed with other ranks)
+GROUPINGS = {"three_samples": (3, None, 0), "token_budget": (3, 40, 0), "agreed_with_ranks": (3, 40, 3)}
+
+
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 def test_length_grouped_micro_batches_accumulate_the_gradient_of_one_padded_batch(smoke_cfg, tmp_path, aggregation,
-                                                                                  monkeypatch):
+                                                                                  grouping, monkeypatch):
     trainer = make_trainer(smoke_cfg, tmp_path / "run", "constraint=rectified", f"ppo.loss_aggregation={aggregation}",
                            "trainer.total_steps=1")
     exp = trainer.rollout(0, Timings())
@@ -193,8 +203,20 @@ def test_length_grouped_micro_batches_accumulate_the_gradient_of_one_padded_batc
     exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
     assert trainer.fused  # the critics' old values are read inside the micro-batches: trimmed there too
     padded_loss, padded = _update_gradients(trainer, exp, exp.batch_size, False, monkeypatch)
-    grouped_loss, grouped = _update_gradients(trainer, exp, 3, True, monkeypatch)
+    padded_stats = _update_gradients.stats
+    size, tokens, extra = GROUPINGS[grouping]
+    counts = []
+
+    def agree(n):  # as if another rank needed ``extra`` more micro-batches
+        counts.append(n)
+        return n + extra
+
+    grouped_loss, grouped = _update_gradients(trainer, exp, size, True, monkeypatch, tokens, agree)
+    assert _update_gradients.micro_batches == counts[0] + extra
     torch.testing.assert_close(grouped_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    # the logged losses are the minibatch's too: each micro-batch's weighs its share, whatever its size
+    for key in ("loss/actor", "loss/reward_critic", "loss/cost_critic"):
+        assert _update_gradients.stats[key] == pytest.approx(padded_stats[key], rel=1e-5, abs=1e-6), key
     assert set(grouped) == set(padded) and len(padded) > 0
     for name, grad in padded.items():
         torch.testing.assert_close(grouped[name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -215,6 +237,44 @@ def test_length_grouped_micro_batches_are_cut_to_their_longest_row(smoke_cfg, tm
         assert bool(m.attention_mask[:, 0].any()) and bool(m.response_mask[:, -1].any())
         assert m.sequences.shape == m.attention_mask.shape and m.logprobs.shape == m.response_mask.shape
     assert [m.batch_size for m in micro_batches(exp, 4, by_length=False)] == [4] * (exp.batch_size // 4)
+
+
+def test_a_token_budget_fills_micro_batches_of_short_responses_with_more_samples(smoke_cfg, tmp_path):
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", "trainer.total_steps=1")
+    exp = _varied_lengths(trainer.rollout(0, Timings()), trainer.models.tokenizer.pad_token_id)
+    budget = 4 * exp.sequences.shape[1]  # four samples at full width
+    micros = list(micro_batches(exp, 4, by_length=True, token_budget=budget))
+    assert sum(m.batch_size for m in micros) == exp.batch_size
+    assert sum(int(m.response_mask.sum()) for m in micros) == int(exp.response_mask.sum())
+    for m in micros:  # within the budget, or one sample alone
+        assert m.batch_size * m.sequences.shape[1] <= budget or m.batch_size == 1
+    # short responses share a pass with more samples, and no more passes are run than with four samples each
+    fixed = list(micro_batches(exp, 4, by_length=True))
+    assert max(m.batch_size for m in micros) > 4 and len(micros) <= len(fixed)
+    # the greedy plan: a micro-batch closes only when the next sample would not fit
+    for m, after in zip(micros, micros[1:]):
+        first = int(after.response_mask.sum(-1)[0])
+        first_prompt = int(after.attention_mask[0, : after.prompt_width].sum())
+        assert (m.batch_size + 1) * (max(m.prompt_width, first_prompt) + max(m.response_width, first)) > budget
+
+
+def test_micro_batch_plan_by_hand():
+    # budget 26: (3+10)·1 → (3+10)·2 = 26 fits; a third sample would make 3·13 = 39: cut. Then 1·(2+4) → 2·6 → 3·6
+    assert micro_batch_plan([3, 3, 2, 2, 1], [10, 6, 4, 2, 1], 26) == [2, 3]
+    assert micro_batch_plan([3, 3], [30, 1], 26) == [1, 1]  # a sample wider than the budget runs alone
+    assert micro_batch_plan([2] * 6, [2] * 6, 1000) == [6]
+    assert micro_batch_plan([], [], 10) == []
+
+
+def test_micro_batches_are_split_to_the_count_the_ranks_agree_on():
+    assert split_to([4, 2], 2) == [4, 2]
+    assert split_to([4, 2], 3) == [2, 2, 2]
+    assert split_to([4, 2], 4) == [1, 1, 2, 2]  # the largest first, the first of equals
+    assert split_to([5], 2) == [3, 2]
+    with pytest.raises(ValueError, match="into 7"):
+        split_to([4, 2], 7)
+    with pytest.raises(ValueError, match="into 1"):
+        split_to([4, 2], 1)
 
 
 # ------------------------------------------------------------------------------------------------------ frozen models
