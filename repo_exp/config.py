@@ -539,6 +539,8 @@ class TrainerConfig:
         _non_negative("trainer.save_every", self.save_every)
         if self.micro_batch_tokens is not None:
             _positive("trainer.micro_batch_tokens", self.micro_batch_tokens)
+            _require(self.group_by_length, "trainer.micro_batch_tokens fills length-grouped micro-batches: it needs "
+                                           "trainer.group_by_length=true (false: micro_batch_size samples each)")
         if self.max_length is not None:
             _require(self.max_length > self.max_prompt_length,
                      f"trainer.max_length ({self.max_length}) must exceed trainer.max_prompt_length "

@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from repo_exp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".owner.lock"
@@ -55,8 +57,9 @@ class RunFolderBusy(ValueError):
     """Another live process owns the run folder."""
 
 
-class ResumeRefused(ValueError):
-    """A resume would continue the run with settings that change it."""
+class ResumeRefused(ConfigError):
+    """A resume would continue the run with settings that change it (a config error: exit 2 from the command line,
+    as for a finished run)."""
 
 
 # the locks this process holds, by resolved folder: kept open for the process lifetime

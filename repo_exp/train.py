@@ -129,6 +129,11 @@ def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float
     return micro.batch_size / mini.batch_size
 
 
+def chunk_sizes(total: int, size: int) -> list[int]:
+    """``total`` rows in consecutive chunks of at most ``size``."""
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
 def micro_batch_plan(prompt_lengths: list[int], response_lengths: list[int], budget: int) -> list[int]:
     """The sizes of consecutive micro-batches over samples taken longest response first: each takes samples while its
     padded tokens (rows × (widest prompt + longest response)) stay within ``budget``, and always at least one.
@@ -175,11 +180,14 @@ def micro_batches(mini: Experience, size: int, by_length: bool, token_budget: in
     if not by_length:
         yield from mini.split(size)
         return
-    lengths = mini.response_mask.sum(-1)
-    order = torch.sort(lengths, descending=True, stable=True).indices
+    # longest response first; among equal responses the widest prompt first, so the plan does not depend on the order
+    # the samples came in
+    responses = mini.response_mask.sum(-1)
+    prompts = mini.attention_mask[:, : mini.prompt_width].sum(-1)
+    order = torch.sort(responses * (mini.prompt_width + 1) + prompts, descending=True, stable=True).indices
     ordered = mini.select(order)
     if token_budget is None:
-        sizes = [min(size, mini.batch_size - start) for start in range(0, mini.batch_size, size)]
+        sizes = chunk_sizes(mini.batch_size, size)
     else:
         prompt_lengths = ordered.attention_mask[:, : ordered.prompt_width].sum(-1)
         sizes = micro_batch_plan(prompt_lengths.tolist(), ordered.response_mask.sum(-1).tolist(), token_budget)
@@ -220,6 +228,9 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
 
     ``agree(n)`` is the largest of ``n`` over ranks (micro-batches per minibatch; None in one process).
+
+    With ``ptx`` (``ppo.ptx_mode=joint``) each minibatch also backpropagates ``ppo.ptx_coeff`` × the PTX loss over as
+    many supervised rows as it has samples, in chunks of ``trainer.micro_batch_size``, before its optimizer step.
 
     ``check_logprobs(logprobs, micro)`` sees the first micro-batch's fresh log-probabilities, before any update.
 
@@ -263,14 +274,6 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                     kl_loss = masked_mean(kl_k3(logprobs, micro.ref_logprobs), micro.response_mask, agg)
                     micro_stats["loss/kl"].append(kl_loss.item())
                     actor_loss = actor_loss + ppo.kl_coeff * kl_loss
-                if ptx is not None and ppo.ptx_coeff > 0:
-                    with models.autocast():
-                        # at most micro_batch_size rows: a token-budgeted micro-batch of short responses may hold many
-                        # more samples than PTX rows of up to ptx.max_length fit beside them
-                        rows = min(micro.batch_size, cfg.trainer.micro_batch_size)
-                        pretrain_loss = ptx_step_loss(policy.module, ptx.next(rows), exp.sequences.device)
-                    micro_stats["loss/ptx"].append(pretrain_loss.item())
-                    actor_loss = actor_loss + ppo.ptx_coeff * pretrain_loss
                 reward_critic_loss = (critic_loss(reward_values, micro.reward_values, micro.reward_returns,
                                                   micro.response_mask, ppo.clip_range_value, agg)
                                       if reward_values is not None else None)
@@ -297,6 +300,18 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                     _advantage_stats(micro, micro_stats)
                 for key, values in micro_stats.items():
                     stats[key].extend((value, weight) for value in values)
+            if ptx is not None and ppo.ptx_coeff > 0:
+                # joint PTX: as many supervised rows as the minibatch has samples, in chunks of micro_batch_size
+                # whatever the RL micro-batches were, so the accumulated gradient does not depend on their grouping
+                for size in chunk_sizes(mini.batch_size, cfg.trainer.micro_batch_size):
+                    with models.autocast():
+                        pretrain_loss = ptx_step_loss(policy.module, ptx.next(size), exp.sequences.device)
+                    if not all_finite(bool(torch.isfinite(pretrain_loss))):  # agreed over ranks
+                        for engine in engines:
+                            engine.zero_grad()
+                        return {"loss/nonfinite": 1.0}, True
+                    policy.backward(ppo.ptx_coeff * (size / mini.batch_size) * pretrain_loss)
+                    stats["loss/ptx"].append((pretrain_loss.item(), size / mini.batch_size))
             for name, engine in zip(["actor", *critics.names], engines):
                 result = engine.step()
                 if result["skipped"]:
@@ -320,7 +335,7 @@ def ptx_update(models: Models, cfg: Config, ptx: PtxStream, samples: int,
     an RL minibatch, in micro-batches of ``trainer.micro_batch_size`` — instead of being added to the actor loss."""
     ppo, policy = cfg.ppo, models.policy
     per_step = max(1, samples // ppo.num_minibatches)
-    sizes = [min(cfg.trainer.micro_batch_size, per_step - i) for i in range(0, per_step, cfg.trainer.micro_batch_size)]
+    sizes = chunk_sizes(per_step, cfg.trainer.micro_batch_size)
     losses, norms = [], []
     for _ in range(ppo.epochs * ppo.num_minibatches):
         for size in sizes:
@@ -693,7 +708,8 @@ class Trainer:
         log.warning("received signal %d: finishing the current step, then saving a checkpoint", signum)
 
     def _rank_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Per-rank update statistics averaged over ranks (every rank has the same keys and micro-batch count)."""
+        """Per-rank update statistics averaged over ranks (every rank has the same keys and, agreed in
+        ``ppo_update``, the same micro-batch count)."""
         if not self.rt.distributed or not metrics:
             return metrics
         keys = sorted(metrics)

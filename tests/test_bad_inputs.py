@@ -326,6 +326,8 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a learning rate that is not positive": lambda c: c.config("optimizer.critic.lr=0"),
     "a length that is not positive": lambda c: c.config("trainer.max_new_tokens=0"),
     "a micro-batch token budget that is not positive": lambda c: c.config("trainer.micro_batch_tokens=0"),
+    "a micro-batch token budget without length grouping":
+        lambda c: c.config("trainer.micro_batch_tokens=100", "trainer.group_by_length=false"),
     "prompt and response longer than the model's context": lambda c: c.config("trainer.max_prompt_length=250"),
     "a value of the wrong type": lambda c: c.config("trainer.total_steps=ten"),
     "a misspelt key": lambda c: c.config("trainer.total_step=10"),

@@ -112,16 +112,18 @@ def test_two_runs_started_at_once_on_one_folder_exactly_one_runs(tmp_path):
 def test_a_requeued_duplicate_never_corrupts_the_first_run(tmp_path):
     """The same ``trainer.resume=auto`` command started again while the first still runs (a cluster requeue)."""
     run = tmp_path / "run"
-    first = _popen(run, "trainer.total_steps=30", "trainer.save_every=5", "trainer.resume=auto")
+    # long enough to outlast the duplicate's start-up (imports, Hydra) on a fast machine
+    steps = 150
+    first = _popen(run, f"trainer.total_steps={steps}", "trainer.save_every=25", "trainer.resume=auto")
     deadline = time.time() + 300
     while not _training_steps(run) and time.time() < deadline:
         time.sleep(0.5)
-    duplicate = _popen(run, "trainer.total_steps=30", "trainer.save_every=5", "trainer.resume=auto")
+    duplicate = _popen(run, f"trainer.total_steps={steps}", "trainer.save_every=25", "trainer.resume=auto")
     out = duplicate.communicate(timeout=300)[0]
     assert duplicate.returncode != 0 and f"is in use by another process (pid {first.pid} " in out, out[-2000:]
     assert first.communicate(timeout=600)[0] and first.returncode == 0
-    assert _training_steps(run) == list(range(1, 31))
-    assert [r["step"] for r in metric_rows(run) if "eval/num_prompts" in r] == [30]
+    assert _training_steps(run) == list(range(1, steps + 1))
+    assert [r["step"] for r in metric_rows(run) if "eval/num_prompts" in r] == [steps]
     assert (run / "eval" / "per_prompt.jsonl").is_file()
     assert all(verify(c) is None for c in CheckpointManager(run / "checkpoints").checkpoints())
 

@@ -158,7 +158,7 @@ def _varied_lengths(exp, pad_id: int):
 
 
 def _update_gradients(trainer, exp, micro_batch_size: int, grouped: bool, monkeypatch, tokens: int | None = None,
-                      agree=None):
+                      agree=None, ptx=None):
     """The loss handed to backward (summed over micro-batches) and every engine's gradient before its step."""
     models = copy.deepcopy(trainer.models)
     trainer.config.trainer.micro_batch_size = micro_batch_size
@@ -180,7 +180,7 @@ def _update_gradients(trainer, exp, micro_batch_size: int, grouped: bool, monkey
         monkeypatch.setattr(engine, "step", record_step)
     exp = copy.copy(exp)
     stats, skipped = ppo_update(exp, models, trainer.constraint, trainer.config, torch.Generator().manual_seed(0),
-                                trainer.fused, all_finite=lambda ok: ok, agree=agree)
+                                trainer.fused, all_finite=lambda ok: ok, agree=agree, ptx=ptx)
     assert not skipped
     _update_gradients.micro_batches = stats["update/micro_batches"]
     _update_gradients.stats = stats
@@ -221,6 +221,25 @@ def test_length_grouped_micro_batches_accumulate_the_gradient_of_one_padded_batc
     for name, grad in padded.items():
         torch.testing.assert_close(grouped[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().sum() > 0 for g in padded.values())
+
+
+def test_joint_ptx_adds_the_same_gradient_whatever_the_micro_batches(smoke_cfg, tmp_path, monkeypatch):
+    """``ppo.ptx_mode=joint``: the supervised rows and their chunks follow the minibatch, not its RL micro-batches."""
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", "trainer.total_steps=1", "ppo.ptx_coeff=1.0",
+                           "ptx.source=world", "ppo.ptx_mode=joint")
+    exp = _varied_lengths(trainer.rollout(0, Timings()), trainer.models.tokenizer.pad_token_id)
+    exp.cost_active = trainer.constraint.cost_gate(exp.costs, exp.prompt_index)
+    exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
+    results, passes = {}, {}
+    for name, tokens, with_ptx in (("samples", None, True), ("budget", 40, True), ("budget_no_ptx", 40, False)):
+        ptx = copy.deepcopy(trainer.ptx) if with_ptx else None  # the same supervised rows for each grouping
+        _, results[name] = _update_gradients(trainer, exp, 3, True, monkeypatch, tokens, ptx=ptx)
+        passes[name] = _update_gradients.micro_batches
+    assert passes["samples"] != passes["budget"]  # two different RL groupings
+    for param, grad in results["samples"].items():
+        torch.testing.assert_close(results["budget"][param], grad, rtol=1e-4, atol=1e-6, msg=param)
+    # and the PTX loss did reach the policy's gradient
+    assert any(not torch.allclose(results["budget_no_ptx"][p], g) for p, g in results["budget"].items())
 
 
 def test_length_grouped_micro_batches_are_cut_to_their_longest_row(smoke_cfg, tmp_path):
