@@ -125,7 +125,9 @@ def restore_hydra_files(run_dir: Path) -> None:
     for name in HYDRA_FILES:
         original = hydra / _original(name)
         if original.is_file():
-            _write_atomic(hydra / name, original.read_text())
+            text, current = original.read_text(), hydra / name
+            if not current.is_file() or current.read_text() != text:  # unchanged files keep their times
+                _write_atomic(current, text)
 
 
 def keep_hydra_files(run_dir: Path, first_launch: bool, this_launch: dict[str, str] | None) -> int | None:
