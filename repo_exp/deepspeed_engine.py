@@ -212,8 +212,8 @@ class DeepSpeedEngine:
 
         self.name = name
         self.gather_for_generation = gather_for_generation
-        self.release_memory = release_memory and int(ds_config["zero_optimization"]["stage"]) == 3
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        self.release_memory = release_memory and self.zero_stage == 3
         params = [p for p in module.parameters() if p.requires_grad]
         warmup = math.ceil(sched.warmup_ratio * total_steps)
 

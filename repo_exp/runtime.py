@@ -102,11 +102,7 @@ class DistComm:
         return int(value.item())
 
     def all_finished(self, local_done: bool) -> bool:
-        flag = torch.tensor([0 if local_done else 1], dtype=torch.long)
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        return int(flag.item()) == 0
+        return self.all_max(0 if local_done else 1) == 0
 
 
 class LocalRuntimeComm:

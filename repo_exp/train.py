@@ -189,8 +189,7 @@ def micro_batches(mini: Experience, size: int, by_length: bool, token_budget: in
     if token_budget is None:
         sizes = chunk_sizes(mini.batch_size, size)
     else:
-        prompt_lengths = ordered.attention_mask[:, : ordered.prompt_width].sum(-1)
-        sizes = micro_batch_plan(prompt_lengths.tolist(), ordered.response_mask.sum(-1).tolist(), token_budget)
+        sizes = micro_batch_plan(prompts[order].tolist(), responses[order].tolist(), token_budget)
     if agree is not None:
         sizes = split_to(sizes, agree(len(sizes)))
     start = 0
