@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from repo_exp.world.grammar import STYLES
+from repo_exp.world.grammar import FAMILIES, STYLES, TOPICS
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_SOURCES = ("hub", "tiny", "world")
@@ -179,7 +179,8 @@ class AverageConfig(ConstraintConfig):
     name: str = "average"
     lambda_init: float = 1.0
     lambda_lr: float = 0.1
-    lambda_max: Optional[float] = None
+    lambda_max: float = 5.0  # the published cap (--lambda_max 5.0)
+    lambda_min: float = 0.1  # a floor the update can climb back from (repo_exp/constraints/average.py)
     window: int = 128
     delay: int = 0
     lambda_update: str = "log_sgd"  # log_sgd (published trainer) | projected (the paper's dual ascent)
@@ -192,11 +193,19 @@ class AverageConfig(ConstraintConfig):
         _one_of("constraint.window_scope", self.window_scope, ("global", "rank"))
         if self.lambda_update == "projected":
             _non_negative("constraint.lambda_init", self.lambda_init)
+            _non_negative("constraint.lambda_min", self.lambda_min)
         else:
             _positive("constraint.lambda_init", self.lambda_init)
+            _require(self.lambda_min is not None and math.isfinite(self.lambda_min) and self.lambda_min > 0,
+                     f"constraint.lambda_min must be > 0 under lambda_update=log_sgd (its step is proportional to λ, "
+                     f"so λ never leaves 0), got {self.lambda_min}")
         _positive("constraint.lambda_lr", self.lambda_lr)
-        if self.lambda_max is not None:
-            _positive("constraint.lambda_max", self.lambda_max)
+        _positive("constraint.lambda_max", self.lambda_max)
+        _require(self.lambda_min <= self.lambda_max,
+                 f"constraint.lambda_min ({self.lambda_min}) exceeds constraint.lambda_max ({self.lambda_max})")
+        _require(self.lambda_min <= self.lambda_init <= self.lambda_max,
+                 f"constraint.lambda_init ({self.lambda_init}) must lie in [constraint.lambda_min, "
+                 f"constraint.lambda_max] = [{self.lambda_min}, {self.lambda_max}]")
         _positive("constraint.window", self.window)
         _non_negative("constraint.delay", self.delay)
 
@@ -371,6 +380,9 @@ class WorldConfig:
     seed: int = 0
     temptation: bool = True  # harmful and dual-use prompts' helpfulness oracle prefers unsafe compliance
     eval_fraction: float = 0.2  # share of each topic's phrasings held out for evaluation
+    # whole topics held out of every stage (SFT, preferences, rounds, RL) and evaluated beside the held-out phrasings:
+    # how a constraint generalises to topics it never saw (eval figures with the suffix /unseen_topics)
+    unseen_topics: dict[str, int] = field(default_factory=lambda: {"benign": 2, "dual_use": 1, "harmful": 2})
     sft_mixture: dict[str, dict[str, float]] = field(default_factory=_default_sft_mixture)
     sft_responses_per_prompt: int = 8
     num_preference_pairs: int = 4000
@@ -386,6 +398,12 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         _require(0.0 < self.eval_fraction < 1.0, f"world.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        for family, n in self.unseen_topics.items():
+            _one_of("world.unseen_topics family", family, FAMILIES)
+            topics = sum(1 for _, f, _ in TOPICS if f == family)
+            _require(isinstance(n, int) and 0 <= n < topics,
+                     f"world.unseen_topics.{family} must be a whole number in [0, {topics - 1}] (the family has "
+                     f"{topics} topics and training needs one), got {n}")
         _require(0.0 <= self.label_noise < 0.5, f"world.label_noise must be in [0, 0.5), got {self.label_noise}")
         _require(0.0 < self.preference_test_fraction < 1.0, "world.preference_test_fraction must be in (0, 1)")
         _positive("world.num_preference_pairs", self.num_preference_pairs)

@@ -43,6 +43,7 @@ from repo_exp.algorithms import (
 from repo_exp.checkpoint import CheckpointManager, check_checkpoint, load_rng_states, save_rng_states
 from repo_exp.config import Config, ConfigError
 from repo_exp.constraints import Constraint
+from repo_exp.constraints.bounds import LambdaTrace
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
 from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
 from repo_exp.rollout.budget import generation_budget
@@ -452,7 +453,10 @@ class Trainer:
         self.stop_signal: int | None = None
         self.logprobs_checked = False
         self.every = Every(10.0)
+        self.lambda_trace = LambdaTrace()  # the range λ takes over the run (train/lambda_min, train/lambda_max)
         self._restore()
+        if self.start_step == 0:
+            self.lambda_trace.observe(self.constraint.multiplier)
         self.logger = self._logger()
         # the fused value pass is exact only when the critics do not move before every sample has been seen
         ppo = config.ppo
@@ -594,6 +598,7 @@ class Trainer:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
         self.nonfinite_in_a_row = 0
+        self.lambda_trace.observe(self.constraint.multiplier, constraint_metrics.get("constraint/lambda_at_bound", 0.0))
         metrics = step_metrics(exp, self.constraint, self.rt, measure_cost=measured)
         metrics.update(constraint_metrics)
         metrics.update(self._rank_mean(update_metrics))
@@ -693,6 +698,8 @@ class Trainer:
                                         is_initial=tag == "initial")
         if tag == "initial":
             self.initial_rows = rows
+        if tag == "final":  # the range λ took and the steps it spent at a bound (a λ pinned at one is a bug)
+            summary.update(self.lambda_trace.summary())
         summary["eval/step"] = step
         if self.rt.is_main:
             folder = self.run_dir / "eval" if tag == "final" else self.run_dir / "eval" / tag
@@ -729,6 +736,7 @@ class Trainer:
                 state = {
                     "step": step,
                     "constraint": self.constraint.state_dict(),
+                    "lambda_trace": self.lambda_trace.state_dict(),
                     "stream": self.stream.state_dict(),
                     "ptx": self.ptx.state_dict() if self.ptx is not None else None,
                     "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -882,6 +890,8 @@ class Trainer:
         self.constraint.load_state_dict(state["constraint"])
         if not full:
             return
+        if state.get("lambda_trace"):
+            self.lambda_trace.load_state_dict(state["lambda_trace"])
         for engine in self.models.engines:
             engine.load(folder)
         if any(key.startswith("optimizer.") for key, _, _ in self.resume_changes):

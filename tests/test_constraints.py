@@ -177,14 +177,15 @@ def test_bad_constraint_values_are_refused():
 
 
 def test_average_projected_update_by_hand():
-    c = AverageConstraint(threshold=0.0, lambda_init=0.5, lambda_lr=0.2, lambda_update="projected", lambda_max=3.0)
+    c = AverageConstraint(threshold=0.0, lambda_init=0.5, lambda_lr=0.2, lambda_update="projected", lambda_max=3.0,
+                          lambda_min=0.0)
     c.update(torch.tensor([-1.0, -3.0]), torch.arange(2), 0)  # J_c = −2: 0.5 − 0.4 = 0.1
     assert c.multiplier == pytest.approx(0.1)
     c.update(torch.tensor([-10.0, -10.0]), torch.arange(2), 1)  # J_c = −5.5: clipped at 0
     assert c.multiplier == 0.0
     c.update(torch.tensor([100.0] * 20), torch.arange(20), 2)  # capped at 3
     assert c.multiplier == 3.0
-    d = AverageConstraint(lambda_update="projected", lambda_init=0.0)
+    d = AverageConstraint(lambda_update="projected", lambda_init=0.0, lambda_min=0.0)
     d.load_state_dict(c.state_dict())
     assert d.multiplier == 3.0
 
@@ -212,7 +213,7 @@ class ThreadComm:
         return (a + b) / 2
 
 
-def run_two_ranks(scope: str, costs_per_rank, lambda_max=None, steps=2):
+def run_two_ranks(scope: str, costs_per_rank, lambda_max=100.0, steps=2):
     import threading
 
     shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=30)}
@@ -260,13 +261,86 @@ def test_lambda_cap_and_floor_are_reported_and_warned_once(caplog):
     constraints, metrics = run_two_ranks("rank", costs, lambda_max=5.0)
     assert constraints[0].multiplier == pytest.approx(5.0)
     assert [m["constraint/lambda_at_bound"] for m in metrics[0]] == [0.0, 1.0]
-    c = AverageConstraint(lambda_max=5.0)
+    c = AverageConstraint(lambda_max=5.0, lambda_min=0.1)
     with caplog.at_level("WARNING", logger="repo_exp.constraints.bounds"):
         assert c.update(torch.tensor([-1e6]), torch.tensor([0]), 0)["constraint/lambda_at_bound"] == -1.0
-        assert c.multiplier == pytest.approx(math.exp(-30.0))  # the log-space floor: the constraint is off
+        assert c.multiplier == pytest.approx(0.1)  # the floor, not 0: the update climbs back from it
         assert c.update(torch.tensor([-1.0]), torch.tensor([0]), 1)["constraint/lambda_at_bound"] == -1.0
     floor_warnings = [r for r in caplog.records if "floor" in r.getMessage()]
     assert len(floor_warnings) == 1  # once, although λ stayed there
     r = RectifiedConstraint(multiplier="learned", lambda_init=1.0, lambda_lr=1.0, lambda_max=2.0)
     assert r.update(torch.tensor([5.0]), torch.tensor([0]), 0)["constraint/lambda_at_bound"] == 1.0
     assert "constraint/lambda_at_bound" not in RectifiedConstraint().update(torch.tensor([5.0]), torch.tensor([0]), 0)
+
+
+PHASES = ((5.0, 60), (-5.0, 200), (5.0, 60))  # the batch cost far above d = 0, far below, above again
+
+
+def drive(c: AverageConstraint, phases=PHASES) -> list[list[float]]:
+    """λ after every step of each phase; the window holds one batch, so J_c is the batch's cost."""
+    out = []
+    for cost, steps in phases:
+        lams = []
+        for step in range(steps):
+            c.update(torch.full((8,), cost), torch.arange(8), step)
+            lams.append(c.multiplier)
+        out.append(lams)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["log_sgd", "projected"])
+def test_average_lambda_stays_within_its_bounds_and_is_enforced_again_after_each_switch(rule):
+    """Far above d, far below, above again: λ never leaves [floor, cap], reaches the cap while the constraint is
+    violated, and after the switch back is at λ ≥ 1 (the cost weighs as much as the reward) within the stated
+    number of steps: ``climb_steps(floor, 1, lr, gap)`` for log-space SGD, ``(1 − floor)/(lr·gap)`` for projected."""
+    from repo_exp.constraints.average import climb_steps
+
+    c = AverageConstraint(threshold=0.0, window=8, lambda_update=rule, lambda_min=0.1 if rule == "log_sgd" else 0.0)
+    assert (c.lambda_max, c.lambda_lr) == (5.0, 0.1)  # the published cap and learning rate are the defaults
+    above, below, again = drive(c)
+    everything = above + below + again
+    assert min(everything) >= c.lambda_min and max(everything) <= c.lambda_max + 1e-12
+    assert above[-1] == pytest.approx(5.0) and below[-1] == pytest.approx(c.lambda_min)
+    bound = climb_steps(0.1, 1.0, 0.1, 5.0) if rule == "log_sgd" else math.ceil(1.0 / (0.1 * 5.0))
+    first = next(i for i, lam in enumerate(again) if lam >= 1.0) + 1
+    assert first <= bound, (first, bound)
+    assert again[-1] == pytest.approx(5.0)  # and held at the cap while the violation lasts
+
+
+def test_average_without_bounds_switches_itself_off():
+    """The failure the bounds remove: with no cap λ runs up exponentially, the first step below d throws log λ to the
+    numeric floor, and from there a step proportional to λ never brings it back within the run."""
+    c = AverageConstraint(threshold=0.0, window=8, lambda_max=1e13, lambda_min=math.exp(-30.0))
+    above, below, again = drive(c, ((1.5, 66), (-1.0, 4), (5.0, 60)))
+    assert above[-1] > 1e6 and below[-1] == pytest.approx(math.exp(-30.0))
+    assert max(again) < 1e-10  # 60 steps far above d and λ has not moved
+
+
+def test_climb_steps_is_an_upper_bound_by_hand():
+    from repo_exp.constraints.average import climb_steps
+
+    # per step 1/λ falls by at least 0.1·5/(1 + 0.1·1·5) = 1/3; from 1/0.1 = 10 to 1: ⌈9 · 3⌉ = 27
+    assert climb_steps(0.1, 1.0, 0.1, 5.0) == 27
+    lam, steps = 0.1, 0
+    while lam < 1.0:
+        lam, steps = lam * math.exp(0.1 * lam * 5.0), steps + 1
+    assert steps <= 27
+
+
+def test_lambda_trace_records_the_range_and_the_steps_at_each_bound():
+    from repo_exp.constraints.bounds import LambdaTrace
+
+    c = AverageConstraint(threshold=0.0, window=8)
+    trace = LambdaTrace()
+    trace.observe(c.multiplier)
+    for cost, steps in PHASES:
+        for step in range(steps):
+            metrics = c.update(torch.full((8,), cost), torch.arange(8), step)
+            trace.observe(c.multiplier, metrics["constraint/lambda_at_bound"])
+    summary = trace.summary()
+    assert summary["train/lambda_min"] == pytest.approx(0.1) and summary["train/lambda_max"] == pytest.approx(5.0)
+    assert summary["train/updated_steps"] == 320
+    assert 0 < summary["train/steps_at_floor"] < 200 and 0 < summary["train/steps_at_cap"] < 120
+    again = LambdaTrace()
+    again.load_state_dict(trace.state_dict())
+    assert again.summary() == summary

@@ -66,9 +66,9 @@ def test_safe_rlhf_preset_has_each_published_baseline_setting(compose):
     world = c.world  # the reward and cost models' training (scripts/{reward,cost}-model.sh)
     for stage in (world.reward_model, world.cost_model):
         assert stage.score_regularization == 0.001 and stage.filter_inconsistent_pairs
-    # elsewhere the current behaviour stays the default
+    # elsewhere the framework's own behaviour stays the default (the published cap everywhere, with a floor)
     d = validate(compose("constraint=average"))
-    assert (d.constraint.lambda_max, d.constraint.window_scope) == (None, "global")
+    assert (d.constraint.lambda_max, d.constraint.lambda_min, d.constraint.window_scope) == (5.0, 0.1, "global")
     assert (d.ppo.ptx_mode, d.trainer.max_length, d.reward.normalize, d.cost.normalize) == ("joint", None, None, None)
 
 

@@ -77,6 +77,27 @@ def test_prompt_split_holds_out_unseen_phrasings_of_every_topic():
     assert {p.family for p in held_out[:20]} == {"benign", "dual_use", "harmful"}  # any prefix mixes families
 
 
+def test_unseen_topics_are_held_out_whole_and_leave_the_other_topics_split_alone():
+    from repo_exp.world.grammar import TEMPLATES, TOPICS, unseen_topics
+
+    counts = {"benign": 2, "dual_use": 1, "harmful": 2}
+    unseen = unseen_topics(0, counts)
+    family = {topic: f for topic, f, _ in TOPICS}
+    assert sorted(family[t] for t in unseen) == ["benign", "benign", "dual_use", "harmful", "harmful"]
+    assert unseen_topics(0, counts) == unseen and unseen_topics(1, counts) != unseen  # drawn with the world seed
+    train, held_out = split_prompts(0, 0.2, unseen)
+    assert not {p.topic for p in train} & unseen  # nothing of an unseen topic reaches any training stage
+    whole = [p for p in held_out if p.unseen]
+    assert {p.topic for p in whole} == unseen and len(whole) == len(unseen) * len(TEMPLATES)
+    assert not any(p.unseen for p in train) and all(p.topic in unseen for p in whole)
+    plain_train, plain_held_out = split_prompts(0, 0.2)
+    assert sorted(p.text for p in plain_train if p.topic not in unseen) == sorted(p.text for p in train)
+    assert (sorted(p.text for p in plain_held_out if p.topic not in unseen)
+            == sorted(p.text for p in held_out if not p.unseen))
+    with pytest.raises(ValueError, match="unseen_topics.dual_use"):
+        unseen_topics(0, {"dual_use": 10})  # the family's every topic: nothing left to train on
+
+
 def test_reward_and_cost_losses_by_hand():
     better, worse = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     expected = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2

@@ -62,14 +62,15 @@ def _from_dataset(ds, column: str, origin: str) -> tuple[list[str], list[dict]]:
 def load_prompt_set(data: DataConfig, split: str, world: WorldConfig | None = None) -> PromptSet:
     """The prompts of ``data`` for ``split`` (train or the eval split)."""
     if data.source == "world":
-        from repo_exp.world.grammar import split_prompts
+        from repo_exp.world.grammar import world_split
 
         if world is None:
             raise ValueError("data.source=world needs the world config")
-        train, held_out = split_prompts(world.seed, world.eval_fraction)
+        train, held_out = world_split(world)
         prompts = train if split == data.split else held_out
         texts = [p.text for p in prompts]
-        meta = [{"family": p.family, "severity": p.severity, "topic": p.topic} for p in prompts]
+        meta = [{"family": p.family, "severity": p.severity, "topic": p.topic, "unseen_topic": p.unseen}
+                for p in prompts]
     elif data.source == "file":
         path = Path(data.path)
         if not path.exists():

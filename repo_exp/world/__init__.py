@@ -3,7 +3,8 @@
 
 from functools import lru_cache
 
-from repo_exp.world.grammar import FAMILIES, Prompt, all_prompts, corpus, sample_response, split_prompts
+from repo_exp.world.grammar import (FAMILIES, Prompt, all_prompts, corpus, sample_response, split_prompts,
+                                    unseen_topics, world_split)
 from repo_exp.world.oracle import is_refusal, oracle_cost, oracle_reward, parse
 
 
@@ -22,6 +23,8 @@ __all__ = [
     "corpus",
     "sample_response",
     "split_prompts",
+    "unseen_topics",
+    "world_split",
     "is_refusal",
     "oracle_cost",
     "oracle_reward",

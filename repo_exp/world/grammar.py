@@ -20,7 +20,8 @@ writes, including text outside the grammar.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Mapping
 
 FAMILIES = ("benign", "dual_use", "harmful")
 STYLES = ("refuse", "safe", "unsafe", "offtopic", "truncated", "random", "hedged")
@@ -148,6 +149,7 @@ class Prompt:
     family: str
     severity: float
     template: int
+    unseen: bool = False  # its topic is held out of training whole (``unseen_topics``): a test of generalisation
 
 
 def all_prompts() -> list[Prompt]:
@@ -158,8 +160,26 @@ def all_prompts() -> list[Prompt]:
     ]
 
 
-def split_prompts(seed: int, eval_fraction: float) -> tuple[list[Prompt], list[Prompt]]:
-    """Train and held-out prompts. Every topic appears in both; held-out prompts are unseen phrasings."""
+def unseen_topics(seed: int, counts: Mapping[str, int]) -> frozenset[str]:
+    """Whole topics kept out of training: ``counts[family]`` of each family, drawn with the world seed (a generator
+    of its own, so the phrasing split of the other topics does not depend on it)."""
+    rng = random.Random(f"unseen-topics-{seed}")
+    out: set[str] = set()
+    for family in FAMILIES:
+        topics = sorted(topic for topic, f, _ in TOPICS if f == family)
+        n = int(counts.get(family, 0))
+        if not 0 <= n < len(topics):
+            raise ValueError(f"world.unseen_topics.{family} must be in [0, {len(topics) - 1}] (the family has "
+                             f"{len(topics)} topics and training needs one), got {n}")
+        out.update(rng.sample(topics, n))
+    return frozenset(out)
+
+
+def split_prompts(seed: int, eval_fraction: float,
+                  unseen: frozenset[str] | set[str] = frozenset()) -> tuple[list[Prompt], list[Prompt]]:
+    """Train and held-out prompts. Every topic not in ``unseen`` appears in both, its held-out prompts unseen
+    phrasings; every phrasing of an ``unseen`` topic is held out (``Prompt.unseen``), so no training prompt, SFT
+    answer or preference pair is about it."""
     rng = random.Random(seed)
     train, held_out = [], []
     by_topic: dict[str, list[Prompt]] = {}
@@ -167,13 +187,22 @@ def split_prompts(seed: int, eval_fraction: float) -> tuple[list[Prompt], list[P
         by_topic.setdefault(p.topic, []).append(p)
     for topic in sorted(by_topic):
         prompts = by_topic[topic]
-        rng.shuffle(prompts)
+        rng.shuffle(prompts)  # for every topic, so that the other topics' split is the same with or without it
+        if topic in unseen:
+            held_out += [replace(p, unseen=True) for p in prompts]
+            continue
         n_eval = max(1, round(eval_fraction * len(prompts)))
         held_out += prompts[:n_eval]
         train += prompts[n_eval:]
     rng.shuffle(train)  # so that any prefix (eval.max_prompts) mixes the families
     rng.shuffle(held_out)
     return train, held_out
+
+
+def world_split(world) -> tuple[list[Prompt], list[Prompt]]:
+    """``split_prompts`` for a world config (``seed``, ``eval_fraction``, ``unseen_topics``)."""
+    unseen = unseen_topics(world.seed, dict(getattr(world, "unseen_topics", None) or {}))
+    return split_prompts(world.seed, world.eval_fraction, unseen)
 
 
 def sample_response(prompt: Prompt, style: str, rng: random.Random) -> str:

@@ -30,7 +30,7 @@ from filelock import FileLock
 from repo_exp.config import WorldConfig
 from repo_exp.progress import Every, step_line
 from repo_exp.world import grammar, oracle
-from repo_exp.world.grammar import Prompt, sample_response, split_prompts
+from repo_exp.world.grammar import Prompt, sample_response, world_split
 from repo_exp.world.oracle import oracle_cost, oracle_reward, parse
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _encode_sft(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
 def sft_examples(world: WorldConfig, rng: random.Random) -> list[tuple[Prompt, str]]:
     """(prompt, response) pairs: ``sft_responses_per_prompt`` per train prompt, styles drawn from the family's
     mixture."""
-    train, _ = split_prompts(world.seed, world.eval_fraction)
+    train, _ = world_split(world)
     out = []
     for p in train:
         mixture = world.sft_mixture[p.family]
@@ -248,7 +248,7 @@ def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
     tokenizer = world_tokenizer()
     model = quietly(AutoModelForCausalLM.from_pretrained, sft_folder / "model").eval()
     rng = random.Random(world.seed + 17)
-    train, _ = split_prompts(world.seed, world.eval_fraction)
+    train, _ = world_split(world)
     chosen = [train[rng.randrange(len(train))] for _ in range(world.num_preference_pairs)]
     log.info("world stage preferences: sampling %d pairs from the SFT model", len(chosen))
     first = sample_policy(model, tokenizer, chosen, seed=world.seed * 2 + 1)
@@ -273,6 +273,7 @@ def round_rl_command(world: WorldConfig, constraint: str, seed: int, run_dir: Pa
         "cost.source=hub", f"cost.path={cost}", "cost.tokenizer=world",
         f"world.seed={world.seed}", f"world.eval_fraction={world.eval_fraction}",
         f"world.temptation={str(world.temptation).lower()}", f"trainer.total_steps={world.rounds.steps}",
+        *(f"world.unseen_topics.{family}={n}" for family, n in sorted(world.unseen_topics.items())),
         f"ppo.kl_coeff={ROUND_KL_COEFF}",
         "eval.at_start=false", "eval.at_end=false", "logger=none", "trainer.progress=false",
         "trainer.num_threads=1", f"hydra.run.dir={run_dir}",
@@ -330,7 +331,7 @@ def build_round(world: WorldConfig, r: int, paths: dict[str, str], out: Path) ->
     tokenizer = world_tokenizer()
     sft = quietly(AutoModelForCausalLM.from_pretrained, paths["sft"]).eval()
     rng = random.Random(world.seed * 31 + r)
-    train, _ = split_prompts(world.seed, world.eval_fraction)
+    train, _ = world_split(world)
     rows, responses, metrics = [], [], {}
     for i, (c, folder) in enumerate(sorted(policies.items())):
         policy = quietly(AutoModelForCausalLM.from_pretrained, folder).eval()
@@ -414,7 +415,7 @@ def oracle_agreement(model, encoder, rows: list[dict], kind: str) -> dict[str, f
 def build_world(world: WorldConfig, until: str = "cost") -> dict[str, str]:
     """Build (or find cached) every stage up to ``until`` (sft, preferences, reward, cost); returns their folders."""
     cache = Path(world.cache_dir)
-    grammar_cfg = {"seed": world.seed, "eval_fraction": world.eval_fraction}
+    grammar_cfg = {"seed": world.seed, "eval_fraction": world.eval_fraction, "unseen_topics": world.unseen_topics}
     sft_cfg = {**grammar_cfg, "mixture": world.sft_mixture, "per_prompt": world.sft_responses_per_prompt,
                "arch": world.arch, "stage": world.sft}  # the SFT data does not read the oracle
     sft, sft_key = run_stage(cache, "sft", sft_cfg, [], lambda out: build_sft(world, out))
