@@ -73,12 +73,12 @@ def _zero_section(config: Config, train: bool) -> dict[str, Any]:
     return zero
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in, nested dictionaries key by key."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested dictionaries key by key, lists and values replaced (OmegaConf's
+    merge), as a plain dict for DeepSpeed."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.merge(base, extra), resolve=True)
 
 
 def train_config(config: Config, world_size: int, opt: AdamWConfig | None = None) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def train_config(config: Config, world_size: int, opt: AdamWConfig | None = None
         # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU AdamW, not torch's
         out["optimizer"] = {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
                                                         "weight_decay": opt.weight_decay}}
-    return deep_merge(out, dict(ds.extra))
+    return merged(out, dict(ds.extra))
 
 
 def model_train_config(config: Config, world_size: int, opt: AdamWConfig, module: nn.Module) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def inference_config(config: Config) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return deep_merge(out, {k: v for k, v in dict(ds.extra).items() if k in ("bf16", "zero_optimization")})
+    return merged(out, {k: v for k, v in dict(ds.extra).items() if k in ("bf16", "zero_optimization")})
 
 
 @contextlib.contextmanager

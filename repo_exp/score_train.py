@@ -18,7 +18,6 @@ The result is a score model in the published layout, which an RL run loads by pa
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
+from transformers import get_scheduler
 
 from repo_exp.config import ArchConfig, DataConfig, _non_negative, _one_of, _positive, _require
 from repo_exp.models.score_model import ScoreModel, right_pad, score_input_ids
@@ -160,8 +160,8 @@ def train_score_model(model: ScoreModel, encoder: PreferenceEncoder, train_rows:
         raise ValueError("no preference rows to train on")
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    # a linear warm-up over the first 5 % of the steps, then a cosine decay to 0
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
     model.train()
     loss = torch.tensor(float("nan"))
     every = Every(10.0)

@@ -8,7 +8,7 @@ import copy
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from hydra.utils import get_class
@@ -27,6 +27,9 @@ from repo_exp.models.tokenizers import load_tokenizer
 from repo_exp.models.weights import load_state_dict_safely
 from repo_exp.rollout.score import Scorer, critic_values
 from repo_exp.runtime import Runtime, release_free_memory
+
+if TYPE_CHECKING:
+    from repo_exp.world.stage import WorldArtifacts
 
 
 def build_constraint(node: DictConfig, comm: Comm) -> Constraint:
@@ -140,15 +143,6 @@ def _tokenizer_for(cfg: ModelConfig | ScoreModelConfig, path: str | None):
                           trust_remote_code=cfg.trust_remote_code)
 
 
-def world_paths(config: Config, rt: Runtime) -> dict[str, str]:
-    """Paths of the world's SFT, reward and cost models, building (and caching) them when some source needs them."""
-    if "world" not in (config.model.source, config.reward.source, config.cost.source):
-        return {}
-    from repo_exp.world.pipeline import world_artifacts
-
-    return world_artifacts(config.world, rt)
-
-
 class EngineBackend(Protocol):
     """What turns the trained models into engines when plain torch does not (``repo_exp.deepspeed_engine``): chosen
     by the caller, so that the set-up never imports it."""
@@ -167,20 +161,29 @@ class EngineBackend(Protocol):
         models' config; ``kwargs``: ``score_type``, ``normalize``, ``score_dim``."""
 
 
-def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: EngineBackend | None = None) -> Models:
-    """The run's models; under ``deepspeed`` the engines come from ``backend`` (``deepspeed_engine.backend_for``)."""
+def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: EngineBackend | None = None,
+                 world: WorldArtifacts | None = None) -> Models:
+    """The run's models; under ``deepspeed`` the engines come from ``backend`` (``deepspeed_engine.backend_for``).
+
+    A model whose ``source`` is ``world`` loads from ``world``, the folders of a world built beforehand
+    (``repo_exp.world.stage.prepare_world``): setting up the models builds nothing."""
     if config.deepspeed.enabled and backend is None:
         raise ValueError("deepspeed is enabled but no engine backend was given: build_models(..., "
                          "backend=repo_exp.deepspeed_engine.backend_for(config))")
     t, opt = config.trainer, config.optimizer
-    paths = world_paths(config, rt)
+    sources = [key for key in ("model", "reward", "cost") if getattr(config, key).source == "world"]
+    if sources and world is None:
+        raise ValueError(f"{', '.join(f'{k}.source=world' for k in sources)} loads the synthetic world's models, but "
+                         f"no built world was given: build or find it first (repo_exp.world.stage.prepare_world, or "
+                         f"`python -m repo_exp.world`) and pass it as build_models(..., world=...)")
+    paths = world.paths() if world is not None else {}
     policy_path = paths.get("sft") if config.model.source == "world" else config.model.path
     reward_path = paths.get("reward") if config.reward.source == "world" else config.reward.path
     cost_path = paths.get("cost") if config.cost.source == "world" else config.cost.path
 
     for key, path in (("model.path", policy_path), ("reward.path", reward_path), ("cost.path", cost_path)):
         check_local_path(key, path)
-    resolve_attention(config, policy_path, rt.device)  # model.attn_implementation=auto: the faster kernel here
+    resolve_attention(config, policy_path, rt.device)  # model.attn_implementation=fastest: the faster kernel here
     tokenizer = _tokenizer_for(config.model, policy_path)
     # under ZeRO-3 the models stay on the CPU until DeepSpeed partitions them: six whole 7B models fit no GPU
     device = torch.device("cpu") if config.deepspeed.enabled and config.deepspeed.zero_stage == 3 else rt.device

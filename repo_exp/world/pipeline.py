@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -35,7 +34,9 @@ from repo_exp.world.oracle import oracle_cost, oracle_reward, parse
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when a stage's code changes what it produces
+# bump when a stage's code changes what it produces. 2: the SFT and score-model learning-rate schedules are
+# transformers' (constant and cosine, each after a linear warm-up over 5 % of the steps)
+PIPELINE_VERSION = 2
 TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
 STAGE_FILE = "stage.json"
 
@@ -118,7 +119,7 @@ def sft_examples(world: WorldConfig, rng: random.Random) -> list[tuple[Prompt, s
 
 
 def build_sft(world: WorldConfig, out: Path) -> dict:
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, get_scheduler
 
     from repo_exp.models.policy import tiny_llama_config
     from repo_exp.world import world_tokenizer
@@ -131,8 +132,8 @@ def build_sft(world: WorldConfig, out: Path) -> dict:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(world.arch, tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-    warmup = max(1, stage.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    # linear warm-up over the first 5 % of the steps, then constant
+    schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=max(1, stage.steps // 20))
     model.train()
     losses = []
     every = Every(10.0)
@@ -258,74 +259,13 @@ def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
     return pair_metrics("preferences", rows, first + second)
 
 
-# β of the rounds' RL runs: the published value, whatever the compared runs use (the world preset's ppo.kl_coeff),
-# so that the world does not change with the runs' settings
-ROUND_KL_COEFF = 0.01
-
-
-def round_rl_command(world: WorldConfig, constraint: str, seed: int, run_dir: Path, sft: str, reward: str,
-                     cost: str) -> list[str]:
-    """One round's RL run: the world's trainer and optimizer against the given models, no evaluation."""
-    return [
-        sys.executable, "-m", "repo_exp", f"constraint={constraint}", f"seed={seed}",
-        "model.source=hub", f"model.path={sft}", "model.tokenizer=world",
-        "reward.source=hub", f"reward.path={reward}", "reward.tokenizer=world",
-        "cost.source=hub", f"cost.path={cost}", "cost.tokenizer=world",
-        f"world.seed={world.seed}", f"world.eval_fraction={world.eval_fraction}",
-        f"world.temptation={str(world.temptation).lower()}", f"trainer.total_steps={world.rounds.steps}",
-        *(f"world.unseen_topics.{family}={n}" for family, n in sorted(world.unseen_topics.items())),
-        f"ppo.kl_coeff={ROUND_KL_COEFF}",
-        "eval.at_start=false", "eval.at_end=false", "logger=none", "trainer.progress=false",
-        "trainer.num_threads=1", f"hydra.run.dir={run_dir}",
-    ]
-
-
-def run_round_policies(world: WorldConfig, r: int, paths: dict[str, str], out: Path) -> dict[str, Path]:
-    """RL from the SFT model with each round constraint, in parallel processes of one thread each; returns the final
-    policy folders. Prints each run's step every 20 s."""
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    procs = {}
-    for c in world.rounds.constraints:
-        run_dir = out / f"rl_{c}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        command = round_rl_command(world, c, world.rounds.seed + r, run_dir, paths["sft"], paths["reward"],
-                                   paths["cost"])
-        log_file = open(run_dir / "run.log", "w")
-        procs[c] = (subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env), run_dir, log_file)
-    last = time.monotonic()
-    while any(p.poll() is None for p, _, _ in procs.values()):
-        time.sleep(1.0)
-        if time.monotonic() - last >= 20:
-            last = time.monotonic()
-            log.info("world round %d RL: %s", r, ", ".join(f"{c} step {_last_step(d)}/{world.rounds.steps}"
-                                                         for c, (_, d, _) in procs.items()))
-    policies = {}
-    for c, (p, run_dir, log_file) in procs.items():
-        log_file.close()
-        if p.returncode != 0:
-            tail = (run_dir / "run.log").read_text()[-2000:]
-            raise RuntimeError(f"world round {r}: the RL run with constraint={c} failed (exit {p.returncode}); "
-                               f"its log is {run_dir / 'run.log'}:\n{tail}")
-        policies[c] = max((run_dir / "checkpoints").glob("step_*")) / "policy"
-    return policies
-
-
-def _last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()[-3:] if line.strip()]
-    return max(steps, default=0)
-
-
 def build_round(world: WorldConfig, r: int, paths: dict[str, str], out: Path) -> dict:
     """Round ``r``: RL against the latest models, then pairs (policy sample, SFT sample) labelled by the oracle."""
     from transformers import AutoModelForCausalLM
 
     from repo_exp.score_train import quietly
     from repo_exp.world import world_tokenizer
+    from repo_exp.world.rounds import run_round_policies
 
     policies = run_round_policies(world, r, paths, out)
     tokenizer = world_tokenizer()
@@ -456,18 +396,6 @@ def build_world(world: WorldConfig, until: str = "cost") -> dict[str, str]:
             train_models(r)
     for kind in score_models:
         paths.pop(f"{kind}_key")
-    return paths
-
-
-def world_artifacts(world: WorldConfig, rt=None) -> dict[str, str]:
-    """``build_world`` on rank 0 while the other ranks wait, then the paths on every rank."""
-    if rt is None or not rt.distributed:
-        return build_world(world)
-    if rt.is_main:
-        paths = build_world(world)
-    rt.barrier()
-    if not rt.is_main:
-        paths = build_world(world)  # every stage is cached now: this only resolves the folders
     return paths
 
 
