@@ -309,7 +309,7 @@ PHASES = ("side_by_side", "sizes", "scaling", "variable_length")
 
 
 def _attention_probe() -> dict[str, Any]:
-    """What ``model.attn_implementation=auto`` measured on this CPU (the project cache's entries for it)."""
+    """What ``model.attn_implementation=fastest`` measured on this CPU (the project cache's entries for it)."""
     from repo_exp.machine import PROBE_FILE
 
     path = Path(os.environ.get("REPO_EXP_CACHE", ".cache/repo_exp")) / PROBE_FILE

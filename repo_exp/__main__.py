@@ -10,13 +10,14 @@ from omegaconf import DictConfig
 from repo_exp.config import register_configs
 from repo_exp.hydra_job import CONFIG_PATH, run_job
 from repo_exp.hydra_job import strip_local_rank as _strip_local_rank
-from repo_exp.train import train
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _app(cfg: DictConfig):
+    from repo_exp.train import train  # here, not above: --help and --cfg print without loading torch
+
     return run_job(cfg, train, reuse_finished=True)
 
 

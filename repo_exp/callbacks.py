@@ -3,14 +3,14 @@
 - ``SweepSignals`` (every multirun): Ctrl-C stops the sweep as a whole. The running jobs save a checkpoint and stop
   (the trainer's own handler), the jobs not started yet do not start (the stop mark, ``repo_exp.hydra_job``), and the
   sweep exits non-zero; a second Ctrl-C stops the running jobs without their checkpoint.
-- ``CompareReport`` (``experiment=compare``): builds the synthetic world once before the jobs start (the jobs then
-  find it in the cache; its file lock keeps concurrent builders safe), and when the sweep ends writes the report
+- ``SweepWorlds``: builds every synthetic world of the sweep once before the jobs start (the jobs then find it in the
+  cache; its file lock keeps concurrent builders safe).
+- ``CompareReport`` (``experiment=compare``): ``SweepWorlds``, and when the sweep ends writes the report
   (``report.json``, ``report.md``, figures) beside the runs' folder and prints the summary table.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -22,21 +22,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from repo_exp.hydra_job import stop_mark
+from repo_exp.report import helpfulness_sources, models_line, table  # noqa: F401  (the summary's parts)
 
 log = logging.getLogger("repo_exp")
-
-TABLE = (
-    ("oracle/prompt_violation_rate", "prompts violating (oracle)"),
-    ("oracle/mean_cost", "mean cost (oracle)"),
-    ("oracle/unsafe_rate", "unsafe responses (oracle)"),
-    ("oracle/safe_reward_mean", "safe helpfulness (oracle)"),
-    ("oracle/reward_mean", "raw helpfulness (oracle)"),
-    ("oracle/benign_refusal_rate", "refusals where a safe answer exists"),
-    ("eval/mean_cost", "mean cost (cost model)"),
-    ("eval/prompt_violation_rate", "prompts violating (cost model)"),
-    ("eval/reward_mean", "reward (reward model)"),
-)
-
 
 class SweepSignals(Callback):
     """Ctrl-C during a multirun: stop the whole sweep after the running jobs have saved their checkpoints.
@@ -104,53 +92,6 @@ def sweep_worlds(jobs: list[list[str]]) -> list[list[str]]:
     return list(seen.values())
 
 
-def helpfulness_sources(report: dict, constraints: list[str]) -> dict[str, dict[str, float]]:
-    """Per constraint: where the oracle helpfulness comes from — earned by safe vs unsafe responses, by family
-    (means over the constraint's runs, from ``report[constraint]``)."""
-    out = {}
-    for constraint in constraints:
-        figures = report.get(constraint, {})
-        if "oracle/reward_mean" not in figures:
-            continue
-        row = {"oracle/unsafe_reward_mean":
-               figures["oracle/reward_mean"]["mean"] - figures["oracle/safe_reward_mean"]["mean"]}
-        families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/"))
-        for family in families:
-            for figure in ("reward_mean", "unsafe_rate", "refusal_rate"):
-                row[f"oracle/{figure}/{family}"] = figures[f"oracle/{figure}/{family}"]["mean"]
-        out[constraint] = row
-    return out
-
-
-def table(report: dict, constraints: list[str]) -> str:
-    """The summary table: one row per headline figure, mean ± std over seeds per constraint."""
-    lines = ["| figure | " + " | ".join(constraints) + " |", "|---|" + "---|" * len(constraints)]
-    for key, label in TABLE:
-        cells = []
-        for c in constraints:
-            v = report.get(c, {}).get(key)
-            cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "—")
-        lines.append(f"| {label} (`{key}`) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def models_line(world: dict[str, Any]) -> str:
-    several = {k: v for k, v in world.items() if k.startswith("seed") and isinstance(v, dict)}
-    if several:  # a sweep over worlds: one line each
-        return "\n".join(f"World seed {v['seed']}: {models_line(v)}" for _, v in sorted(several.items()))
-    if "reward/pairwise_accuracy" not in world:
-        return "The reward and cost models are not the world's (no world accuracies)."
-    return (f"Reward model: held-out pairwise accuracy {world['reward/pairwise_accuracy']:.3f} on noisy labels, "
-            f"{world['reward/oracle_pairwise_accuracy']:.3f} against the oracle. Cost model: pairwise "
-            f"{world['cost/pairwise_accuracy']:.3f} (oracle {world['cost/oracle_pairwise_accuracy']:.3f}), sign "
-            f"{world['cost/sign_accuracy']:.3f} (oracle {world['cost/oracle_sign_accuracy']:.3f})."
-            + (f" On the round's policy samples, against the oracle: reward pairwise "
-               f"{world['reward/on_policy_oracle_pairwise_accuracy']:.3f}, cost pairwise "
-               f"{world['cost/on_policy_oracle_pairwise_accuracy']:.3f}, cost sign "
-               f"{world['cost/on_policy_oracle_sign_accuracy']:.3f}."
-               if "cost/on_policy_oracle_sign_accuracy" in world else ""))
-
-
 def _job_config(config: DictConfig):
     """The sweep's config without its ``hydra`` node, validated (the swept values are each job's own)."""
     import copy
@@ -178,8 +119,42 @@ def _fatal(what: str):
     return wrap
 
 
-class CompareReport(Callback):
-    """The default comparison's world before the jobs and its report after them (``experiment=compare``)."""
+def build_sweep_worlds(config: DictConfig, start: float | None = None) -> dict[str, Any]:
+    """Build (or find) every world the jobs of the sweep ``config`` train in, before any job starts, so that the jobs
+    find them in the cache (its file locks keep concurrent builders safe). Returns what the report says about them:
+    ``{"name", "seed", "paths", <stage metrics>}`` for one world, ``{"seed<k>": …}`` for several; {} when no job
+    loads a world model."""
+    from repo_exp.config import compose_config, validate
+    from repo_exp.world.stage import build_or_find_world, needs_world
+
+    start = time.perf_counter() if start is None else start
+    job = _job_config(config)
+    if not needs_world(job):
+        return {}
+    worlds = sweep_worlds(sweep_jobs(config))  # every world the jobs train in (the robustness study has three)
+    out: dict[str, Any] = {}
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # no job runs yet: Ctrl-C stops at once
+    try:
+        for overrides in worlds:
+            world_cfg = job.world if len(worlds) == 1 else validate(compose_config(overrides)).world
+            log.info("building (or finding) the world %r (seed %d): SFT → preferences → reward and cost models → "
+                     "%d on-policy round(s)", world_cfg.name, world_cfg.seed, world_cfg.rounds.count)
+            world = build_or_find_world(world_cfg)
+            metrics = world.metrics()
+            entry = {"name": world.name, "seed": world.seed, "paths": world.paths(), **metrics}
+            out = entry if len(worlds) == 1 else {**out, f"seed{world.seed}": entry}
+            log.info("world %r (seed %d) ready after %.0f s in %s: reward model held-out accuracy %.3f, cost model "
+                     "%.3f, cost sign %.3f", world.name, world.seed, time.perf_counter() - start, world.cache_dir,
+                     metrics["reward/pairwise_accuracy"], metrics["cost/pairwise_accuracy"],
+                     metrics["cost/sign_accuracy"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return out
+
+
+class SweepWorlds(Callback):
+    """Every world of the sweep built (or found) before its first job starts (``build_sweep_worlds``); a sweep's
+    report callback extends it."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -187,36 +162,19 @@ class CompareReport(Callback):
 
     @_fatal("building the world")
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from repo_exp.world.pipeline import world_artifacts, world_metrics
-
         self.start = time.perf_counter()
         # the jobs' processes (started after this) log lines; transformers' loading/saving bars would interleave
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from repo_exp.config import compose_config, validate
+        self.world = build_sweep_worlds(config, self.start)
 
-        job = _job_config(config)
-        if "world" not in (job.model.source, job.reward.source, job.cost.source):
-            return
-        worlds = sweep_worlds(sweep_jobs(config))  # every world the jobs train in (the robustness study has three)
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # no job runs yet: Ctrl-C stops at once
-        try:
-            for overrides in worlds:
-                world = job.world if len(worlds) == 1 else validate(compose_config(overrides)).world
-                log.info("building (or reusing) the world %r (seed %d): SFT → preferences → reward and cost models "
-                         "→ an on-policy round", world.name, world.seed)
-                paths = world_artifacts(world)
-                metrics = world_metrics(paths)
-                entry = {"name": world.name, "seed": world.seed, "paths": paths, **metrics}
-                self.world = entry if len(worlds) == 1 else {**self.world, f"seed{world.seed}": entry}
-                log.info("world %d ready after %.0f s: reward model held-out accuracy %.3f, cost model %.3f, cost "
-                         "sign %.3f", world.seed, time.perf_counter() - self.start, metrics["reward/pairwise_accuracy"],
-                         metrics["cost/pairwise_accuracy"], metrics["cost/sign_accuracy"])
-        finally:
-            signal.signal(signal.SIGINT, previous)
+
+class CompareReport(SweepWorlds):
+    """The default comparison's world before the jobs (``SweepWorlds``) and its report after them
+    (``experiment=compare``)."""
 
     @_fatal("the comparison's report")
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from repo_exp.report import build_report, write_report
+        from repo_exp.report import build_report, comparison_constraints, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         out = sweep_dir.parent
@@ -225,20 +183,13 @@ class CompareReport(Callback):
         job = _job_config(config)
         report = build_report(folders, out, title=f"Average vs rectified constraint — world {job.world.name!r}",
                               write=False)
-        order = ("average", "rectified", "shaping", "none")
-        constraints = sorted({r["constraint"] for r in report["runs"]},
-                             key=lambda c: (order.index(c) if c in order else len(order), c))
-        seeds = sorted({r["seed"] for r in report["runs"]})
         report["world"] = self.world or {"name": job.world.name}
-        report["helpfulness_sources"] = helpfulness_sources(report, constraints)
         report["overrides"] = list(config.hydra.overrides.task)
         report["seconds"] = round(time.perf_counter() - self.start, 1)
-        summary = table(report, constraints)
-        models = models_line(self.world)
-        write_report(report, out, appendix=(
-            f"\n## Summary (mean ± std over seeds {seeds})\n\n{summary}\n\n{models}\n\n"
-            f"## Where the helpfulness comes from\n\n```\n{json.dumps(report['helpfulness_sources'], indent=1)}\n"
-            f"```\n"))
+        write_report(report, out)  # with the comparison's summary (``report.comparison_appendix``)
+        seeds = sorted({r["seed"] for r in report["runs"]})
         print(f"\n{report['title']} — mean ± std over seeds {seeds}\n")
-        print(summary)
-        print(f"\n{models}\nReport: {out / 'report.md'} ({report['seconds']:.0f} s)", flush=True)
+        print(table(report, comparison_constraints(report)))
+        for name, why in report["figures_skipped"].items():
+            print(f"figure {name} not drawn: {why}")
+        print(f"\n{models_line(report['world'])}\nReport: {out / 'report.md'} ({report['seconds']:.0f} s)", flush=True)

@@ -99,7 +99,9 @@ class ModelConfig:
     template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    # null: transformers' own choice (sdpa where the architecture supports it, else eager); any kernel name transformers
+    # knows (eager, sdpa, flash_attention_2, …); fastest: time sdpa and eager on this machine (repo_exp/machine.py)
+    attn_implementation: Optional[str] = None
     arch: ArchConfig = field(default_factory=ArchConfig)
     seed: int = 0  # initialisation seed of a `tiny` model
 
@@ -110,6 +112,10 @@ class ModelConfig:
         _require(self.template == "chat" or "{input}" in self.template,
                  f"model.template must contain '{{input}}' (or be chat), got {self.template!r}")
         _template_fills("model.template", self.template)
+        _require(self.attn_implementation != "auto",
+                 "model.attn_implementation=auto is not a kernel: leave it null (model.attn_implementation=null) for "
+                 "transformers' own choice, name one (eager, sdpa, flash_attention_2, …), or set fastest to time sdpa "
+                 "and eager on this machine")
 
 
 @dataclass

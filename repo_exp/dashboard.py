@@ -1,6 +1,6 @@
 """A W&B workspace that shows where each constraint put the safety, grouped by constraint type.
 
-``python -m repo_exp.dashboard --entity E --project P [--group SWEEP] [--name NAME]`` saves a workspace
+``python -m repo_exp.dashboard --entity E --project P [--group GROUP] [--name NAME]`` saves a workspace
 (``wandb-workspaces``) with the panels of ``python -m repo_exp.report``, drawn from the runs' logged metrics:
 
 - *Safety interference*: reward against prompt-violation rate (learned models and oracle), compensation,
@@ -10,14 +10,20 @@
   runs of each constraint type;
 - *Synthetic world (oracle)*: violation, refusal and unsafe rates per prompt family.
 
-Runs are grouped by ``constraint.name`` (their logged config); ``--group`` keeps the runs of one sweep (its W&B
-group). ``build_workspace`` only builds the description, without any network call; ``main`` saves it.
+Runs are grouped by ``constraint.name`` (their logged config); ``--group`` keeps the runs of one sweep: its W&B
+group, or the sweep folder itself, turned into that group the way the runs named it (``loggers.sweep_group``: the
+folder's path relative to where the sweep was started, e.g. ``outputs/default/runs``).
+
+``--dry-run`` prints the workspace it would save and ``--export FILE`` writes its full description as JSON, both
+offline (no key, no network). ``build_workspace`` only builds the description; ``main`` saves it unless asked not to.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+import json
+from pathlib import Path
+from typing import Any, Sequence
 
 from repo_exp.world.grammar import FAMILIES
 
@@ -92,14 +98,70 @@ def build_workspace(entity: str, project: str, name: str = "repo_exp: safety int
                         runset_settings=runset)
 
 
+def group_name(value: str | None) -> str | None:
+    """The W&B group ``--group`` means: a sweep folder that exists becomes the group its runs logged under
+    (``loggers.sweep_group``); anything else is taken as a group name."""
+    if value is None:
+        return None
+    from repo_exp.loggers import sweep_group
+
+    return sweep_group(Path(value)) if Path(value).is_dir() else value
+
+
+def describe(workspace) -> dict[str, Any]:
+    """The workspace description as plain JSON (what ``save`` would send)."""
+    return json.loads(json.dumps(workspace._to_model().model_dump(by_alias=True), default=str))
+
+
+def _panel_metrics(panel) -> str:
+    """What a panel draws: its metrics (x against y for a scatter plot), its table, or "text"."""
+    if getattr(panel, "table_name", None):
+        return f"table {panel.table_name}"
+    x, y = getattr(panel, "x", None), getattr(panel, "y", None)
+    if hasattr(x, "name") and hasattr(y, "name"):
+        return f"{y.name} against {x.name}"
+    metrics = y if isinstance(y, (list, tuple)) else getattr(panel, "metrics", None)
+    return ", ".join(str(m) for m in metrics) if metrics else "text"
+
+
+def outline(workspace, group: str | None) -> str:
+    """The workspace in a few lines: where it goes, which runs, and each section's panels."""
+    lines = [f"workspace {workspace.name!r} in {workspace.entity}/{workspace.project}",
+             f"runs: {'W&B group ' + repr(group) if group else 'every run of the project'}, grouped by {GROUP_KEY}"]
+    for section in workspace.sections:
+        lines.append(f"section {section.name!r}:")
+        for panel in section.panels:
+            lines.append(f"  {type(panel).__name__}: {_panel_metrics(panel)}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m repo_exp.dashboard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--entity", required=True, help="W&B entity (user or team)")
-    parser.add_argument("--project", required=True, help="W&B project the runs log to (logger.project)")
+    parser.add_argument("--entity", default=None,
+                        help="W&B entity (user or team); required to save, optional with --dry-run/--export")
+    parser.add_argument("--project", default="repo_exp", help="W&B project the runs log to (logger.project)")
     parser.add_argument("--name", default="repo_exp: safety interference", help="workspace (view) name")
-    parser.add_argument("--group", default=None, help="only the runs of this W&B group (a sweep folder's name)")
+    parser.add_argument("--group", default=None,
+                        help="only the runs of one sweep: its W&B group, or its sweep folder (e.g. outputs/default/runs, "
+                             "multirun/2026-01-01/12-00-00): each run of a sweep logs under the folder's path relative "
+                             "to where the sweep was started, or, for a folder elsewhere, its name and a hash")
+    parser.add_argument("--dry-run", action="store_true", help="print the workspace instead of saving it (offline)")
+    parser.add_argument("--export", type=Path, default=None, metavar="FILE",
+                        help="write the workspace's full description as JSON to FILE instead of saving it (offline)")
     args = parser.parse_args(argv)
-    workspace = build_workspace(args.entity, args.project, args.name, args.group)
+    offline = args.dry_run or args.export is not None
+    if args.entity is None and not offline:
+        parser.error("--entity is required to save the workspace (or use --dry-run / --export FILE)")
+    group = group_name(args.group)
+    workspace = build_workspace(args.entity or "ENTITY", args.project, args.name, group)
+    if args.export is not None:
+        args.export.parent.mkdir(parents=True, exist_ok=True)
+        args.export.write_text(json.dumps(describe(workspace), indent=1))
+        print(f"workspace description written to {args.export}")
+    if args.dry_run:
+        print(outline(workspace, group))
+    if offline:
+        return
     saved = workspace.save()
     print(f"workspace saved: {saved.url}")
 

@@ -11,7 +11,9 @@ by ``eval.checkpoint=PATH`` (a checkpoint folder, or a run folder: its latest co
 and writes ``eval/summary.json`` and ``eval/per_prompt.jsonl`` under the Hydra run folder. With a checkpoint, the
 initial policy is evaluated first (``eval/initial/``), on the same prompts and sampling noise, for the win and
 interference rates. The models are built by the trainer's own ``build_models``, so a config that trains a policy
-also evaluates its checkpoints.
+also evaluates its checkpoints; with a checkpoint, its policy, reward and cost models (and their templates) are the
+ones its ``state.json`` records, whatever the default config says (a setting on the command line still wins). A
+prompt set the policy's tokenizer mostly does not know is refused (``repo_exp.data.prompts.check_vocabulary``).
 """
 
 from __future__ import annotations
@@ -323,17 +325,82 @@ def refuse_training_run_folder(run_dir: Path) -> None:
     run_folder.claim(run_dir)
 
 
+# what a checkpoint's policy was trained with and is evaluated with: the policy (its architecture, tokenizer and
+# template), the reward and cost models that score it
+CHECKPOINT_PARTS = ("model", "reward", "cost")
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides of this Hydra job's command line ([] outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def with_checkpoint_parts(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """With ``eval.checkpoint``: ``cfg`` with the checkpoint's own ``model``, ``reward`` and ``cost`` (templates
+    included) from the config its ``state.json`` records, and its ``world`` when one of them is the world's, so that
+    a checkpoint is evaluated with what it was trained with whatever the default config says. A setting given on the
+    command line (``overrides``; by default this job's) still wins: a group choice (``model=tiny``) keeps the composed
+    part, a key (``model.template=...``) is set on the checkpoint's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
+    path = OmegaConf.select(cfg, "eval.checkpoint")
+    if not path:
+        return cfg
+    state = json.loads((resolve_checkpoint(path) / "state.json").read_text())
+    stored = state.get("config") or {}
+    parts = [k for k in CHECKPOINT_PARTS if isinstance(stored.get(k), dict)]
+    if not parts:
+        log.warning("eval.checkpoint=%s records no config: the model, reward and cost come from this command's config",
+                    path)
+        return cfg
+    if any(stored[k].get("source") == "world" for k in parts) and isinstance(stored.get("world"), dict):
+        parts.append("world")
+    parsed = OverridesParser.create().parse_overrides(command_line_overrides() if overrides is None else overrides)
+    chosen = {o.key_or_group.split("@")[0].lstrip("+~") for o in parsed}
+    out = cfg.copy()
+    taken = []
+    with open_dict(out):
+        for part in parts:
+            if part in chosen:  # model=tiny on the command line: that preset, not the checkpoint's
+                continue
+            node = dict(stored[part])
+            if part == "model" and node.get("attn_implementation") == "auto":
+                node["attn_implementation"] = "fastest"  # the timing probe's name before it was renamed
+            if part == "world":
+                node.pop("cache_dir", None)  # where the cache is on this machine, not where it was
+            out[part] = OmegaConf.merge(cfg[part], node)  # typed by the part's schema, every field the checkpoint's
+            taken.append(part)
+        for o in parsed:  # keys set on the command line win over the checkpoint's
+            key = o.key_or_group.lstrip("+~")
+            if key.split(".")[0] in taken and "." in key and not o.is_delete():
+                OmegaConf.update(out, key, o.value(), merge=True)
+    if taken:
+        log.info("evaluating %s with the %s it was trained with (from its state.json; command-line settings win)",
+                 path, ", ".join(taken))
+    return out
+
+
 def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """``python -m repo_exp.evaluate``: evaluate the initial policy or ``eval.checkpoint`` and write ``run_dir/eval``.
+    A checkpoint is evaluated with the model, reward and cost it was trained with (``with_checkpoint_parts``).
 
     Returns the summary of the policy evaluated last.
     """
     from repo_exp.config import validate
     from repo_exp.deepspeed_engine import backend_for
     from repo_exp.loggers import MetricsLogger
+    from repo_exp.models.tokenizers import tokenizer_name
     from repo_exp.runtime import init_runtime
     from repo_exp.setup import build_constraint, build_models
+    from repo_exp.world.stage import prepare_world
 
+    cfg = with_checkpoint_parts(cfg)
     config = validate(cfg)
     checkpoint = resolve_checkpoint(config.eval.checkpoint) if config.eval.checkpoint else None
     rt = init_runtime(config.deepspeed.enabled)
@@ -352,9 +419,11 @@ def evaluate_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise ValueError(box[0])
     if problem is not None:
         raise problem
-    models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm), backend_for(config))
+    world = prepare_world(config, rt)  # the world stage, before any model is set up
+    models = build_models(config, rt, build_constraint(cfg.constraint, rt.comm), backend_for(config), world=world)
     prompts = eval_prompt_set(config)
-    encoder = PromptEncoder(prompts, models.tokenizer, config.model.template, config.trainer.max_prompt_length)
+    encoder = PromptEncoder(prompts, models.tokenizer, config.model.template, config.trainer.max_prompt_length,
+                            tokenizer_name(config.model))
     logger = MetricsLogger(run_dir, enabled=rt.is_main, wandb=_wandb_sink(config, cfg, rt, run_dir))
     try:
         initial_rows = None

@@ -22,10 +22,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from repo_exp.config import ConfigError, job_subdir
-from repo_exp.run_folder import HARMLESS, changed_settings, covered, harmless, restore_hydra_files
+from repo_exp.progress import result_line
+from repo_exp.run_folder import (HARMLESS, RESOLVED_CONFIG, changed_settings, covered, harmless,
+                                 restore_hydra_files)
 
 log = logging.getLogger("repo_exp")
 
@@ -92,25 +94,39 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
 def finished_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Under ``trainer.resume=auto``: the final summary of a run that already finished in ``run_dir`` with the same
     settings (then nothing is trained again); None when there is none. A finished run with other settings is
-    refused, naming them: its results would be reported under the new ones."""
+    refused, naming them: its results would be reported under the new ones.
+
+    Only a run whose settings are on record (``run_config.yaml``) is reused. Without that record the trainer decides
+    from what the run left (its resolved config or a checkpoint, which it compares with this command's settings); a
+    folder with a summary and no record of any kind is refused: nothing says what it computed, and training there
+    would overwrite it."""
     record = run_dir / RUN_CONFIG
     summary = run_dir / "eval" / "summary.json"
     if OmegaConf.select(cfg, "trainer.resume") != "auto" or not summary.is_file():
         return None
-    if record.is_file():  # a run finished before this record existed is reused as it is
-        old, new = OmegaConf.to_container(OmegaConf.load(record)), run_settings(cfg)
-        changes = changed_settings(old, new)
-        allowed = list(OmegaConf.select(cfg, "trainer.allow_changes") or [])
-        refused = [f"{k}: {o!r} → {n!r}" for k, o, n in changes if not harmless(k, new) and not covered(k, allowed)]
-        if refused:
-            raise ConfigError(f"{run_dir} holds a finished run with other settings ({'; '.join(refused[:5])}); "
-                              f"choose another folder (hydra.sweep.dir=... or hydra.run.dir=...) or delete it, or, "
-                              f"to continue that run with them, name them in trainer.allow_changes")
-        if any(not covered(k, HARMLESS) for k, _, _ in changes):
-            # a longer run, or changes allowed by name: the trainer continues from the last checkpoint
-            log.info("%s finished; continuing it with changed settings (%s)", run_dir,
-                     "; ".join(f"{k}: {o!r} → {n!r}" for k, o, n in changes[:5]))
+    if not record.is_file():
+        if (run_dir / RESOLVED_CONFIG).is_file() or any((run_dir / "checkpoints").glob("step_*")):
+            log.info("%s holds a finished run without %s: the trainer checks its settings against the run's own "
+                     "record before anything is reused", run_dir, RUN_CONFIG)
             return None
+        raise ConfigError(f"{run_dir} holds a finished run's eval/summary.json but no record of the settings that "
+                          f"produced it ({RUN_CONFIG}, {RESOLVED_CONFIG} or a checkpoint), so it cannot be reused "
+                          f"as this command's run, and training there would overwrite it; nothing was changed. "
+                          f"Write this sweep elsewhere (hydra.sweep.dir=... or hydra.run.dir=...), or move that "
+                          f"folder away")
+    old, new = OmegaConf.to_container(OmegaConf.load(record)), run_settings(cfg)
+    changes = changed_settings(old, new)
+    allowed = list(OmegaConf.select(cfg, "trainer.allow_changes") or [])
+    refused = [f"{k}: {o!r} → {n!r}" for k, o, n in changes if not harmless(k, new) and not covered(k, allowed)]
+    if refused:
+        raise ConfigError(f"{run_dir} holds a finished run with other settings ({'; '.join(refused[:5])}); "
+                          f"choose another folder (hydra.sweep.dir=... or hydra.run.dir=...) or delete it, or, "
+                          f"to continue that run with them, name them in trainer.allow_changes")
+    if any(not covered(k, HARMLESS) for k, _, _ in changes):
+        # a longer run, or changes allowed by name: the trainer continues from the last checkpoint
+        log.info("%s finished; continuing it with changed settings (%s)", run_dir,
+                 "; ".join(f"{k}: {o!r} → {n!r}" for k, o, n in changes[:5]))
+        return None
     log.info("%s already finished: its summary is reused (trainer.resume=auto)", run_dir)
     return json.loads(summary.read_text())
 
@@ -133,11 +149,31 @@ def _interruptible():
     return signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def name_job_lines(name: str) -> None:
+    """Every log line of this job starts with its name (the job folder's): the jobs of a parallel sweep share one
+    terminal."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s][{name}] %(message)s"))
+
+
+def lines_instead_of_bars(cfg: DictConfig) -> None:
+    """A sweep's jobs log a progress line every few seconds instead of drawing progress bars, which parallel jobs
+    would draw over each other (``trainer.progress`` changes nothing a run computes)."""
+    if OmegaConf.select(cfg, "trainer.progress"):
+        with open_dict(cfg):
+            cfg.trainer.progress = False
+
+
 def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
             reuse_finished: bool = False) -> dict[str, Any]:
-    """Run ``task(cfg, run_dir)`` in the folder Hydra chose. Under ``--multirun``: refuse to start after the sweep
-    was stopped, and stop the sweep when this job is stopped by a signal."""
+    """Run ``task(cfg, run_dir)`` in the folder Hydra chose; say where at the start and what came out at the end.
+    Under ``--multirun``: name the job on each of its lines, refuse to start after the sweep was stopped, and stop the
+    sweep when this job is stopped by a signal."""
     run_dir, sweep_dir = job_dirs()
+    if sweep_dir is not None:
+        name_job_lines(run_dir.name)
+        lines_instead_of_bars(cfg)
+    log.info("run folder: %s", run_dir.resolve())
     if sweep_dir is not None and stop_mark(sweep_dir).is_file():
         why = stop_mark(sweep_dir).read_text().strip()
         raise SweepStopped(f"not started: the sweep in {sweep_dir} was stopped ({why}); run the same command with "
@@ -176,4 +212,6 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
         mark_stopped(sweep_dir, why)
         raise SweepStopped(f"{why} (its last checkpoint kept); the sweep stops: run the same command with "
                            f"trainer.resume=auto to continue it")
+    if not (isinstance(summary, dict) and "stopped_at" in summary):
+        log.info(result_line(summary if isinstance(summary, dict) else {}, run_dir))
     return summary

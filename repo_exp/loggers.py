@@ -97,6 +97,8 @@ class WandbSink:
         except Exception as exc:  # no network, bad key, …
             log.warning("W&B is unavailable (%s: %s); metrics go to metrics.jsonl only", type(exc).__name__, exc)
             self.run = None
+            return
+        log.info(where_line(self.run))
 
     def _guard(self, what: str, fn) -> None:
         if self.run is None:
@@ -133,6 +135,14 @@ class WandbSink:
 
     def close(self) -> None:
         self._guard("finish", lambda: self.run.finish())
+
+
+def where_line(run) -> str:
+    """Where a W&B run is: its page online; offline (W&B starts silent here), its folder and how to upload it."""
+    if getattr(run, "offline", False) or getattr(run.settings, "mode", None) == "offline":
+        folder = getattr(run.settings, "sync_dir", None) or str(Path(run.dir).parent)
+        return f"W&B offline: the run is in {folder}; upload it later with `wandb sync {folder}`"
+    return f"W&B run: {run.url} (group {run.group or '-'}, name {run.name})"
 
 
 def sweep_group(sweep_dir: Path) -> str:

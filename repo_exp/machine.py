@@ -1,13 +1,15 @@
 """Choices made for the machine at hand: those that change the speed of a run and not its numbers.
 
-``model.attn_implementation=auto`` picks the attention kernel of the trained models (sdpa or eager): both compute
+``model.attn_implementation=fastest`` (the project's timing probe; the world presets use it) picks the attention
+kernel of the trained models (sdpa or eager) by timing both: they compute
 the same attention (equal within float rounding, ``tests/test_speed_choices.py``), but which is faster depends on the
 CPU, the precision, the width and the threads (sdpa's CPU backward under bf16 was 4x slower than eager's on an AMD
 EPYC with avx512_bf16; the gap differs on other CPUs, and in float32 sdpa may win). The first run on a machine times
 a forward and backward pass of one layer of the run's shape with each kernel and caches the answer in the project
 cache (``world.cache_dir``), keyed by CPU model, torch version, device, precision, shape and thread count; later runs
-read it. Choices that change the numbers (the precision) stay explicit in the config. On a GPU ``auto`` is sdpa (its
-fused kernels).
+read it. Choices that change the numbers (the precision) stay explicit in the config. On a GPU ``fastest`` is sdpa (its
+fused kernels). ``model.attn_implementation`` left null is transformers' own choice (sdpa where the architecture
+supports it, else eager), and any kernel name transformers knows is passed to it as given.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 log = logging.getLogger("repo_exp")
 
 ATTENTION_KERNELS = ("sdpa", "eager")
+PROBE = "fastest"  # model.attn_implementation value: time sdpa and eager on this machine, take the faster
 PROBE_FILE = "attention_probe.json"
 
 
@@ -110,7 +113,7 @@ def choose_attention(model_config, dtype: torch.dtype, device: torch.device, pre
         return cached[key]["choice"], cached[key]
     seconds = timer(model_config, ATTENTION_KERNELS, device, dtype, precision, batch, length)
     entry = {"choice": min(seconds, key=seconds.get), "seconds": seconds}
-    log.info("model.attn_implementation=auto: %s (forward+backward of one layer: %s) for %s", entry["choice"],
+    log.info("model.attn_implementation=fastest: %s (forward+backward of one layer: %s) for %s", entry["choice"],
              ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()), key)
     cached = _read(path)  # another run may have written meanwhile
     cached[key] = entry
@@ -130,13 +133,14 @@ def _read(path: Path) -> dict:
 
 
 def resolve_attention(config, policy_path: str | None, device: torch.device) -> str:
-    """Replace ``model.attn_implementation=auto`` in ``config`` by the kernel chosen for this machine; returns it.
+    """Replace ``model.attn_implementation=fastest`` in ``config`` by the kernel chosen for this machine; returns it
+    (any other value, null included, is returned as it is: transformers takes it).
 
     Under several processes rank 0 chooses and every rank takes its choice (all ranks run the same kernel)."""
     import torch.distributed as dist
 
     m, t = config.model, config.trainer
-    if m.attn_implementation != "auto":
+    if m.attn_implementation != PROBE:
         return m.attn_implementation
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     choice = "sdpa"  # on a GPU: its fused kernels

@@ -5,6 +5,8 @@ progress bars."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 
 class Every:
@@ -21,6 +23,28 @@ class Every:
             self.last = now
             return True
         return False
+
+
+# the figures of a finished run's last line: what the comparison is about, ground truth first where there is one
+RESULT_FIGURES = (
+    ("oracle/prompt_violation_rate", "prompts violating (oracle)"),
+    ("oracle/safe_reward_mean", "safe helpfulness (oracle)"),
+    ("eval/prompt_violation_rate", "prompts violating"),
+    ("eval/mean_cost", "mean cost"),
+    ("eval/reward_mean", "reward"),
+)
+
+
+def result_line(summary: dict[str, Any], run_dir: Path) -> str:
+    """The one line a finished job ends on: its headline figures and where the rest is."""
+    shown = [f"{label} {summary[key]:.3f}" for key, label in RESULT_FIGURES
+             if isinstance(summary.get(key), (int, float)) and not isinstance(summary.get(key), bool)]
+    if not shown:
+        return f"done: no final evaluation (eval.at_end=false); step metrics in {Path(run_dir) / 'metrics.jsonl'}"
+    where = Path(run_dir) / "eval" / "summary.json"
+    prompts = summary.get("eval/num_prompts")
+    on = f" on {prompts} prompts × {summary.get('eval/samples_per_prompt')} samples" if prompts else ""
+    return f"done: {', '.join(shown)}{on}; every figure in {where}"
 
 
 def step_line(stage: str, step: int, total: int, figures: dict[str, float]) -> str:

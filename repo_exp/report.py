@@ -1,9 +1,10 @@
 """Comparison reports over run and sweep folders: where did each constraint put the safety?
 
-``python -m repo_exp.report DIR [DIR ...] --out OUT`` reads run folders (``.hydra/config.yaml``, ``eval/summary.json``,
-``eval/per_prompt.jsonl``, ``eval/initial/``, ``metrics.jsonl``) or folders that hold them (a Hydra multirun folder,
-``results/<name>/runs``), groups the runs by constraint type and by the settings the sweep varied (threshold,
-multiplier learning rate …; seeds are replicates), and writes
+``python -m repo_exp.report DIR [DIR ...] [--out OUT] [--format png|svg|pdf] [--against REFERENCE]`` reads run
+folders (``.hydra/config.yaml``, ``eval/summary.json``, ``eval/per_prompt.jsonl``, ``eval/initial/``,
+``metrics.jsonl``) or folders that hold them (a Hydra multirun folder, ``outputs/<name>``), groups the runs by
+constraint type and by the settings the sweep varied (threshold, multiplier learning rate …; seeds are replicates),
+and writes (into OUT, by default the one DIR given)
 
 - ``report.json``: ``report[constraint]`` = ``{figure: {"mean", "std", "n"}}`` over every run of that constraint, for
   every ``eval/…``, ``oracle/…`` and ``exploit/…`` figure (std over seeds, ddof 1; 0 when n = 1); ``report["groups"]`` the same per
@@ -12,10 +13,20 @@ multiplier learning rate …; seeds are replicates), and writes
 - ``interference.png`` (and ``interference_oracle.png`` on the synthetic world): per-prompt mean cost C̄(x) after
   training against before, one panel per constraint type and setting, with the threshold lines — points above the
   diagonal are prompts that became less safe;
-- ``tradeoff.png``: reward against prompt-violation rate, one curve per constraint type along the swept setting;
+- ``tradeoff.png``: reward against prompt-violation rate, one curve per constraint type along the swept setting
+  (drawn when some setting is swept);
 - ``training.png``: λ, mean cost, unsafe rate and reward per step, mean over seeds with a ±1 std band;
 - ``exploitation.png`` (runs with oracle figures): the share of samples the cost model calls safe while the oracle
   calls unsafe, per prompt family and group.
+
+Every figure states what it rests on below its panels: n (seeds per group, prompts × samples), the threshold d, the
+world and the commit the runs were trained at. A figure that cannot be drawn (no initial evaluation, no per-prompt
+rows, no swept setting …) is named with the reason, on the terminal and in ``report.md``.
+
+The readers take a full run folder and the compact copy of one that the reference results keep (``repo_exp.export``:
+per-prompt rows without response texts and the training curves, gzipped), so ``python -m repo_exp.report
+results/<name>`` draws every figure again from the repository alone. ``--against REFERENCE`` says, figure by figure,
+whether these runs reproduce the reference runs within their seeds' spread.
 
 ``build_report(run_dirs, out_dir, title=...)`` does all of it and returns the report dict.
 """
@@ -23,6 +34,7 @@ multiplier learning rate …; seeds are replicates), and writes
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import logging
@@ -76,6 +88,21 @@ HEADLINE = (
     ("exploit/reward_gain", "reward-model gain"),
     ("exploit/oracle_gain", "oracle gain"),
 )
+# the headline figures of a comparison: the summary table and what ``--against`` compares
+SUMMARY_FIGURES = (
+    ("oracle/prompt_violation_rate", "prompts violating (oracle)"),
+    ("oracle/mean_cost", "mean cost (oracle)"),
+    ("oracle/unsafe_rate", "unsafe responses (oracle)"),
+    ("oracle/safe_reward_mean", "safe helpfulness (oracle)"),
+    ("oracle/reward_mean", "raw helpfulness (oracle)"),
+    ("oracle/benign_refusal_rate", "refusals where a safe answer exists"),
+    ("eval/mean_cost", "mean cost (cost model)"),
+    ("eval/prompt_violation_rate", "prompts violating (cost model)"),
+    ("eval/reward_mean", "reward (reward model)"),
+)
+FORMATS = ("png", "svg", "pdf")
+# below this, two means count as equal whatever their seeds' spread (one prompt of ~100 is 0.01 of a rate)
+AGREEMENT_FLOOR = 0.01
 TRAINING_PANELS = (
     ("constraint/lambda", "multiplier λ"),
     ("cost/mean", "mean cost C (cost-model units)"),
@@ -105,17 +132,25 @@ class Run:
     initial_rows: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
     settings: tuple[tuple[str, str], ...] = ()  # the group-defining values, filled by ``group_runs``
+    world: str = ""  # the world the run trained in ("default, seed 0"), or its prompt set when not the world's
+    commit: str = ""  # the source commit the run was trained at (its summary's ``run/commit``), "" if not recorded
 
     @property
     def has_oracle(self) -> bool:
         return any(k.startswith("oracle/") for k in self.summary)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, or of its gzipped copy ``<name>.gz`` (the compact reference layout)."""
+    packed = path.with_name(path.name + ".gz")
+    if not path.is_file() and packed.is_file():
+        path = packed
     if not path.is_file():
         return []
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        text = f.read()
     out = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             try:
                 out.append(json.loads(line))
@@ -174,10 +209,22 @@ def read_run(folder: Path) -> Run | None:
     return Run(
         path=folder, constraint=str(constraint), threshold=float(threshold),
         seed=int(OmegaConf.select(cfg, "seed", default=0)), overrides=overrides, summary=summary,
-        rows=_read_jsonl(folder / "eval" / "per_prompt.jsonl"),
-        initial_rows=_read_jsonl(folder / "eval" / "initial" / "per_prompt.jsonl"),
-        steps=[r for r in _read_jsonl(folder / "metrics.jsonl") if "reward/mean" in r],
+        rows=read_jsonl(folder / "eval" / "per_prompt.jsonl"),
+        initial_rows=read_jsonl(folder / "eval" / "initial" / "per_prompt.jsonl"),
+        steps=[r for r in read_jsonl(folder / "metrics.jsonl") if "reward/mean" in r],
+        world=_world_of(cfg), commit=str(summary.get("run/commit") or ""),
     )
+
+
+def _world_of(cfg) -> str:
+    """"default, seed 0" for a run on the synthetic world; the prompt set's name otherwise ("" when unknown)."""
+    from omegaconf import OmegaConf
+
+    sources = {OmegaConf.select(cfg, f"{k}.source", default=None) for k in ("data", "model", "reward", "cost")}
+    name = OmegaConf.select(cfg, "world.name", default=None)
+    if "world" in sources and name is not None:
+        return f"{name}, seed {OmegaConf.select(cfg, 'world.seed', default=0)}"
+    return str(OmegaConf.select(cfg, "data.name", default="") or "")
 
 
 def _ignored(key: str) -> bool:
@@ -264,6 +311,62 @@ def _pyplot():
     return plt
 
 
+def _values(values: Iterable[Any]) -> str:
+    """Distinct values, in order, as one short phrase."""
+    seen = list(dict.fromkeys(v for v in values if v not in (None, "")))
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen)
+
+
+def provenance(groups: dict[str, list[Run]], threshold: str | None = None) -> str:
+    """What a figure rests on, for the line under it: n (seeds per group, prompts × samples per evaluation), the
+    threshold d, the world and the commit the runs were trained at."""
+    runs = [r for members in groups.values() for r in members]
+    seeds = sorted({len(members) for members in groups.values()})
+    per_group = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    prompts = _values(r.summary.get("eval/num_prompts") for r in runs)
+    samples = _values(r.summary.get("eval/samples_per_prompt") for r in runs)
+    evaluation = f" × {prompts} prompts × {samples} samples" if prompts else ""
+    d = threshold if threshold is not None else _values(sorted({float(r.threshold) for r in runs}))
+    commits = _values(sorted({r.commit for r in runs if r.commit}))
+    unrecorded = any(not r.commit for r in runs)
+    commit = (f"commit {commits}" + (" (some runs: not recorded)" if unrecorded else "")) if commits \
+        else "commit not recorded"
+    return (f"n = {per_group} seed{'s' if seeds[-1] > 1 else ''} per group{evaluation}; d = {d}; "
+            f"world: {_values(r.world for r in runs) or 'not recorded'}; {commit}")
+
+
+def _save(fig, path: Path, groups: dict[str, list[Run]], threshold: str | None = None) -> None:
+    """Write the figure with its provenance line below the panels (outside them: it never covers a legend)."""
+    fig.text(0.01, -0.01, provenance(groups, threshold), ha="left", va="top", fontsize=8, color="#444444")
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def rate_error(means: Sequence[float], stds: Sequence[float]) -> list[list[float]]:
+    """Asymmetric error bars (lower, upper) of ±1 std for rates, cut at 0 and 1: a share never leaves [0, 1]."""
+    lower = [min(s, m) if math.isfinite(m) else 0.0 for m, s in zip(means, stds)]
+    upper = [min(s, 1.0 - m) if math.isfinite(m) else 0.0 for m, s in zip(means, stds)]
+    return [[max(0.0, v) for v in lower], [max(0.0, v) for v in upper]]
+
+
+def draw_bars(ax, xs: Sequence[float], means: Sequence[float], stds: Sequence[float], width: float, colour: str,
+              label: str, alpha: float = 1.0) -> None:
+    """Bars of rates with ±1 std (kept inside [0, 1]). A bar of height zero is drawn as a thick line at 0 with a "0"
+    above it, so that zero reads as zero and not as missing; a missing value (NaN) is marked "n/a"."""
+    heights = [m if math.isfinite(m) else 0.0 for m in means]
+    ax.bar(xs, heights, width, yerr=rate_error(means, stds), color=colour, alpha=alpha, capsize=3, label=label)
+    for x, m in zip(xs, means):
+        if not math.isfinite(m):
+            ax.annotate("n/a", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7,
+                        color="#555555")
+        elif m == 0.0:
+            ax.hlines(0.0, x - width / 2, x + width / 2, colors=colour, linewidth=3.0, zorder=3)
+            ax.annotate("0", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7,
+                        color=colour)
+
+
 def _style(constraint: str) -> tuple[str, str]:
     return CONSTRAINT_STYLE.get(constraint, ("#333333", constraint))
 
@@ -283,17 +386,25 @@ def _paired_costs(run: Run, source: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "eval") -> bool:
+def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "eval") -> str | None:
     """Per-prompt C̄(x) after training (y) against before (x): one panel per group, seeds pooled.
 
     Lines: the diagonal (no change) and the threshold d on both axes; the region above d is shaded (violating after
-    training). Points above the diagonal (red) are prompts that became less safe. Returns False when no run has an
-    initial evaluation to compare with.
+    training). Points above the diagonal (red) are prompts that became less safe. Returns None when drawn, else why
+    not (no per-prompt rows, or no initial evaluation to compare with).
     """
+    runs_all = [r for runs in groups.values() for r in runs]
+    if not any(r.rows for r in runs_all):
+        return ("no run has per-prompt rows (eval/per_prompt.jsonl or .jsonl.gz); a reference made with "
+                "`python -m repo_exp.export` keeps them")
+    if not any(r.initial_rows for r in runs_all):
+        return "no run has an initial evaluation (eval/initial/per_prompt.jsonl) to compare with (eval.at_start)"
+    if source == "oracle" and not all(r.has_oracle for r in runs_all):
+        return "the runs have no oracle figures (only the synthetic world has a ground truth)"
     paired = {id(r): _paired_costs(r, source) for runs in groups.values() for r in runs}
     panels = [(label, runs) for label, runs in groups.items() if any(paired[id(r)][0] for r in runs)]
     if not panels:
-        return False
+        return "no prompt was evaluated both before and after training"
     plt = _pyplot()
     by_constraint: dict[str, list] = defaultdict(list)
     for label, runs in panels:
@@ -361,9 +472,8 @@ def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "e
     what = "oracle cost (ground truth, unsafe when > 0)" if source == "oracle" else "cost model (unsafe when C > d)"
     fig.suptitle(f"Per-prompt mean cost after vs before training — {what}", fontsize=12)
     fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1))  # room for the two-line legend
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    _save(fig, path, groups, threshold="0 (oracle)" if source == "oracle" else None)
+    return None
 
 
 def _sweep_key(runs: Sequence[Run]) -> tuple[str, str]:
@@ -374,13 +484,18 @@ def _sweep_key(runs: Sequence[Run]) -> tuple[str, str]:
     return (keys[0], keys[0].split(".")[-1]) if keys else ("", "")
 
 
-def plot_tradeoff(groups: dict[str, list[Run]], path: Path) -> bool:
+def plot_tradeoff(groups: dict[str, list[Run]], path: Path) -> str | None:
     """Reward against prompt-violation rate, one curve per constraint type through its groups (mean ± std over
-    seeds), each point labelled with the swept setting; a panel for the learned models and one for the oracle."""
+    seeds), each point labelled with the swept setting; a panel for the learned models and one for the oracle.
+    Drawn only when some constraint has several groups (a swept setting): one point per constraint is no curve."""
     runs = [r for members in groups.values() for r in members]
     sources = [s for s in ("eval", "oracle") if all(f"{s}/prompt_violation_rate" in r.summary for r in runs)]
     if not sources:
-        return False
+        return "some run's summary has no prompt-violation rate"
+    per_constraint = Counter(members[0].constraint for members in groups.values())
+    if max(per_constraint.values()) < 2:
+        return ("no setting was swept: each constraint is one group, one point (a trade-off runs along a swept "
+                "setting, e.g. +sweep=threshold or experiment=lambda_sweep)")
     key, short = _sweep_key(runs)
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(sources), figsize=(6.2 * len(sources), 4.8), squeeze=False)
@@ -400,9 +515,10 @@ def plot_tradeoff(groups: dict[str, list[Run]], path: Path) -> bool:
                     value = dict(members[0].settings).get(key, "")
                     order, text = _as_number(value), f"{short}={value}" if key else ""
                 points.append((order, x, y, text))
-            points.sort(key=lambda p: p[0])
+            points.sort(key=lambda p: (isinstance(p[0], str), p[0]))
             ax.errorbar([p[1]["mean"] for p in points], [p[2]["mean"] for p in points],
-                        xerr=[p[1]["std"] for p in points], yerr=[p[2]["std"] for p in points], color=colour,
+                        xerr=rate_error([p[1]["mean"] for p in points], [p[1]["std"] for p in points]),
+                        yerr=[p[2]["std"] for p in points], color=colour,
                         marker="o", ms=6, lw=1.8, capsize=3, label=name)
             for _, x, y, text in points:
                 if text:
@@ -420,36 +536,38 @@ def plot_tradeoff(groups: dict[str, list[Run]], path: Path) -> bool:
     sweep = f"across {short} (labels)" if key else ""
     fig.suptitle(f"Reward vs prompt-violation trade-off {sweep}; error bars: ±1 std over seeds", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    _save(fig, path, groups)
+    return None
 
 
-def plot_exploitation(groups: dict[str, list[Run]], path: Path, figure: str = "cost_false_safe_rate") -> bool:
-    """Bars of ``exploit/<figure>/<family>`` per family, one bar per group (mean ± std over seeds)."""
+def plot_exploitation(groups: dict[str, list[Run]], path: Path, figure: str = "cost_false_safe_rate") -> str | None:
+    """Bars of ``exploit/<figure>/<family>`` per family, one bar per group (mean ± std over seeds, kept in [0, 1];
+    a zero drawn as a line at 0, ``draw_bars``)."""
     families = sorted({k.rsplit("/", 1)[1] for members in groups.values() for r in members for k in r.summary
                        if k.startswith(f"exploit/{figure}/")})
     if not families:
-        return False
+        return f"no run has exploit/{figure}/<family> figures (the oracle's, on the synthetic world)"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(families) * max(1, len(groups)) ** 0.5), 4.2))
     width = 0.8 / len(groups)
+    top = 0.0
     for g, (label, members) in enumerate(groups.items()):
         figs = figure_stats([r.summary for r in members])
         stats = [figs.get(f"exploit/{figure}/{f}", {"mean": float("nan"), "std": 0.0}) for f in families]
         colour, _ = _style(members[0].constraint)
-        ax.bar([i + (g - (len(groups) - 1) / 2) * width for i in range(len(families))], [s["mean"] for s in stats],
-               width, yerr=[s["std"] for s in stats], color=colour, alpha=0.35 + 0.65 * (g + 1) / len(groups),
-               capsize=3, label=label)
+        draw_bars(ax, [i + (g - (len(groups) - 1) / 2) * width for i in range(len(families))],
+                  [s["mean"] for s in stats], [s["std"] for s in stats], width, colour, label,
+                  alpha=0.35 + 0.65 * (g + 1) / len(groups))
+        top = max([top, *(s["mean"] + s["std"] for s in stats if math.isfinite(s["mean"]))])
+    ax.set_ylim(0.0, min(1.0, max(0.05, 1.15 * top)))
     ax.set_xticks(range(len(families)), [f.replace("_", "-") for f in families])
     ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
     ax.set_ylabel("samples: cost model safe, oracle unsafe")
-    ax.set_title("Cost-model exploitation by prompt family")
+    ax.set_title("Cost-model exploitation by prompt family (a \"0\" marks a zero bar)")
     ax.legend(loc="best", framealpha=0.9, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    _save(fig, path, groups)
+    return None
 
 
 def _as_number(value: str) -> float | str:
@@ -459,10 +577,12 @@ def _as_number(value: str) -> float | str:
         return value
 
 
-def plot_training(groups: dict[str, list[Run]], path: Path) -> bool:
-    """λ, mean cost, unsafe rate and reward per step; one line per group (mean over seeds, ±1 std band)."""
+def plot_training(groups: dict[str, list[Run]], path: Path) -> str | None:
+    """λ, mean cost, unsafe rate and reward per step; one line per group (mean over seeds, ±1 std band; the unsafe
+    rate's band kept in [0, 1])."""
     if not any(r.steps for members in groups.values() for r in members):
-        return False
+        return ("no run has step metrics (metrics.jsonl or metrics.jsonl.gz with reward/mean); a reference made with "
+                "`python -m repo_exp.export` keeps them")
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), squeeze=False)
     shades = _group_shades(groups)
@@ -480,8 +600,10 @@ def plot_training(groups: dict[str, list[Run]], path: Path) -> bool:
             std = [statistics.stdev(series[s]) if len(series[s]) > 1 else 0.0 for s in steps]
             colour, linestyle = shades[label]
             ax.plot(steps, mean, color=colour, ls=linestyle, lw=1.8, label=_legend_label(members))
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=colour, alpha=0.15, lw=0)
+            low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+            if key == "cost/unsafe_rate":  # a rate: its band stays in [0, 1]
+                low, high = [max(0.0, v) for v in low], [min(1.0, v) for v in high]
+            ax.fill_between(steps, low, high, color=colour, alpha=0.15, lw=0)
         if key == "cost/mean":
             for d in sorted({r.threshold for members in groups.values() for r in members
                              if r.constraint != "none"}):
@@ -504,9 +626,8 @@ def plot_training(groups: dict[str, list[Run]], path: Path) -> bool:
     fig.suptitle("Training curves (mean over seeds, band ±1 std; dashed grey lines on the cost panel: thresholds d)",
                  fontsize=12)
     fig.tight_layout(rect=(0, 0.02 + 0.035 * math.ceil(len(labels) / ncol), 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    _save(fig, path, groups)
+    return None
 
 
 def _group_shades(groups: dict[str, list[Run]]) -> dict[str, tuple[str, str]]:
@@ -569,9 +690,77 @@ def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str
     }
     for name, file in figures.items():
         lines += [f"## {name.replace('_', ' ')}", "", captions.get(name, ""), "", f"![{name}]({file})", ""]
+    skipped = report.get("figures_skipped") or {}
+    if skipped:
+        lines += ["## Figures not drawn", ""] + [f"- `{name}`: {why}" for name, why in skipped.items()] + [""]
     lines += ["## Runs", "", "| run | constraint | d | seed |", "|---|---|---|---|"]
     lines += [f"| `{r['path']}` | {r['constraint']} | {r['threshold']:g} | {r['seed']} |" for r in report["runs"]]
     return "\n".join(lines) + "\n"
+
+
+def helpfulness_sources(report: dict, constraints: list[str]) -> dict[str, dict[str, float]]:
+    """Per constraint: where the oracle helpfulness comes from — earned by safe vs unsafe responses, by family
+    (means over the constraint's runs, from ``report[constraint]``)."""
+    out = {}
+    for constraint in constraints:
+        figures = report.get(constraint, {})
+        if "oracle/reward_mean" not in figures:
+            continue
+        row = {"oracle/unsafe_reward_mean":
+               figures["oracle/reward_mean"]["mean"] - figures["oracle/safe_reward_mean"]["mean"]}
+        families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/"))
+        for family in families:
+            for figure in ("reward_mean", "unsafe_rate", "refusal_rate"):
+                row[f"oracle/{figure}/{family}"] = figures[f"oracle/{figure}/{family}"]["mean"]
+        out[constraint] = row
+    return out
+
+
+def table(report: dict, constraints: list[str]) -> str:
+    """The summary table: one row per headline figure, mean ± std over seeds per constraint."""
+    lines = ["| figure | " + " | ".join(constraints) + " |", "|---|" + "---|" * len(constraints)]
+    for key, label in SUMMARY_FIGURES:
+        cells = []
+        for c in constraints:
+            v = report.get(c, {}).get(key)
+            cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "—")
+        lines.append(f"| {label} (`{key}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def models_line(world: dict[str, Any]) -> str:
+    several = {k: v for k, v in world.items() if k.startswith("seed") and isinstance(v, dict)}
+    if several:  # a sweep over worlds: one line each
+        return "\n".join(f"World seed {v['seed']}: {models_line(v)}" for _, v in sorted(several.items()))
+    if "reward/pairwise_accuracy" not in world:
+        return "The reward and cost models are not the world's (no world accuracies)."
+    return (f"Reward model: held-out pairwise accuracy {world['reward/pairwise_accuracy']:.3f} on noisy labels, "
+            f"{world['reward/oracle_pairwise_accuracy']:.3f} against the oracle. Cost model: pairwise "
+            f"{world['cost/pairwise_accuracy']:.3f} (oracle {world['cost/oracle_pairwise_accuracy']:.3f}), sign "
+            f"{world['cost/sign_accuracy']:.3f} (oracle {world['cost/oracle_sign_accuracy']:.3f})."
+            + (f" On the round's policy samples, against the oracle: reward pairwise "
+               f"{world['reward/on_policy_oracle_pairwise_accuracy']:.3f}, cost pairwise "
+               f"{world['cost/on_policy_oracle_pairwise_accuracy']:.3f}, cost sign "
+               f"{world['cost/on_policy_oracle_sign_accuracy']:.3f}."
+               if "cost/on_policy_oracle_sign_accuracy" in world else ""))
+
+
+def comparison_constraints(report: dict[str, Any]) -> list[str]:
+    """The constraints of a comparison's runs, average and rectified first."""
+    order = ("average", "rectified", "shaping", "none")
+    return sorted({r["constraint"] for r in report["runs"]},
+                  key=lambda c: (order.index(c) if c in order else len(order), c))
+
+
+def comparison_appendix(report: dict[str, Any]) -> str:
+    """The end of a comparison's ``report.md``: the summary table over seeds, the world's models, and where the
+    helpfulness comes from (also kept in ``report["helpfulness_sources"]``)."""
+    constraints = comparison_constraints(report)
+    report["helpfulness_sources"] = helpfulness_sources(report, constraints)
+    seeds = sorted({r["seed"] for r in report["runs"]})
+    return (f"\n## Summary (mean ± std over seeds {seeds})\n\n{table(report, constraints)}\n\n"
+            f"{models_line(report.get('world') or {})}\n\n## Where the helpfulness comes from\n\n```\n"
+            f"{json.dumps(report['helpfulness_sources'], indent=1)}\n```\n")
 
 
 def run_keys(run: Run) -> list[tuple[str, str]]:
@@ -608,16 +797,9 @@ def unique_runs(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
     return [r for r in runs if id(r) in kept], duplicates
 
 
-def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = "repo_exp comparison",
-                 write: bool = True) -> dict[str, Any]:
-    """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the PNG figures to ``out_dir``
-    (with ``write=False`` only the figures: the caller adds to the report, then calls ``write_report``).
-
-    Returns the report dict: ``report[constraint][figure] == {"mean", "std", "n"}`` for each constraint type
-    present, plus ``groups``, ``runs``, ``figures``, ``skipped`` and ``title``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def read_runs(run_dirs: Sequence[Path | str]) -> tuple[list[Run], list[str], list[str]]:
+    """The finished runs under ``run_dirs``, each once (``unique_runs``); the folders left out as unfinished; those
+    left out as copies."""
     folders = find_run_dirs(run_dirs)
     runs, skipped = [], []
     for folder in folders:
@@ -626,51 +808,164 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
     if not runs:
         raise NoRunsError(f"none of the {len(folders)} run folders found has eval/summary.json: {skipped[:5]}")
     runs, duplicates = unique_runs(runs)
-    groups = group_runs(runs)
-    report = aggregate(runs, groups)
-    figures: dict[str, str] = {}
+    return runs, skipped, duplicates
+
+
+def draw_figures(groups: dict[str, list[Run]], out: Path, fmt: str = "png") -> tuple[dict[str, str], dict[str, str]]:
+    """Every figure of the report into ``out`` as ``<name>.<fmt>``: the files drawn, and for each figure not drawn
+    the reason."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown figure format {fmt!r}; use one of {list(FORMATS)}")
     plots = [("interference", lambda p: plot_interference(groups, p, "eval")),
-             ("interference_oracle", lambda p: plot_interference(groups, p, "oracle")
-              if all(r.has_oracle for r in runs) else False),
+             ("interference_oracle", lambda p: plot_interference(groups, p, "oracle")),
              ("tradeoff", lambda p: plot_tradeoff(groups, p)),
              ("training", lambda p: plot_training(groups, p)),
              ("exploitation", lambda p: plot_exploitation(groups, p))]
+    figures: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for name, plot in plots:
-        if plot(out / f"{name}.png"):
-            figures[name] = f"{name}.png"
+        why = plot(out / f"{name}.{fmt}")
+        if why is None:
+            figures[name] = f"{name}.{fmt}"
+        else:
+            skipped[name] = why
+            log.warning("figure %s not drawn: %s", name, why)
+    return figures, skipped
+
+
+DEFAULT_TITLE = "repo_exp comparison"
+# what a comparison's sweep adds to its report and the runs alone cannot give again (the world's model accuracies come
+# from the world's cache): kept when the report is drawn again over the same runs
+KEPT_KEYS = ("world", "overrides", "seconds")
+
+
+def _kept_from(previous: Path, report: dict[str, Any], title_given: bool) -> dict[str, Any]:
+    """From the ``report.json`` already in the output folder, what ``KEPT_KEYS`` (and the title, unless one was
+    given) held, when it reported the same runs; {} otherwise."""
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return {}
+    if sorted(r.get("path") for r in old.get("runs", [])) != sorted(r["path"] for r in report["runs"]):
+        return {}
+    kept = {k: old[k] for k in KEPT_KEYS if k in old}
+    if not title_given and old.get("title"):
+        kept["title"] = old["title"]
+    return kept
+
+
+def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = DEFAULT_TITLE,
+                 write: bool = True, fmt: str = "png") -> dict[str, Any]:
+    """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the figures (``fmt``: png, svg or
+    pdf) to ``out_dir`` (with ``write=False`` only the figures: the caller adds to the report, then calls
+    ``write_report``).
+
+    Returns the report dict: ``report[constraint][figure] == {"mean", "std", "n"}`` for each constraint type
+    present, plus ``groups``, ``runs``, ``figures``, ``figures_skipped`` (name: why), ``skipped`` and ``title``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, skipped, duplicates = read_runs(run_dirs)
+    groups = group_runs(runs)
+    report = aggregate(runs, groups)
+    figures, figures_skipped = draw_figures(groups, out, fmt)
     for entry in report["runs"]:  # paths under the report folder are written relative to it, so it can move
         path = Path(entry["path"]).resolve()
         if path.is_relative_to(out.resolve()):
             entry["path"] = str(path.relative_to(out.resolve()))
-    report.update({"title": title, "figures": figures, "skipped": skipped, "duplicates": duplicates})
+    report.update({"title": title, "figures": figures, "figures_skipped": figures_skipped, "skipped": skipped,
+                   "duplicates": duplicates})
+    report.update(_kept_from(out / "report.json", report, title_given=title != DEFAULT_TITLE))
     if write:
         write_report(report, out)
     log.info("report of %d runs (%d groups) in %s", len(runs), len(report["groups"]), out)
     return report
 
 
-def write_report(report: dict[str, Any], out_dir: Path | str, appendix: str = "") -> None:
+def write_report(report: dict[str, Any], out_dir: Path | str, appendix: str | None = None) -> None:
     """``report.json`` (replaced whole, never half-written) and ``report.md`` (the tables, figures and runs of
-    ``markdown``, then ``appendix``) in ``out_dir``."""
+    ``markdown``, then ``appendix``; for a comparison, one with ``report["world"]``, its summary by default) in
+    ``out_dir``."""
     out = Path(out_dir)
+    if appendix is None:
+        appendix = comparison_appendix(report) if "world" in report else ""
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out / "report.json")
     (out / "report.md").write_text(markdown(report, report["title"], report["figures"]) + appendix)
 
 
+def against_reference(runs: Sequence[Run], reference: Sequence[Run],
+                      figures: Sequence[tuple[str, str]] = SUMMARY_FIGURES) -> list[dict[str, Any]]:
+    """Figure by figure and constraint by constraint, whether ``runs`` reproduce ``reference``: the difference of the
+    means over seeds within twice its standard error, ``2·sqrt(s_a²/n_a + s_b²/n_b)`` (the seeds' spread), or within
+    ``AGREEMENT_FLOOR``. One row per figure both hold: ``{constraint, figure, label, reference, fresh, difference,
+    allowed, reproduced}``."""
+    rows = []
+    constraints = sorted({r.constraint for r in runs} & {r.constraint for r in reference}, key=_constraint_rank)
+    for constraint in constraints:
+        fresh = figure_stats([r.summary for r in runs if r.constraint == constraint])
+        ref = figure_stats([r.summary for r in reference if r.constraint == constraint])
+        for key, label in figures:
+            if key not in fresh or key not in ref:
+                continue
+            a, b = ref[key], fresh[key]
+            allowed = max(AGREEMENT_FLOOR, 2.0 * math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]))
+            difference = b["mean"] - a["mean"]
+            rows.append({"constraint": constraint, "figure": key, "label": label, "reference": a, "fresh": b,
+                         "difference": difference, "allowed": allowed, "reproduced": abs(difference) <= allowed})
+    return rows
+
+
+def agreement_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of ``against_reference`` as a table, one line each."""
+    lines = [f"{'constraint':<11} {'figure':<38} {'reference':>17} {'this run':>17} {'diff':>7} {'allowed':>7}"]
+    for r in rows:
+        ref, new = r["reference"], r["fresh"]
+        lines.append(f"{r['constraint']:<11} {r['label']:<38} {ref['mean']:>7.3f} ± {ref['std']:.3f} (n {ref['n']}) "
+                     f"{new['mean']:>7.3f} ± {new['std']:.3f} (n {new['n']}) {r['difference']:>+7.3f} "
+                     f"{r['allowed']:>7.3f}  {'ok' if r['reproduced'] else 'DIFFERS'}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m repo_exp.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="run folders or folders holding runs (multirun sweeps)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and the PNGs")
-    parser.add_argument("--title", default="repo_exp comparison")
+    parser.add_argument("dirs", nargs="+", type=Path, help="run folders or folders holding runs (multirun sweeps, "
+                                                           "outputs/<name>, results/<name>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for report.json, report.md and the figures (default: the one DIR given)")
+    parser.add_argument("--title", default=DEFAULT_TITLE)
+    parser.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default png)")
+    parser.add_argument("--against", type=Path, default=None, metavar="REFERENCE",
+                        help="reference results (e.g. results/default): say, figure by figure, whether these runs "
+                             "reproduce them within their seeds' spread; exit 1 when some figure differs")
     args = parser.parse_args(argv)
+    if args.out is None and len(args.dirs) != 1:
+        parser.error("--out is required when several folders are given")
+    out = args.out if args.out is not None else args.dirs[0]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        report = build_report(args.dirs, args.out, title=args.title)
+        report = build_report(args.dirs, out, title=args.title, fmt=args.format)
+        reference = read_runs([args.against])[0] if args.against is not None else None
     except (FileNotFoundError, NoRunsError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"{len(report['runs'])} runs → {args.out / 'report.md'}; figures: {', '.join(report['figures'])}")
+    print(f"{len(report['runs'])} runs → {out / 'report.md'}; figures: {', '.join(report['figures']) or 'none'}")
+    for name, why in report["figures_skipped"].items():
+        print(f"not drawn: {name}: {why}")
+    if reference is None:
+        return
+    runs = read_runs(args.dirs)[0]
+    rows = against_reference(runs, reference)
+    if not rows:
+        parser.exit(2, f"error: {args.against} and these runs share no constraint with a summary figure\n")
+    print(f"\nAgainst {args.against} (difference of means allowed: twice its standard error over seeds, at least "
+          f"{AGREEMENT_FLOOR}):\n{agreement_table(rows)}")
+    differing = [f"{r['constraint']} {r['label']}" for r in rows if not r["reproduced"]]
+    if differing:
+        print(f"\nNOT REPRODUCED: {len(differing)} of {len(rows)} figures differ beyond the seeds' spread: "
+              f"{'; '.join(differing)}")
+        raise SystemExit(1)
+    print(f"\nREPRODUCED: all {len(rows)} figures within the reference's seeds' spread")
 
 
 if __name__ == "__main__":

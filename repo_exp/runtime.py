@@ -158,6 +158,10 @@ def init_runtime(use_deepspeed: bool) -> Runtime:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if not use_deepspeed and not cuda:
+        # a run without DeepSpeed still imports it through transformers (saving a model asks whether it is a DeepSpeed
+        # engine), and DeepSpeed then warns that it fell back to the CPU: it is told so beforehand
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if use_deepspeed and not dist.is_initialized():
         import deepspeed
 

@@ -52,11 +52,14 @@ from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, re
 from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
 from repo_exp import run_folder
 from repo_exp.models.score_model import position_ids_from_mask
+from repo_exp.models.tokenizers import tokenizer_name
 from repo_exp.progress import Every, step_line
+from repo_exp.provenance import source_commit
 from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
 from repo_exp.rollout.score import logprob_gap
 from repo_exp.runtime import Runtime, init_runtime, map_large_blocks
 from repo_exp.setup import Models, build_models, build_constraint
+from repo_exp.world.stage import WorldArtifacts, prepare_world
 
 log = logging.getLogger("repo_exp")
 PROGRESS_FIGURES = ("reward/mean", "cost/mean", "constraint/lambda", "timing/step")
@@ -417,7 +420,10 @@ def step_metrics(exp: Experience, constraint: Constraint, rt: Runtime, measure_c
 class Trainer:
     """Holds the models, the constraint, the data stream and the run folder; ``fit`` runs the loop."""
 
-    def __init__(self, config: Config, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, config: Config, cfg: DictConfig, run_dir: Path, world: WorldArtifacts | None = None) -> None:
+        """``world``: the synthetic world's folders when the caller has built or found them already; when the config
+        loads a world model and none is given, the world stage runs here, after the run folder is claimed and checked
+        and before any model is set up."""
         self.config = config
         self.cfg = cfg
         self.rt = init_runtime(config.deepspeed.enabled)
@@ -432,19 +438,20 @@ class Trainer:
         _seed_everything(config.seed + self.rt.rank, config.trainer)
         self.constraint = build_constraint(cfg.constraint, self.rt.comm)
         t = config.trainer
-        world = config.world
-        train_set = load_prompt_set(config.data, config.data.split, world)
+        train_set = load_prompt_set(config.data, config.data.split, config.world)
         if t.epochs is not None:  # before the engines are built: their learning-rate schedules span the whole run
             t.total_steps = max(1, math.ceil(t.epochs * len(train_set) / t.prompts_per_step))
             log.info("trainer.epochs=%g over %d prompts: %d steps", t.epochs, len(train_set), t.total_steps)
-        self.models = build_models(config, self.rt, self.constraint, backend_for(config))
-        self.encoder = PromptEncoder(train_set, self.models.tokenizer, config.model.template, t.max_prompt_length)
+        self.world = world if world is not None else prepare_world(config, self.rt)
+        self.models = build_models(config, self.rt, self.constraint, backend_for(config), world=self.world)
+        self.encoder = PromptEncoder(train_set, self.models.tokenizer, config.model.template, t.max_prompt_length,
+                                     tokenizer_name(config.model))
         self.stream = PromptStream(len(self.encoder), t.prompts_per_step, config.seed, self.rt.rank, self.rt.world_size)
         self.ptx = (PtxStream(load_ptx_pairs(config.ptx, config.world), self.models.tokenizer, config.model.template,
                               config.ptx.max_length, config.seed + self.rt.rank)
                     if config.ppo.ptx_coeff > 0 else None)
         self.eval_encoder = self._eval_encoder()
-        self.oracle = world_oracle(world.temptation) if config.data.source == "world" else None
+        self.oracle = world_oracle(config.world.temptation) if config.data.source == "world" else None
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, self.rt.is_main,
                                              self.rt.barrier)
         self.start_step = 0
@@ -480,7 +487,7 @@ class Trainer:
         if not (e.at_start or e.at_end or e.every):
             return None
         return PromptEncoder(eval_prompt_set(self.config), self.models.tokenizer, self.config.model.template,
-                             t.max_prompt_length)
+                             t.max_prompt_length, tokenizer_name(self.config.model))
 
     def _logger(self) -> MetricsLogger:
         wanted = self.config.logger.name == "wandb" and self.rt.is_main  # the id file is written only then
@@ -700,6 +707,7 @@ class Trainer:
             self.initial_rows = rows
         if tag == "final":  # the range λ took and the steps it spent at a bound (a λ pinned at one is a bug)
             summary.update(self.lambda_trace.summary())
+            summary["run/commit"] = source_commit()  # the source the run was trained at, stated under its figures
         summary["eval/step"] = step
         if self.rt.is_main:
             folder = self.run_dir / "eval" if tag == "final" else self.run_dir / "eval" / tag

@@ -46,8 +46,8 @@ def pku(path, **kw) -> DataConfig:
 HUB_LAYOUT = {
     "data/Alpaca-7B/train.jsonl": ["how do i bake bread", "how do i pick a lock", "how do i bake bread"],
     "data/Alpaca-7B/test.jsonl": ["how do i make a bomb", "how do i make a bomb"],
-    "data/Alpaca2-7B/train.parquet": ["how do i pick a lock", "how do i hurt someone"],
-    "data/Alpaca2-7B/test.parquet": ["where is the water"],
+    "data/Alpaca2-7B/train.parquet": ["how do i pick a lock", "how do i hurt a person"],
+    "data/Alpaca2-7B/test.parquet": ["what is the best way to hide"],
 }
 
 
@@ -69,7 +69,7 @@ def test_prompts_of_one_file_are_deduplicated_in_order(tmp_path, suffix):
 
 def test_hub_like_folder_reads_the_split_of_every_subset_or_the_one_named(hub_like):
     every = load_prompt_set(pku(hub_like), "train").texts
-    assert every == ["how do i bake bread", "how do i pick a lock", "how do i hurt someone"]
+    assert every == ["how do i bake bread", "how do i pick a lock", "how do i hurt a person"]
     alpaca = load_prompt_set(pku(hub_like, subset="data/Alpaca-7B"), "train").texts
     assert alpaca == ["how do i bake bread", "how do i pick a lock"]
     assert load_prompt_set(pku(hub_like, subset="data/Alpaca-7B"), "test").texts == ["how do i make a bomb"]
@@ -107,7 +107,7 @@ def test_smoke_run_trains_on_the_deduplicated_prompts(smoke_cfg, hub_like, tmp_p
     cfg = smoke_cfg("data=pku_saferlhf", f"data.path={hub_like}", "trainer.total_steps=2",
                     "trainer.prompts_per_step=3", "eval.at_start=false")
     trainer = Trainer(validate(cfg), cfg, tmp_path / "run")
-    assert trainer.encoder.prompts.texts == ["how do i bake bread", "how do i pick a lock", "how do i hurt someone"]
+    assert trainer.encoder.prompts.texts == ["how do i bake bread", "how do i pick a lock", "how do i hurt a person"]
     seen: list[str] = []
     rollout = trainer.rollout
 
@@ -122,7 +122,7 @@ def test_smoke_run_trains_on_the_deduplicated_prompts(smoke_cfg, hub_like, tmp_p
     metrics = metric_rows(tmp_path / "run")
     assert [m["step"] for m in metrics if "reward/mean" in m] == [1, 2]
     eval_rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / "per_prompt.jsonl").read_text().splitlines()]
-    assert {r["prompt"] for r in eval_rows} == {"how do i make a bomb", "where is the water"}
+    assert {r["prompt"] for r in eval_rows} == {"how do i make a bomb", "what is the best way to hide"}
 
 
 def test_score_train_trains_a_cost_model_on_pku_rows(hub_like, tmp_path):

@@ -1,7 +1,7 @@
 """Choices that only change speed leave the numbers as they were (within the precision's rounding); no timing is
 asserted here.
 
-- attention: sdpa and eager give the same losses and gradients; ``model.attn_implementation=auto`` measures once and
+- attention: sdpa and eager give the same losses and gradients; ``model.attn_implementation=fastest`` measures once and
   reads its cached answer after that;
 - generation: one prefill per distinct prompt samples the same tokens with the same log-probabilities as one per row;
 - the update: length-grouped micro-batches cut to their longest row, as many samples each as a token budget holds,
@@ -89,10 +89,10 @@ def test_auto_attention_measures_once_per_machine_and_reads_the_cache_after(tmp_
     assert len(calls) == 2 and len(json.loads((tmp_path / PROBE_FILE).read_text())) == 2
 
 
-def test_auto_attention_resolves_to_a_measured_kernel_in_the_config(smoke_cfg, tmp_path):
+def test_fastest_attention_resolves_to_a_measured_kernel_in_the_config(smoke_cfg, tmp_path):
     from repo_exp.config import validate
 
-    config = validate(smoke_cfg("model.attn_implementation=auto", "trainer.mixed_precision=bf16",
+    config = validate(smoke_cfg("model.attn_implementation=fastest", "trainer.mixed_precision=bf16",
                                 f"world.cache_dir={tmp_path}"))
     choice = resolve_attention(config, None, torch.device("cpu"))
     assert choice in ("sdpa", "eager") and config.model.attn_implementation == choice

@@ -106,7 +106,9 @@ def test_a_run_writes_nothing_in_the_home_folder(tmp_path):
     home, run = tmp_path / "home", tmp_path / "run"
     home.mkdir()
     prompts = tmp_path / "prompts.csv"
-    prompts.write_text("prompt\n" + "".join(f"how do I plant tree number {i}?\n" for i in range(16)))
+    from repo_exp.world import all_prompts
+
+    prompts.write_text("prompt\n" + "".join(f'"{p.text}"\n' for p in all_prompts()[:16]))  # words the policy reads
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("WANDB_", "XDG_", "HF_HOME", "HF_DATASETS", "TRANSFORMERS_CACHE"))}
     env.update(HOME=str(home), WANDB_MODE="offline")

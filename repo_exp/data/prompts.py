@@ -22,6 +22,11 @@ from repo_exp.models.tokenizers import encode_prompt
 
 log = logging.getLogger(__name__)
 
+# a prompt set whose words the policy's tokenizer mostly does not know is refused: above this share of unknown tokens
+# the policy reads <unk> where the prompt had words (a set the tokenizer covers has none; names and rare words in a
+# covering vocabulary stay far below it)
+MAX_UNKNOWN_SHARE = 0.05
+
 
 @dataclass
 class PromptSet:
@@ -94,7 +99,8 @@ def load_prompt_set(data: DataConfig, split: str, world: WorldConfig | None = No
         texts, meta = _dedupe(texts, meta)
     if not texts:
         raise ValueError(f"the prompt set {data.name} ({data.source}, split {split!r}) is empty")
-    return PromptSet(texts, meta, name=f"{data.name}:{split}").take(data.max_prompts)
+    where = f" ({data.path})" if data.source == "file" else ""
+    return PromptSet(texts, meta, name=f"{data.name}:{split}{where}").take(data.max_prompts)
 
 
 @dataclass
@@ -108,10 +114,36 @@ class PromptBatch:
     dataset_index: list[int]  # index of each sample's prompt in the prompt set
 
 
-class PromptEncoder:
-    """Applies the template and tokenizes once; drops prompts longer than ``max_length`` with a warning."""
+def unknown_tokens(tokenizer, texts: list[str]) -> tuple[int, int]:
+    """(unknown, all) tokens of ``texts`` under ``tokenizer`` (the texts alone, without template or special tokens);
+    (0, 0) for a tokenizer that has no unknown token (a byte-level one covers every text)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not texts:
+        return 0, 0
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return sum(row.count(unk) for row in ids), sum(len(row) for row in ids)
 
-    def __init__(self, prompts: PromptSet, tokenizer, template: str, max_length: int) -> None:
+
+def check_vocabulary(prompts: PromptSet, tokenizer, tokenizer_name: str = "") -> None:
+    """Refuse a prompt set that tokenizes to more than ``MAX_UNKNOWN_SHARE`` unknown tokens, naming the set and the
+    tokenizer (a world-sized vocabulary given real-world prompts, say)."""
+    unknown, total = unknown_tokens(tokenizer, prompts.texts)
+    if total and unknown / total > MAX_UNKNOWN_SHARE:
+        name = tokenizer_name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"the prompt set {prompts.name or '(unnamed)'} is {unknown / total:.0%} unknown tokens under the tokenizer "
+            f"{name} ({len(tokenizer)} tokens): {unknown} of its {total} tokens are {tokenizer.unk_token}, so the "
+            f"policy would not read these prompts (the limit is {MAX_UNKNOWN_SHARE:.0%}). Evaluate them with a "
+            f"policy whose tokenizer covers them (model=..., or model.tokenizer=...), or choose another prompt set")
+
+
+class PromptEncoder:
+    """Applies the template and tokenizes once; drops prompts longer than ``max_length`` with a warning; refuses a
+    set the tokenizer mostly does not know (``check_vocabulary``)."""
+
+    def __init__(self, prompts: PromptSet, tokenizer, template: str, max_length: int,
+                 tokenizer_name: str = "") -> None:
+        check_vocabulary(prompts, tokenizer, tokenizer_name)
         encoded, kept = [], []
         for i, text in enumerate(prompts.texts):
             ids = encode_prompt(tokenizer, template, text)

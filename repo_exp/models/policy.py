@@ -104,6 +104,10 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         )
     except pickle.UnpicklingError as exc:
         raise unsafe_pickle_error(path, exc) from exc
+    except (ValueError, ImportError) as exc:
+        if "attn_implementation" not in str(exc) and "attention" not in str(exc):
+            raise
+        raise ValueError(attention_hint(path, cfg.attn_implementation, exc)) from exc
     model, loading_info = model
     check_all_weights_loaded(loading_info, path)
     check_loaded("model", path, cfg.revision, getattr(model.config, "_commit_hash", None))
@@ -115,6 +119,15 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         raise ValueError(f"the policy at {path!r} has {embeddings} embeddings but "
                          f"its tokenizer has {len(tokenizer)} tokens: they do not belong together")
     return model
+
+
+def attention_hint(path: str, requested: str | None, exc: Exception) -> str:
+    """transformers' refusal of an attention kernel names its Python keyword; the run is configured through Hydra, so
+    name the key to set there."""
+    asked = f"model.attn_implementation={requested}" if requested else "transformers' own choice of attention"
+    return (f"the policy at {path!r} cannot load with {asked}: {exc}\n-> set model.attn_implementation=eager on the "
+            f"command line (or model.attn_implementation=null to let transformers choose a kernel this architecture "
+            f"supports)")
 
 
 def _partition_under_zero3(model: nn.Module) -> nn.Module:

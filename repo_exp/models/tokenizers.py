@@ -55,6 +55,15 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tokenizer
 
 
+def tokenizer_name(cfg) -> str:
+    """The policy's tokenizer as its config names it (``cfg``: the ``model`` node), for messages."""
+    if cfg.tokenizer == "world":
+        return "model.tokenizer=world (the synthetic world's word-level tokenizer)"
+    if cfg.tokenizer:
+        return f"model.tokenizer={cfg.tokenizer}"
+    return f"of model.path={cfg.path}" if cfg.path else f"of model={cfg.name}"
+
+
 CHAT = "chat"  # a template value: render prompts with the tokenizer's own chat template
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -241,13 +241,24 @@ def _sampled_under_inference_mode(sample: Callable[..., Generation]) -> Callable
     return wrapper
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and each EOS id of the model's ``generation_config``
+    (instruct models list several there: Llama-3-Instruct ends a turn with ``<|eot_id|>``, Qwen2.5-Instruct with
+    ``<|im_end|>``, beside the tokenizer's end-of-text token)."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(getattr(model, "module", model), "generation_config", None)  # a DeepSpeed engine wraps it
+    listed = getattr(config, "eos_token_id", None)
+    ids += [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted({int(i) for i in ids if i is not None})
+
+
 @_sampled_under_inference_mode
 def generate(
     model,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     generator: torch.Generator,
     rows: slice,
@@ -262,6 +273,7 @@ def generate(
 
     Args:
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        eos_token_id: the token, or every token, that ends a response (``stop_token_ids``).
         generator: draws the Gumbel noise for all ``global_batch`` rows; this call uses ``rows`` of it.
         all_finished: reduces the local "every row has ended" flag over ranks; under ZeRO-3 every rank must keep
             running forward passes until all have ended (synchronised GPUs).
@@ -294,6 +306,7 @@ def generate(
     tokens, logprobs, alive_masks = [], [], []
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+    stop = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     for step in range(max_new_tokens):
         logits = logits.float()  # (B, V)
         noise = torch.rand(global_batch, logits.shape[-1], generator=generator, device=device)[rows]
@@ -305,7 +318,7 @@ def generate(
         tokens.append(token)
         logprobs.append(torch.where(alive, logp, 0.0))
         alive_masks.append(alive)
-        alive = alive & (token != eos_token_id)
+        alive = alive & ~torch.isin(token, stop)
         done = not bool(alive.any())
         if all_finished is not None:
             done = all_finished(done)

@@ -10,7 +10,7 @@ import torch
 
 from repo_exp.data.prompts import PromptBatch
 from repo_exp.rollout.experience import Experience
-from repo_exp.rollout.generate import generate, sampling_generator
+from repo_exp.rollout.generate import generate, sampling_generator, stop_token_ids
 from repo_exp.rollout.score import Scorer, sequence_logprobs
 
 
@@ -86,7 +86,7 @@ def make_experience(
         with timings.section("generate"):
             gen = generate(
                 policy, ids, mask, max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
                 generator=sampling_generator(seed, step, stream, device=device),
                 rows=slice(row_offset + start, row_offset + stop), global_batch=global_batch,
                 temperature=temperature, top_k=top_k, top_p=top_p, all_finished=all_finished,
