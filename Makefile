@@ -1,11 +1,12 @@
-# `make run` runs the default comparison (a Hydra multirun: experiment=compare), `make test` the tests; each creates the environment it needs in .venv/.
+# `make run` runs the default comparison (a Hydra multirun: experiment=compare) into outputs/, `make test` the tests (the
+# documentation's build among them); each creates the environment it needs in .venv/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?= -q
 
-.PHONY: install run test test-slow bench check clean
+.PHONY: install run test test-slow bench docs check clean
 
 install: $(STAMP)
 
@@ -30,5 +31,8 @@ test-slow: install
 bench: install
 	$(BIN)/python -m bench
 
+docs: install
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache

@@ -158,10 +158,16 @@ def name_job_lines(name: str) -> None:
 
 def lines_instead_of_bars(cfg: DictConfig) -> None:
     """A sweep's jobs log a progress line every few seconds instead of drawing progress bars, which parallel jobs
-    would draw over each other (``trainer.progress`` changes nothing a run computes)."""
+    would draw over each other: the trainer's (``trainer.progress`` changes nothing a run computes) and those of the
+    Hugging Face libraries (loading and saving models)."""
     if OmegaConf.select(cfg, "trainer.progress"):
         with open_dict(cfg):
             cfg.trainer.progress = False
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when the libraries are imported, after this
+    if "huggingface_hub" in sys.modules:  # a launcher's worker that ran a job before: already imported
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],

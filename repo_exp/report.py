@@ -335,12 +335,27 @@ def provenance(groups: dict[str, list[Run]], threshold: str | None = None) -> st
             f"world: {_values(r.world for r in runs) or 'not recorded'}; {commit}")
 
 
+PROVENANCE_INCHES = 0.3  # the strip added below a figure for its provenance line
+
+
 def _save(fig, path: Path, groups: dict[str, list[Run]], threshold: str | None = None) -> None:
-    """Write the figure with its provenance line below the panels (outside them: it never covers a legend)."""
-    fig.text(0.01, -0.01, provenance(groups, threshold), ha="left", va="top", fontsize=8, color="#444444")
-    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)
+    """Write the figure with its provenance line in a strip added below everything it holds (panels and legends move
+    up, keeping their sizes), so that the line never covers a legend."""
     import matplotlib.pyplot as plt
 
+    height = fig.get_figheight()
+    fig.set_figheight(height + PROVENANCE_INCHES)
+    scale, strip = height / (height + PROVENANCE_INCHES), PROVENANCE_INCHES / (height + PROVENANCE_INCHES)
+    for ax in fig.axes:
+        box = ax.get_position()
+        ax.set_position([box.x0, strip + box.y0 * scale, box.width, box.height * scale])
+    for legend in fig.legends:  # anchored to the figure: now to the part above the strip
+        legend.set_bbox_to_anchor((0.0, strip, 1.0, 1.0 - strip), transform=fig.transFigure)
+    if fig._suptitle is not None:
+        x, y = fig._suptitle.get_position()
+        fig._suptitle.set_y(strip + y * scale)
+    fig.text(0.01, strip / 2, provenance(groups, threshold), ha="left", va="center", fontsize=8, color="#444444")
+    fig.savefig(path)
     plt.close(fig)
 
 
@@ -704,14 +719,15 @@ def helpfulness_sources(report: dict, constraints: list[str]) -> dict[str, dict[
     out = {}
     for constraint in constraints:
         figures = report.get(constraint, {})
-        if "oracle/reward_mean" not in figures:
+        if "oracle/reward_mean" not in figures or "oracle/safe_reward_mean" not in figures:
             continue
         row = {"oracle/unsafe_reward_mean":
                figures["oracle/reward_mean"]["mean"] - figures["oracle/safe_reward_mean"]["mean"]}
         families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/"))
         for family in families:
             for figure in ("reward_mean", "unsafe_rate", "refusal_rate"):
-                row[f"oracle/{figure}/{family}"] = figures[f"oracle/{figure}/{family}"]["mean"]
+                if f"oracle/{figure}/{family}" in figures:
+                    row[f"oracle/{figure}/{family}"] = figures[f"oracle/{figure}/{family}"]["mean"]
         out[constraint] = row
     return out
 
@@ -732,7 +748,9 @@ def models_line(world: dict[str, Any]) -> str:
     several = {k: v for k, v in world.items() if k.startswith("seed") and isinstance(v, dict)}
     if several:  # a sweep over worlds: one line each
         return "\n".join(f"World seed {v['seed']}: {models_line(v)}" for _, v in sorted(several.items()))
-    if "reward/pairwise_accuracy" not in world:
+    needed = ("reward/pairwise_accuracy", "reward/oracle_pairwise_accuracy", "cost/pairwise_accuracy",
+              "cost/oracle_pairwise_accuracy", "cost/sign_accuracy", "cost/oracle_sign_accuracy")
+    if not all(k in world for k in needed):
         return "The reward and cost models are not the world's (no world accuracies)."
     return (f"Reward model: held-out pairwise accuracy {world['reward/pairwise_accuracy']:.3f} on noisy labels, "
             f"{world['reward/oracle_pairwise_accuracy']:.3f} against the oracle. Cost model: pairwise "

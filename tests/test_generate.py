@@ -133,3 +133,33 @@ def test_models_outside_the_llama_fast_path_decode_through_their_own_forward():
     gen = sample(biased, ids, mask, fast=True)
     assert torch.equal(gen.sequences[:, ids.shape[1]:], tokens)
     torch.testing.assert_close(gen.logprobs, logprobs, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_sampling_stops_on_every_eos_id_of_the_generation_config(fast):
+    """An instruct model lists several EOS ids in its generation_config (a turn's end beside end-of-text): a response
+    ends at the first of any of them, and is otherwise what one EOS gives, token for token."""
+    from types import SimpleNamespace
+
+    from repo_exp.rollout.generate import stop_token_ids
+
+    model = tiny_llama(2)
+    ids, mask = left_padded_prompts()
+    one = sample(model, ids, mask, fast)
+    second = 5  # a token the model samples somewhere in the rows: the turn's end of this toy instruct model
+    responses = one.sequences[:, ids.shape[1]:]
+    assert bool(((responses == second) & one.response_mask.bool()).any()), "the second EOS must occur"
+    model.generation_config.eos_token_id = [EOS, second]
+    stops = stop_token_ids(model, SimpleNamespace(eos_token_id=EOS))
+    assert stops == [EOS, second]
+    both = generate(
+        model, ids, mask, 30, eos_token_id=stops, pad_token_id=PAD, generator=sampling_generator(7, 3, 0),
+        rows=slice(0, 6), global_batch=6, fast_decoder=fast)
+    for row in range(ids.shape[0]):
+        tokens = responses[row][one.response_mask[row].bool()].tolist()
+        end = next((i for i, t in enumerate(tokens) if t in (EOS, second)), len(tokens) - 1)
+        kept = both.sequences[row, ids.shape[1]:][both.response_mask[row].bool()].tolist()
+        assert kept == tokens[: end + 1], row  # the same tokens, cut at the first stop of either kind
+        assert bool(both.truncated[row]) == (tokens[end] not in (EOS, second))
+    wrapped = SimpleNamespace(module=model)  # a DeepSpeed engine holds the model as .module
+    assert stop_token_ids(wrapped, SimpleNamespace(eos_token_id=7)) == [EOS, second, 7]

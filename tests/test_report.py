@@ -156,3 +156,86 @@ def test_an_evaluation_job_inside_a_run_folder_is_not_another_run(tmp_path):
     make_run(run / "evaluation", "average", 0.0, 0, {"eval/mean_cost": 0.9})
     make_run(tmp_path / "sweep" / "1", "average", 0.0, 1, {"eval/mean_cost": 0.3})
     assert find_run_dirs([tmp_path / "sweep"]) == [run.resolve(), (tmp_path / "sweep" / "1").resolve()]
+
+
+# -------------------------------------------------------------------------------------------- what figures show
+
+
+def test_a_zero_bar_is_drawn_and_a_missing_one_is_marked():
+    """A rate of 0 must read as 0, not as a bar that is missing: a line at 0 and a "0" above it; NaN says n/a."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    from repo_exp.report import draw_bars
+
+    fig, ax = plt.subplots()
+    draw_bars(ax, [0.0, 1.0, 2.0], [0.0, 0.25, float("nan")], [0.0, 0.1, 0.0], 0.4, "#0072B2", "rectified")
+    fig.canvas.draw()
+    def flat_at_zero(seg) -> bool:  # a horizontal segment at y = 0 (error bars are vertical)
+        return len(seg) == 2 and seg[0][1] == seg[1][1] == 0.0 and seg[0][0] != seg[1][0]
+
+    marks = [c for c in ax.collections if isinstance(c, LineCollection) and any(map(flat_at_zero, c.get_segments()))]
+    zero_lines = [seg for c in marks for seg in c.get_segments() if flat_at_zero(seg)]
+    assert [(round(a[0], 3), round(b[0], 3)) for a, b in zero_lines] == [(-0.2, 0.2)]  # the zero bar, only it
+    assert all(c.get_linewidth()[0] >= 2.5 for c in marks)  # thick enough to see beside the axis
+    texts = {(t.get_text(), round(t.xy[0], 3)) for t in ax.texts}
+    assert texts == {("0", 0.0), ("n/a", 2.0)}
+    plt.close(fig)
+
+
+def test_rate_error_bars_stay_inside_zero_and_one():
+    from repo_exp.report import rate_error
+
+    lower, upper = rate_error([0.02, 0.5, 0.99, 0.0], [0.1, 0.1, 0.1, 0.0])
+    assert lower == pytest.approx([0.02, 0.1, 0.1, 0.0]) and upper == pytest.approx([0.1, 0.1, 0.01, 0.0])
+
+
+def test_figures_state_n_d_world_and_commit_and_come_as_svg_or_pdf(sweep, tmp_path):
+    root, _ = sweep
+    for config in root.glob("*/.hydra/config.yaml"):  # what a world run's config and summary hold
+        config.write_text(config.read_text() + "world:\n  name: default\n  seed: 4\ndata:\n  source: world\n")
+    for summary in root.glob("*/eval/summary.json"):
+        figures = json.loads(summary.read_text())
+        summary.write_text(json.dumps({**figures, "run/commit": "abc123def456", "eval/num_prompts": 92,
+                                       "eval/samples_per_prompt": 8}))
+    svg = build_report([root], tmp_path / "svg", fmt="svg")
+    assert set(svg["figures"].values()) == {f"{n}.svg" for n in ("interference", "interference_oracle", "tradeoff",
+                                                                 "training", "exploitation")}
+    text = (tmp_path / "svg" / "training.svg").read_text()
+    assert text.lstrip().startswith("<?xml") and "<svg" in text
+    from repo_exp.report import group_runs, provenance, read_runs
+
+    line = provenance(group_runs(read_runs([root])[0]))
+    assert line == ("n = 2 seeds per group × 92 prompts × 8 samples; d = -0.5, 0; world: default, seed 4; "
+                    "commit abc123def456")
+    assert "commit abc123def456" in text.replace("\n", " ") or "abc123def456" in text  # the line is in the figure
+    pdf = build_report([root], tmp_path / "pdf", fmt="pdf")
+    assert (tmp_path / "pdf" / pdf["figures"]["exploitation"]).read_bytes()[:4] == b"%PDF"
+    with pytest.raises(SystemExit):
+        main([str(root), "--format", "gif"])
+
+
+def test_the_report_names_each_figure_it_could_not_draw_and_why(tmp_path):
+    for seed in (0, 1):  # one setting per constraint, no per-prompt rows, no step metrics
+        for constraint in ("average", "rectified"):
+            run = make_run(tmp_path / "runs" / f"{constraint}-seed{seed}", constraint, 0.0, seed,
+                           {"eval/prompt_violation_rate": 0.1, "eval/reward_mean": 1.0},
+                           overrides=[f"constraint={constraint}", f"seed={seed}"])
+            for leftover in (run / "eval" / "per_prompt.jsonl", run / "eval" / "initial" / "per_prompt.jsonl",
+                             run / "metrics.jsonl"):
+                leftover.unlink()
+    report = build_report([tmp_path / "runs"], tmp_path / "out")
+    skipped = report["figures_skipped"]
+    assert report["figures"] == {} and set(skipped) == {"interference", "interference_oracle", "tradeoff", "training",
+                                                        "exploitation"}
+    assert "no run has per-prompt rows" in skipped["interference"] and "repo_exp.export" in skipped["interference"]
+    assert skipped["tradeoff"].startswith("no setting was swept")
+    assert "no run has step metrics" in skipped["training"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Figures not drawn" in md and "- `tradeoff`: no setting was swept" in md
+    proc = subprocess.run([sys.executable, "-m", "repo_exp.report", str(tmp_path / "runs"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and "not drawn: training: no run has step metrics" in proc.stdout

@@ -125,3 +125,19 @@ def test_wandb_process_killed_mid_run_becomes_a_warning(tmp_path):
     assert "finished" in done.stdout
     assert "metrics go to metrics.jsonl only" in done.stderr
     assert [r["x"] for r in metric_rows(tmp_path)] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_wandb_says_where_an_offline_run_is_and_how_to_upload_it(tmp_path):
+    from types import SimpleNamespace
+
+    from repo_exp.loggers import where_line
+
+    folder = tmp_path / "wandb" / "offline-run-1-abc"
+    offline = SimpleNamespace(offline=True, settings=SimpleNamespace(mode="offline", sync_dir=str(folder)),
+                              dir=str(folder / "files"))
+    assert where_line(offline) == (f"W&B offline: the run is in {folder}; upload it later with "
+                                   f"`wandb sync {folder}`")
+    online = SimpleNamespace(offline=False, settings=SimpleNamespace(mode="online"), url="https://w.example/r/1",
+                             group="outputs/default/runs", name="constraint=average,seed=0")
+    assert where_line(online) == ("W&B run: https://w.example/r/1 (group outputs/default/runs, name "
+                                  "constraint=average,seed=0)")
