@@ -98,7 +98,10 @@ class WandbSink:
             log.warning("W&B is unavailable (%s: %s); metrics go to metrics.jsonl only", type(exc).__name__, exc)
             self.run = None
             return
-        log.info(where_line(self.run))
+        try:  # saying where the run is never stops it
+            log.info(where_line(self.run))
+        except Exception as exc:
+            log.warning("W&B run started; where it is could not be read (%s: %s)", type(exc).__name__, exc)
 
     def _guard(self, what: str, fn) -> None:
         if self.run is None:
@@ -139,10 +142,12 @@ class WandbSink:
 
 def where_line(run) -> str:
     """Where a W&B run is: its page online; offline (W&B starts silent here), its folder and how to upload it."""
-    if getattr(run, "offline", False) or getattr(run.settings, "mode", None) == "offline":
-        folder = getattr(run.settings, "sync_dir", None) or str(Path(run.dir).parent)
+    settings = getattr(run, "settings", None)
+    if getattr(run, "offline", False) or getattr(settings, "mode", None) == "offline":
+        folder = getattr(settings, "sync_dir", None) or str(Path(getattr(run, "dir", ".")).parent)
         return f"W&B offline: the run is in {folder}; upload it later with `wandb sync {folder}`"
-    return f"W&B run: {run.url} (group {run.group or '-'}, name {run.name})"
+    return (f"W&B run: {getattr(run, 'url', None) or '(no address yet)'} (group {getattr(run, 'group', None) or '-'}, "
+            f"name {getattr(run, 'name', None)})")
 
 
 def sweep_group(sweep_dir: Path) -> str:
