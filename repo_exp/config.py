@@ -746,6 +746,9 @@ def register_configs() -> None:
     """Register every schema under ``schema/<group>/<name>``; the YAML files extend them through their defaults."""
     OmegaConf.register_new_resolver("package_file", package_file, replace=True)
     OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
+    from hydra_plugins.repo_exp_plugins.frontier_sweeper import register as register_sweeper
+
+    register_sweeper()
     cs = ConfigStore.instance()
     cs.store(name="config", group="schema", node=Config)
     cs.store(name="model", group="schema", node=ModelConfig)

@@ -34,7 +34,9 @@ def _assert_complete(folder: Path, k: int, oracle: bool = True) -> list[dict]:
     if oracle:
         assert "oracle/benign_refusal_rate" in summary
     rows = read_rows(folder)
-    assert rows and len(rows) == summary["eval/num_prompts"]
+    # the main figures are over prompts of topics seen in training, the /unseen_topics ones over the rest
+    assert rows and len(rows) == summary["eval/num_prompts"] + summary.get("eval/num_prompts/unseen_topics", 0)
+    assert summary["eval/num_prompts"] == sum(not r.get("unseen_topic") for r in rows)
     for row in rows:
         assert all(field in row for field in ROW_FIELDS) and row["k"] == k
         assert isinstance(row["prompt"], str) and row["prompt"]
