@@ -27,14 +27,17 @@ log = logging.getLogger("repo_exp")
 
 TABLE = (
     ("oracle/prompt_violation_rate", "prompts violating (oracle)"),
+    ("oracle/answerable_helpfulness", "helpfulness where a safe answer exists (oracle, safe answers only)"),
+    ("oracle/overrefusal_rate", "refusals where a safe answer exists (over-refusal)"),
+    ("oracle/harmful_refusal_rate", "harmful prompts refused"),
+    ("oracle/interference_rate", "prompts whose cost rose and ends above 0 (interference)"),
     ("oracle/mean_cost", "mean cost (oracle)"),
     ("oracle/unsafe_rate", "unsafe responses (oracle)"),
-    ("oracle/safe_reward_mean", "safe helpfulness (oracle)"),
-    ("oracle/reward_mean", "raw helpfulness (oracle)"),
-    ("oracle/benign_refusal_rate", "refusals where a safe answer exists"),
-    ("eval/mean_cost", "mean cost (cost model)"),
-    ("eval/prompt_violation_rate", "prompts violating (cost model)"),
-    ("eval/reward_mean", "reward (reward model)"),
+    ("oracle/safe_reward_mean", "safe helpfulness, refusals of harmful prompts included (oracle)"),
+    ("oracle/prompt_violation_rate/unseen_topics", "prompts violating, topics never trained on (oracle)"),
+    ("eval_d0/mean_cost", "mean cost (cost model)"),
+    ("eval_d0/prompt_violation_rate", "prompts violating (cost model, d = 0)"),
+    ("eval/reward_gain", "reward-model gain over the initial policy"),
 )
 
 
@@ -62,11 +65,17 @@ class SweepSignals(Callback):
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
-    """The override list of every job of this sweep, as Hydra's basic sweeper expands it (command-line sweeps win
-    over ``hydra.sweeper.params``)."""
+    """The override list of every job of this sweep, as its sweeper expands it (command-line sweeps win over
+    ``hydra.sweeper.params``; the frontier sweeper's arms each cross them, ``repo_exp.sweeps``)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    arms = OmegaConf.select(config, "hydra.sweeper.arms")
+    if arms:
+        from repo_exp.sweeps import expand_arms
+
+        return expand_arms(OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {}),
+                           OmegaConf.to_container(arms), list(config.hydra.overrides.task))
     params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
     overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
@@ -114,7 +123,8 @@ def helpfulness_sources(report: dict, constraints: list[str]) -> dict[str, dict[
             continue
         row = {"oracle/unsafe_reward_mean":
                figures["oracle/reward_mean"]["mean"] - figures["oracle/safe_reward_mean"]["mean"]}
-        families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/"))
+        families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/")
+                          and k.rsplit("/", 1)[-1] in ("benign", "dual_use", "harmful"))
         for family in families:
             for figure in ("reward_mean", "unsafe_rate", "refusal_rate"):
                 row[f"oracle/{figure}/{family}"] = figures[f"oracle/{figure}/{family}"]["mean"]
@@ -242,3 +252,25 @@ class CompareReport(Callback):
         print(f"\n{report['title']} — mean ± std over seeds {seeds}\n")
         print(summary)
         print(f"\n{models}\nReport: {out / 'report.md'} ({report['seconds']:.0f} s)", flush=True)
+
+
+class FrontierReport(CompareReport):
+    """``experiment=frontier``: the worlds before the jobs (as the comparison builds them), and after them the report
+    with the frontier and the matched comparison (``repo_exp.frontier``) beside the runs' folder, its table printed."""
+
+    @_fatal("the frontier's report")
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from repo_exp import frontier
+        from repo_exp.report import build_report, write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        out = sweep_dir.parent
+        folders = job_folders(sweep_dir, sweep_jobs(config))
+        report = build_report(folders, out, title="The frontier: each method along its own knob", write=False)
+        report["world"] = self.world
+        report["overrides"] = list(config.hydra.overrides.task)
+        report["seconds"] = round(time.perf_counter() - self.start, 1)
+        write_report(report, out, appendix=f"\n{models_line(self.world)}\n" if self.world else "")
+        if report.get("frontier"):
+            print("\n" + frontier.markdown(report["frontier"], report.get("matched", [])))
+        print(f"Report: {out / 'report.md'} ({report['seconds']:.0f} s)", flush=True)

@@ -48,8 +48,8 @@ IGNORED_KEYS = ("seed", "run_name", "trainer.progress", "trainer.resume", "train
                 "experiment")
 IGNORED_PREFIXES = ("hydra.", "logger")
 HEADLINE = (
-    ("eval/reward_mean", "reward R̄"),
-    ("eval/safe_reward_mean", "safe reward"),
+    ("eval/reward_gain", "reward gain"),
+    ("eval/win_rate", "win rate"),
     ("eval/mean_cost", "mean cost C̄"),
     ("eval/prompt_violation_rate", "prompts violating"),
     ("eval/unsafe_rate", "unsafe samples"),
@@ -58,16 +58,20 @@ HEADLINE = (
     ("eval/compensation", "compensation"),
     ("eval/interference_rate", "interference"),
     ("eval/cvar10_cost", "CVaR10 cost"),
-    ("eval/win_rate", "win rate"),
+    ("eval_d0/prompt_violation_rate", "prompts violating at d = 0"),
+    ("eval_d0/mean_cost", "mean cost (cost model)"),
+    ("oracle/prompt_violation_rate", "prompts violating"),
+    ("oracle/answerable_helpfulness", "answerable helpfulness"),
+    ("oracle/overrefusal_rate", "over-refusal"),
+    ("oracle/harmful_refusal_rate", "harmful refused"),
     ("oracle/reward_mean", "reward"),
     ("oracle/safe_reward_mean", "safe reward"),
     ("oracle/mean_cost", "mean cost C̄"),
-    ("oracle/prompt_violation_rate", "prompts violating"),
     ("oracle/unsafe_rate", "unsafe samples"),
     ("oracle/compensation", "compensation"),
     ("oracle/interference_rate", "interference"),
-    ("oracle/benign_refusal_rate", "benign refusals"),
-    ("oracle/refusal_rate/harmful", "harmful refused"),
+    ("oracle/prompt_violation_rate/unseen_topics", "violating, unseen topics"),
+    ("oracle/answerable_helpfulness/unseen_topics", "answerable helpfulness, unseen topics"),
     ("exploit/cost_false_safe_rate", "false safe (samples)"),
     ("exploit/cost_false_safe_share", "unsafe called safe"),
     ("exploit/cost_false_alarm_share", "safe called unsafe"),
@@ -105,6 +109,7 @@ class Run:
     initial_rows: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
     settings: tuple[tuple[str, str], ...] = ()  # the group-defining values, filled by ``group_runs``
+    cfg: Any = None  # the run's composed config (.hydra/config.yaml)
 
     @property
     def has_oracle(self) -> bool:
@@ -163,7 +168,10 @@ def read_run(folder: Path) -> Run | None:
         return None
     config_path = folder / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(config_path) if config_path.is_file() else OmegaConf.create({})
-    constraint = OmegaConf.select(cfg, "constraint.name", default=None) or "unknown"
+    from repo_exp.frontier import method_of
+
+    # the method: the constraint, or the offline algorithm, with a learned multiplier or critic-free estimator named
+    constraint = method_of(cfg) if OmegaConf.select(cfg, "constraint.name", default=None) else "unknown"
     threshold = summary.get("eval/threshold", OmegaConf.select(cfg, "constraint.threshold", default=0.0))
     overrides_path = folder / ".hydra" / "overrides.yaml"
     overrides = {}
@@ -177,6 +185,7 @@ def read_run(folder: Path) -> Run | None:
         rows=_read_jsonl(folder / "eval" / "per_prompt.jsonl"),
         initial_rows=_read_jsonl(folder / "eval" / "initial" / "per_prompt.jsonl"),
         steps=[r for r in _read_jsonl(folder / "metrics.jsonl") if "reward/mean" in r],
+        cfg=cfg,
     )
 
 
@@ -227,7 +236,8 @@ def figure_stats(summaries: Sequence[dict[str, Any]]) -> dict[str, dict[str, flo
     values: dict[str, list[float]] = defaultdict(list)
     for s in summaries:
         for key, value in s.items():
-            if key.split("/", 1)[0] in ("eval", "oracle", "exploit") and isinstance(value, (int, float)) \
+            if key.split("/", 1)[0] in ("eval", "eval_d0", "oracle", "exploit", "exploit_d0", "train") \
+                    and isinstance(value, (int, float)) \
                     and not isinstance(value, bool) and math.isfinite(value):
                 values[key].append(float(value))
     return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
@@ -566,9 +576,19 @@ def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str
         "training": "λ, mean cost, unsafe rate and reward during training.",
         "exploitation": "Share of samples the cost model calls safe (C ≤ d) while the oracle calls unsafe, per prompt "
                         "family and group (mean over seeds, bars ±1 std): where the policy exploits the cost model.",
+        "frontier": "Answerable helpfulness and over-refusal against the share of prompts violating (oracle), each "
+                    "method along its own knob, ±1 std over seeds; the star is the initial policy.",
+        "frontier_unseen_topics": "The same on whole topics held out of every training stage.",
+        "frontier_families": "Refusals and safe helpfulness per prompt family against the overall violation.",
+        "frontier_lambda": "The average constraint's λ per step at each threshold, with its cap and floor.",
+        "matched": "Each point minus the average constraint at the same violation level, 95 % intervals.",
     }
     for name, file in figures.items():
         lines += [f"## {name.replace('_', ' ')}", "", captions.get(name, ""), "", f"![{name}]({file})", ""]
+    if report.get("frontier"):
+        from repo_exp import frontier
+
+        lines.append(frontier.markdown(report["frontier"], report.get("matched", [])))
     lines += ["## Runs", "", "| run | constraint | d | seed |", "|---|---|---|---|"]
     lines += [f"| `{r['path']}` | {r['constraint']} | {r['threshold']:g} | {r['seed']} |" for r in report["runs"]]
     return "\n".join(lines) + "\n"
@@ -609,7 +629,7 @@ def unique_runs(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
 
 
 def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = "repo_exp comparison",
-                 write: bool = True) -> dict[str, Any]:
+                 write: bool = True, replicates: int = 2000) -> dict[str, Any]:
     """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the PNG figures to ``out_dir``
     (with ``write=False`` only the figures: the caller adds to the report, then calls ``write_report``).
 
@@ -638,6 +658,11 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
     for name, plot in plots:
         if plot(out / f"{name}.png"):
             figures[name] = f"{name}.png"
+    from repo_exp import frontier
+
+    if frontier.has_frontier(runs):  # methods swept along their knobs: the frontier and the matched comparison
+        report["frontier"], report["matched"] = frontier.frontier_section(runs, replicates)
+        figures.update(frontier.write_figures(report["frontier"], report["matched"], runs, out))
     for entry in report["runs"]:  # paths under the report folder are written relative to it, so it can move
         path = Path(entry["path"]).resolve()
         if path.is_relative_to(out.resolve()):

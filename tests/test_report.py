@@ -104,8 +104,11 @@ def test_writes_the_figures_and_the_table(sweep, tmp_path):
     root, _ = sweep
     out = tmp_path / "out"
     report = build_report([root], out)
+    # the average runs at two thresholds are a frontier: its figure and the multiplier's are drawn too (no matched
+    # comparison: these hand-made rows carry no oracle samples to bootstrap)
     assert set(report["figures"]) == {"interference", "interference_oracle", "tradeoff", "training",
-                                      "exploitation"}
+                                      "exploitation", "frontier", "frontier_lambda"}
+    assert report["matched"] == []
     for file in report["figures"].values():
         path = out / file
         assert path.stat().st_size > 8_000, file

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.config_store import ConfigStore
 
 
 class FrontierSweeper(BasicSweeper):
@@ -32,13 +31,6 @@ class FrontierSweeper(BasicSweeper):
             self.params = original
 
 
-def register() -> None:
-    """Make ``hydra/sweeper=frontier`` available. Hydra finds plugins by listing the ``hydra_plugins`` namespace, which
-    an editable install cannot list, so the class is also registered by hand (Hydra's own API for that)."""
-    from hydra.core.plugins import Plugins
-
-    Plugins.instance().register(FrontierSweeper)
-    ConfigStore.instance().store(group="hydra/sweeper", name="frontier",
-                                 node={"_target_": f"{FrontierSweeper.__module__}.FrontierSweeper",
-                                       "max_batch_size": None, "params": {}, "arms": {}},
-                                 provider="repo_exp")
+def config_node() -> dict[str, Any]:
+    return {"_target_": f"{FrontierSweeper.__module__}.FrontierSweeper", "max_batch_size": None, "params": {},
+            "arms": {}}
