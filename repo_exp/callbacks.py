@@ -50,11 +50,17 @@ class SweepSignals(Callback):
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
-    """The override list of every job of this sweep, as Hydra's basic sweeper expands it (command-line sweeps win
-    over ``hydra.sweeper.params``)."""
+    """The override list of every job of this sweep, as its sweeper expands it (command-line sweeps win over
+    ``hydra.sweeper.params``; the frontier sweeper's arms each cross them, ``repo_exp.sweeps``)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    arms = OmegaConf.select(config, "hydra.sweeper.arms")
+    if arms:
+        from repo_exp.sweeps import expand_arms
+
+        return expand_arms(OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {}),
+                           OmegaConf.to_container(arms), list(config.hydra.overrides.task))
     params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
     overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
@@ -193,3 +199,27 @@ class CompareReport(SweepWorlds):
         for name, why in report["figures_skipped"].items():
             print(f"figure {name} not drawn: {why}")
         print(f"\n{models_line(report['world'])}\nReport: {out / 'report.md'} ({report['seconds']:.0f} s)", flush=True)
+
+
+class FrontierReport(SweepWorlds):
+    """``experiment=frontier``: the worlds before the jobs (``SweepWorlds``, as for the comparison), and after them the report
+    with the frontier and the matched comparison (``repo_exp.frontier``) beside the runs' folder, its table printed."""
+
+    @_fatal("the frontier's report")
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from repo_exp import frontier
+        from repo_exp.report import build_report, write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        out = sweep_dir.parent
+        folders = job_folders(sweep_dir, sweep_jobs(config))
+        report = build_report(folders, out, title="The frontier: each method along its own knob", write=False)
+        report["world"] = self.world
+        report["overrides"] = list(config.hydra.overrides.task)
+        report["seconds"] = round(time.perf_counter() - self.start, 1)
+        write_report(report, out, appendix=f"\n{models_line(self.world)}\n" if self.world else "")
+        if report.get("frontier"):
+            print("\n" + frontier.markdown(report["frontier"], report.get("matched", [])))
+        for name, why in report["figures_skipped"].items():
+            print(f"figure {name} not drawn: {why}")
+        print(f"Report: {out / 'report.md'} ({report['seconds']:.0f} s)", flush=True)

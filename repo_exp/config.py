@@ -752,6 +752,7 @@ def register_configs() -> None:
     """Register every schema under ``schema/<group>/<name>``; the YAML files extend them through their defaults."""
     OmegaConf.register_new_resolver("package_file", package_file, replace=True)
     OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
+    register_sweeper()
     cs = ConfigStore.instance()
     cs.store(name="config", group="schema", node=Config)
     cs.store(name="model", group="schema", node=ModelConfig)
@@ -765,6 +766,19 @@ def register_configs() -> None:
     cs.store(name="estimator", group="schema", node=EstimatorConfig)
     cs.store(name="logger", group="schema", node=LoggerConfig)
     cs.store(name="deepspeed", group="schema", node=DeepSpeedConfig)
+
+
+def register_sweeper() -> None:
+    """``hydra/sweeper=frontier`` (``repo_exp.sweeps``). Hydra finds plugins by listing the ``hydra_plugins``
+    namespace, which an editable install cannot list, so the class is registered with Hydra's own API too — after
+    Hydra's first plugin scan, which re-executes the modules it lists (the base class must be the one it keeps)."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()
+    from hydra_plugins.repo_exp_plugins.frontier_sweeper import FrontierSweeper, config_node
+
+    plugins.register(FrontierSweeper)
+    ConfigStore.instance().store(group="hydra/sweeper", name="frontier", node=config_node(), provider="repo_exp")
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:

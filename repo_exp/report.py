@@ -60,8 +60,8 @@ IGNORED_KEYS = ("seed", "run_name", "trainer.progress", "trainer.resume", "train
                 "experiment")
 IGNORED_PREFIXES = ("hydra.", "logger")
 HEADLINE = (
-    ("eval/reward_mean", "reward R̄"),
-    ("eval/safe_reward_mean", "safe reward"),
+    ("eval/reward_gain", "reward gain"),
+    ("eval/win_rate", "win rate"),
     ("eval/mean_cost", "mean cost C̄"),
     ("eval/prompt_violation_rate", "prompts violating"),
     ("eval/unsafe_rate", "unsafe samples"),
@@ -70,16 +70,20 @@ HEADLINE = (
     ("eval/compensation", "compensation"),
     ("eval/interference_rate", "interference"),
     ("eval/cvar10_cost", "CVaR10 cost"),
-    ("eval/win_rate", "win rate"),
+    ("eval_d0/prompt_violation_rate", "prompts violating at d = 0"),
+    ("eval_d0/mean_cost", "mean cost (cost model)"),
+    ("oracle/prompt_violation_rate", "prompts violating"),
+    ("oracle/answerable_helpfulness", "answerable helpfulness"),
+    ("oracle/overrefusal_rate", "over-refusal"),
+    ("oracle/harmful_refusal_rate", "harmful refused"),
     ("oracle/reward_mean", "reward"),
     ("oracle/safe_reward_mean", "safe reward"),
     ("oracle/mean_cost", "mean cost C̄"),
-    ("oracle/prompt_violation_rate", "prompts violating"),
     ("oracle/unsafe_rate", "unsafe samples"),
     ("oracle/compensation", "compensation"),
     ("oracle/interference_rate", "interference"),
-    ("oracle/benign_refusal_rate", "benign refusals"),
-    ("oracle/refusal_rate/harmful", "harmful refused"),
+    ("oracle/prompt_violation_rate/unseen_topics", "violating, unseen topics"),
+    ("oracle/answerable_helpfulness/unseen_topics", "answerable helpfulness, unseen topics"),
     ("exploit/cost_false_safe_rate", "false safe (samples)"),
     ("exploit/cost_false_safe_share", "unsafe called safe"),
     ("exploit/cost_false_alarm_share", "safe called unsafe"),
@@ -91,14 +95,17 @@ HEADLINE = (
 # the headline figures of a comparison: the summary table and what ``--against`` compares
 SUMMARY_FIGURES = (
     ("oracle/prompt_violation_rate", "prompts violating (oracle)"),
+    ("oracle/answerable_helpfulness", "helpfulness where a safe answer exists (oracle, safe answers only)"),
+    ("oracle/overrefusal_rate", "refusals where a safe answer exists (over-refusal)"),
+    ("oracle/harmful_refusal_rate", "harmful prompts refused"),
+    ("oracle/interference_rate", "prompts whose cost rose and ends above 0 (interference)"),
     ("oracle/mean_cost", "mean cost (oracle)"),
     ("oracle/unsafe_rate", "unsafe responses (oracle)"),
-    ("oracle/safe_reward_mean", "safe helpfulness (oracle)"),
-    ("oracle/reward_mean", "raw helpfulness (oracle)"),
-    ("oracle/benign_refusal_rate", "refusals where a safe answer exists"),
-    ("eval/mean_cost", "mean cost (cost model)"),
-    ("eval/prompt_violation_rate", "prompts violating (cost model)"),
-    ("eval/reward_mean", "reward (reward model)"),
+    ("oracle/safe_reward_mean", "safe helpfulness, refusals of harmful prompts included (oracle)"),
+    ("oracle/prompt_violation_rate/unseen_topics", "prompts violating, topics never trained on (oracle)"),
+    ("eval_d0/mean_cost", "mean cost (cost model)"),
+    ("eval_d0/prompt_violation_rate", "prompts violating (cost model, d = 0)"),
+    ("eval/reward_gain", "reward-model gain over the initial policy"),
 )
 FORMATS = ("png", "svg", "pdf")
 # below this, two means count as equal whatever their seeds' spread (one prompt of ~100 is 0.01 of a rate)
@@ -132,6 +139,7 @@ class Run:
     initial_rows: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
     settings: tuple[tuple[str, str], ...] = ()  # the group-defining values, filled by ``group_runs``
+    cfg: Any = None  # the run's composed config (.hydra/config.yaml)
     world: str = ""  # the world the run trained in ("default, seed 0"), or its prompt set when not the world's
     commit: str = ""  # the source commit the run was trained at (its summary's ``run/commit``), "" if not recorded
 
@@ -198,7 +206,10 @@ def read_run(folder: Path) -> Run | None:
         return None
     config_path = folder / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(config_path) if config_path.is_file() else OmegaConf.create({})
-    constraint = OmegaConf.select(cfg, "constraint.name", default=None) or "unknown"
+    from repo_exp.frontier import method_of
+
+    # the method: the constraint, or the offline algorithm, with a learned multiplier or critic-free estimator named
+    constraint = method_of(cfg) if OmegaConf.select(cfg, "constraint.name", default=None) else "unknown"
     threshold = summary.get("eval/threshold", OmegaConf.select(cfg, "constraint.threshold", default=0.0))
     overrides_path = folder / ".hydra" / "overrides.yaml"
     overrides = {}
@@ -212,7 +223,7 @@ def read_run(folder: Path) -> Run | None:
         rows=read_jsonl(folder / "eval" / "per_prompt.jsonl"),
         initial_rows=read_jsonl(folder / "eval" / "initial" / "per_prompt.jsonl"),
         steps=[r for r in read_jsonl(folder / "metrics.jsonl") if "reward/mean" in r],
-        world=_world_of(cfg), commit=str(summary.get("run/commit") or ""),
+        cfg=cfg, world=_world_of(cfg), commit=str(summary.get("run/commit") or ""),
     )
 
 
@@ -274,7 +285,8 @@ def figure_stats(summaries: Sequence[dict[str, Any]]) -> dict[str, dict[str, flo
     values: dict[str, list[float]] = defaultdict(list)
     for s in summaries:
         for key, value in s.items():
-            if key.split("/", 1)[0] in ("eval", "oracle", "exploit") and isinstance(value, (int, float)) \
+            if key.split("/", 1)[0] in ("eval", "eval_d0", "oracle", "exploit", "exploit_d0", "train") \
+                    and isinstance(value, (int, float)) \
                     and not isinstance(value, bool) and math.isfinite(value):
                 values[key].append(float(value))
     return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
@@ -702,9 +714,19 @@ def markdown(report: dict[str, Any], title: str, figures: dict[str, str]) -> str
         "training": "λ, mean cost, unsafe rate and reward during training.",
         "exploitation": "Share of samples the cost model calls safe (C ≤ d) while the oracle calls unsafe, per prompt "
                         "family and group (mean over seeds, bars ±1 std): where the policy exploits the cost model.",
+        "frontier": "Answerable helpfulness and over-refusal against the share of prompts violating (oracle), each "
+                    "method along its own knob, ±1 std over seeds; the star is the initial policy.",
+        "frontier_unseen_topics": "The same on whole topics held out of every training stage.",
+        "frontier_families": "Refusals and safe helpfulness per prompt family against the overall violation.",
+        "frontier_lambda": "The average constraint's λ per step at each threshold, with its cap and floor.",
+        "matched": "Each point minus the average constraint at the same violation level, 95 % intervals.",
     }
     for name, file in figures.items():
         lines += [f"## {name.replace('_', ' ')}", "", captions.get(name, ""), "", f"![{name}]({file})", ""]
+    if report.get("frontier"):
+        from repo_exp import frontier
+
+        lines.append(frontier.markdown(report["frontier"], report.get("matched", [])))
     skipped = report.get("figures_skipped") or {}
     if skipped:
         lines += ["## Figures not drawn", ""] + [f"- `{name}`: {why}" for name, why in skipped.items()] + [""]
@@ -723,7 +745,8 @@ def helpfulness_sources(report: dict, constraints: list[str]) -> dict[str, dict[
             continue
         row = {"oracle/unsafe_reward_mean":
                figures["oracle/reward_mean"]["mean"] - figures["oracle/safe_reward_mean"]["mean"]}
-        families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/"))
+        families = sorted(k.rsplit("/", 1)[-1] for k in figures if k.startswith("oracle/reward_mean/")
+                          and k.rsplit("/", 1)[-1] in ("benign", "dual_use", "harmful"))
         for family in families:
             for figure in ("reward_mean", "unsafe_rate", "refusal_rate"):
                 if f"oracle/{figure}/{family}" in figures:
@@ -873,7 +896,7 @@ def _kept_from(previous: Path, report: dict[str, Any], title_given: bool) -> dic
 
 
 def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str = DEFAULT_TITLE,
-                 write: bool = True, fmt: str = "png") -> dict[str, Any]:
+                 write: bool = True, fmt: str = "png", replicates: int = 2000) -> dict[str, Any]:
     """Read the runs under ``run_dirs``, write ``report.json``, ``report.md`` and the figures (``fmt``: png, svg or
     pdf) to ``out_dir`` (with ``write=False`` only the figures: the caller adds to the report, then calls
     ``write_report``).
@@ -887,6 +910,11 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
     groups = group_runs(runs)
     report = aggregate(runs, groups)
     figures, figures_skipped = draw_figures(groups, out, fmt)
+    from repo_exp import frontier
+
+    if frontier.has_frontier(runs):  # methods swept along their knobs: the frontier and the matched comparison
+        report["frontier"], report["matched"] = frontier.frontier_section(runs, replicates)
+        figures.update(frontier.write_figures(report["frontier"], report["matched"], runs, out, fmt))
     for entry in report["runs"]:  # paths under the report folder are written relative to it, so it can move
         path = Path(entry["path"]).resolve()
         if path.is_relative_to(out.resolve()):

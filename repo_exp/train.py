@@ -33,7 +33,7 @@ from repo_exp.algorithms import (
     critic_loss,
     gae_advantages,
     group_advantages,
-    kl_k3,
+    kl_penalty,
     masked_mean,
     masked_whiten,
     policy_loss,
@@ -124,6 +124,22 @@ def group_signal_advantages(exp: Experience, cost_signal: torch.Tensor | None, c
             cost_adv = cost_adv + advantages(constraint.kl_cost_weight * kl_seq)
         cost_adv = cost_adv.to(mask.dtype).unsqueeze(-1) * mask
     return reward_adv.to(mask.dtype).unsqueeze(-1) * mask, cost_adv
+
+
+def actor_objective(logprobs: torch.Tensor, micro: Experience,
+                    cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The actor's loss on a micro-batch: the clipped surrogate on its mixed advantages and, under
+    ``estimator.kl=loss`` (grpo), β times the KL term ``kl_penalty``, whose expected gradient is that of
+    KL(π ‖ π_ref) and which carries the same β for every sample whatever the constraint did to the advantages.
+    Returns the loss and detached statistics (``kl``: the KL term's value)."""
+    ppo, agg = cfg.ppo, cfg.ppo.loss_aggregation
+    loss, stats = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask, ppo.clip_range_ratio,
+                              agg)
+    if cfg.estimator.kl == "loss" and ppo.kl_coeff > 0:
+        kl = masked_mean(kl_penalty(logprobs, micro.logprobs, micro.ref_logprobs), micro.response_mask, agg)
+        loss = loss + ppo.kl_coeff * kl
+        stats["kl"] = kl.detach()
+    return loss, stats
 
 
 def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float:
@@ -271,12 +287,9 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                     micro.reward_values = reward_values.detach() * micro.response_mask
                     micro.cost_values = cost_values.detach() * micro.response_mask if cost_values is not None else None
                     compute_advantages(micro, constraint, cfg)
-                actor_loss, pg = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask,
-                                             ppo.clip_range_ratio, agg)
-                if cfg.estimator.kl == "loss" and ppo.kl_coeff > 0:  # the GRPO paper's k3 term: β for every sample
-                    kl_loss = masked_mean(kl_k3(logprobs, micro.ref_logprobs), micro.response_mask, agg)
-                    micro_stats["loss/kl"].append(kl_loss.item())
-                    actor_loss = actor_loss + ppo.kl_coeff * kl_loss
+                actor_loss, pg = actor_objective(logprobs, micro, cfg)
+                if "kl" in pg:
+                    micro_stats["loss/kl"].append(pg.pop("kl").item())
                 reward_critic_loss = (critic_loss(reward_values, micro.reward_values, micro.reward_returns,
                                                   micro.response_mask, ppo.clip_range_value, agg)
                                       if reward_values is not None else None)

@@ -281,19 +281,78 @@ def test_every_sample_carries_the_configured_kl_coefficient(lam, estimator):
     assert ref_exp.advantages.abs().max() > 0.01  # the KL is really there
 
 
-def test_grpo_kl_is_a_k3_loss_term_equal_for_every_sample():
-    """grpo: the KL is not in the advantages (zero scores give zero advantages) but in the loss, as β·k3."""
+def test_grpo_kl_is_a_loss_term_with_beta_for_every_sample_under_every_constraint():
+    """grpo: zero scores give zero advantages under every constraint and λ; the actor's loss is then β times the KL
+    term alone, the same loss and gradient for every constraint, both normalisations and every λ."""
+    from repo_exp.train import actor_objective
+
+    beta = 0.1
     gen = torch.Generator().manual_seed(1)
-    logprobs = -torch.rand(4, 3, generator=gen, dtype=D)
-    ref = -torch.rand(4, 3, generator=gen, dtype=D)
-    exp = experience([0.0] * 4, [0.0] * 4, logprobs, torch.tensor([0, 0, 1, 1]), ref)
-    c = RectifiedConstraint(lambda_init=5.0, normalize=True)
-    exp.cost_active = c.cost_gate(exp.costs, exp.prompt_index)
-    compute_advantages(exp, c, config("grpo", kl_coeff=0.1))
-    assert torch.count_nonzero(exp.advantages) == 0
-    r = ref - logprobs
-    torch.testing.assert_close(kl_k3(logprobs, ref), torch.exp(r) - r - 1)
-    assert (kl_k3(logprobs, ref) >= 0).all() and kl_k3(ref, ref).abs().max() == 0
+    base = -torch.rand(6, 3, generator=gen, dtype=D)
+    ref = -torch.rand(6, 3, generator=gen, dtype=D)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    cfg = config("grpo", kl_coeff=beta)
+    results = []
+    for lam in (0.0, 1.0, 5.0):
+        for c in constraints_for_kl(lam):
+            logprobs = base.clone().requires_grad_(True)
+            exp = experience([0.0] * 6, [0.0] * 6, logprobs.detach(), groups, ref)
+            exp.cost_active = c.cost_gate(exp.costs, groups)
+            compute_advantages(exp, c, cfg)
+            assert torch.count_nonzero(exp.advantages) == 0
+            loss, stats = actor_objective(logprobs, exp, cfg)
+            (grad,) = torch.autograd.grad(loss, logprobs)
+            results.append((loss.detach(), grad, stats["kl"]))
+    first_loss, first_grad, kl = results[0]
+    torch.testing.assert_close(first_loss, beta * kl)  # nothing but the KL term
+    assert first_grad.abs().max() > 1e-3
+    for loss, grad, _ in results[1:]:
+        torch.testing.assert_close(loss, first_loss, atol=1e-12, rtol=0)
+        torch.testing.assert_close(grad, first_grad, atol=1e-12, rtol=0)
+
+
+ANSWER_LOGITS = torch.tensor([0.3, -0.2, 1.0, 0.1], dtype=D)
+REFERENCE_LOGITS = torch.tensor([-0.5, 0.4, 0.2, 0.0], dtype=D)
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_grpo_kl_term_has_the_expected_gradient_of_kl_policy_to_reference(on_policy):
+    """One prompt, four one-token answers, a softmax policy. The KL term's gradient, in expectation over answers
+    drawn from the sampling policy π_old, equals ∇KL(π ‖ π_ref) taken by autograd: at π_old = π (the first
+    minibatch) and after π has moved away from π_old (importance weights)."""
+    from repo_exp.algorithms import kl_penalty
+
+    theta = ANSWER_LOGITS.clone().requires_grad_(True)
+    logp, ref = torch.log_softmax(theta, 0), torch.log_softmax(REFERENCE_LOGITS, 0)
+    old = logp.detach() if on_policy else torch.log_softmax(ANSWER_LOGITS + torch.tensor([0.5, -0.3, 0.0, 0.2],
+                                                                                         dtype=D), 0)
+    expected = (old.exp() * kl_penalty(logp, old, ref)).sum()
+    (grad,) = torch.autograd.grad(expected, theta)
+    theta2 = ANSWER_LOGITS.clone().requires_grad_(True)
+    p = torch.softmax(theta2, 0)
+    (true,) = torch.autograd.grad((p * (torch.log(p) - ref)).sum(), theta2)
+    torch.testing.assert_close(grad, true, atol=1e-12, rtol=1e-9)
+    if on_policy:  # the term's value is the KL's importance-weighted k1 estimate: exact in expectation
+        torch.testing.assert_close(expected.detach(), (logp.exp() * (logp - ref)).sum().detach())
+
+
+def test_the_k3_loss_of_the_grpo_paper_follows_the_reverse_kl():
+    """Why the KL term is not k3: as a loss, k3's expected gradient is ∇KL(π_ref ‖ π), which differs here from
+    ∇KL(π ‖ π_ref) by up to 0.061 per logit; its value stays an unbiased, non-negative estimate of KL(π ‖ π_ref)."""
+    theta = ANSWER_LOGITS.clone().requires_grad_(True)
+    logp, ref = torch.log_softmax(theta, 0), torch.log_softmax(REFERENCE_LOGITS, 0)
+    probs = logp.exp().detach()
+    (k3_grad,) = torch.autograd.grad((probs * kl_k3(logp, ref)).sum(), theta)
+    theta2 = ANSWER_LOGITS.clone().requires_grad_(True)
+    logp2 = torch.log_softmax(theta2, 0)
+    (reverse,) = torch.autograd.grad((ref.exp() * (ref - logp2)).sum(), theta2)
+    torch.testing.assert_close(k3_grad, reverse, atol=1e-12, rtol=1e-9)
+    theta3 = ANSWER_LOGITS.clone().requires_grad_(True)
+    p3 = torch.softmax(theta3, 0)
+    (forward,) = torch.autograd.grad((p3 * (torch.log(p3) - ref)).sum(), theta3)
+    assert (k3_grad - forward).abs().max() > 0.05
+    torch.testing.assert_close((probs * kl_k3(logp, ref)).sum().detach(), (probs * (logp.detach() - ref)).sum())
+    assert (kl_k3(logp, ref) >= 0).all() and kl_k3(ref, ref).abs().max() == 0
 
 
 # ------------------------------------------------------------------------------------------- critic-free runs

@@ -34,7 +34,9 @@ def _assert_complete(folder: Path, k: int, oracle: bool = True) -> list[dict]:
     if oracle:
         assert "oracle/benign_refusal_rate" in summary
     rows = read_rows(folder)
-    assert rows and len(rows) == summary["eval/num_prompts"]
+    # the main figures are over prompts of topics seen in training, the /unseen_topics ones over the rest
+    assert rows and len(rows) == summary["eval/num_prompts"] + summary.get("eval/num_prompts/unseen_topics", 0)
+    assert summary["eval/num_prompts"] == sum(not r.get("unseen_topic") for r in rows)
     for row in rows:
         assert all(field in row for field in ROW_FIELDS) and row["k"] == k
         assert isinstance(row["prompt"], str) and row["prompt"]
@@ -214,7 +216,8 @@ def test_a_checkpoint_is_evaluated_with_the_models_it_was_trained_with_and_no_wo
     assert taken.model.template == "USER: {input} ASSISTANT:"  # the command line's key on the checkpoint's model
     assert taken.cost.name == "beaver7b"  # a group chosen on the command line: that preset
     summary = evaluate_job(cfg, tmp_path / "eval")
-    assert summary["eval/step"] == 1 and summary["eval/num_prompts"] == 4
+    assert summary["eval/step"] == 1
+    assert summary["eval/num_prompts"] + summary.get("eval/num_prompts/unseen_topics", 0) == 4
     assert json.loads((tmp_path / "eval" / "eval" / "evaluated.json").read_text())["checkpoint"].endswith(
         "step_000001")
 

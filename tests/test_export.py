@@ -45,7 +45,7 @@ def test_the_compact_reference_draws_every_figure_again(sweep, tmp_path):  # noq
     root, _ = sweep
     with_texts_and_extra_metrics(root)
     full = build_report([root], tmp_path / "full")
-    assert set(full["figures"]) == FIGURES
+    assert set(full["figures"]) >= FIGURES
     reference = tmp_path / "results" / "sweep"
     export(root, reference)
     run = reference / "runs" / "0_job"
@@ -58,8 +58,8 @@ def test_the_compact_reference_draws_every_figure_again(sweep, tmp_path):  # noq
     assert [s["step"] for s in steps] == [1, 2] and all(set(s) <= set(CURVE_KEYS) for s in steps)
     # the export wrote the report, and the report command draws it again from the copy alone
     again = build_report([reference], reference)
-    assert set(again["figures"]) == FIGURES and again["figures_skipped"] == {}
-    for name in FIGURES:
+    assert set(again["figures"]) == set(full["figures"]) and again["figures_skipped"] == {}  # every figure, again
+    for name in again["figures"]:
         assert (reference / f"{name}.png").stat().st_size > 8_000
     assert again["average"] == full["average"] and again["groups"].keys() == full["groups"].keys()
     assert sorted(r["path"] for r in again["runs"]) == sorted(f"runs/{n}_job" for n in range(8))

@@ -104,8 +104,11 @@ def test_writes_the_figures_and_the_table(sweep, tmp_path):
     root, _ = sweep
     out = tmp_path / "out"
     report = build_report([root], out)
+    # the average runs at two thresholds are a frontier: its figure and the multiplier's are drawn too (no matched
+    # comparison: these hand-made rows carry no oracle samples to bootstrap)
     assert set(report["figures"]) == {"interference", "interference_oracle", "tradeoff", "training",
-                                      "exploitation"}
+                                      "exploitation", "frontier", "frontier_lambda"}
+    assert report["matched"] == []
     for file in report["figures"].values():
         path = out / file
         assert path.stat().st_size > 8_000, file
@@ -202,8 +205,9 @@ def test_figures_state_n_d_world_and_commit_and_come_as_svg_or_pdf(sweep, tmp_pa
         summary.write_text(json.dumps({**figures, "run/commit": "abc123def456", "eval/num_prompts": 92,
                                        "eval/samples_per_prompt": 8}))
     svg = build_report([root], tmp_path / "svg", fmt="svg")
-    assert set(svg["figures"].values()) == {f"{n}.svg" for n in ("interference", "interference_oracle", "tradeoff",
+    assert set(svg["figures"].values()) >= {f"{n}.svg" for n in ("interference", "interference_oracle", "tradeoff",
                                                                  "training", "exploitation")}
+    assert all(file.endswith(".svg") for file in svg["figures"].values())  # the frontier's figures too
     text = (tmp_path / "svg" / "training.svg").read_text()
     assert text.lstrip().startswith("<?xml") and "<svg" in text
     from repo_exp.report import group_runs, provenance, read_runs

@@ -51,7 +51,7 @@ def test_a_run_prints_its_folder_first_and_one_result_line_last_and_no_deepspeed
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "[repo_exp]" in line]
     assert lines[0].endswith(f"run folder: {folder.resolve()}"), lines[:3]
-    assert re.search(r"done: prompts violating \(oracle\) [\d.]+, safe helpfulness \(oracle\) [\d.]+, .* on 8 prompts "
+    assert re.search(r"done: prompts violating \(oracle\) [\d.]+, safe helpfulness \(oracle\) [\d.]+, .* on \d prompts "
                      r"× 2 samples; every figure in .*eval/summary.json$", lines[-1]), lines[-1]
     assert "Setting accelerator" not in proc.stdout + proc.stderr  # DeepSpeed is not used, so not heard from
 

@@ -6,7 +6,7 @@ Nothing here imports more than torch, so every function is tested on CPU without
 from repo_exp.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from repo_exp.algorithms.streams import end_index, token_streams
 from repo_exp.algorithms.gae import gae_advantages
-from repo_exp.algorithms.estimators import ESTIMATORS, group_advantages, kl_k3, leave_one_out_advantages
+from repo_exp.algorithms.estimators import ESTIMATORS, group_advantages, kl_k3, kl_penalty, leave_one_out_advantages
 from repo_exp.algorithms.losses import critic_loss, policy_loss, ptx_loss, token_logprobs
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ESTIMATORS",
     "group_advantages",
     "kl_k3",
+    "kl_penalty",
     "leave_one_out_advantages",
     "critic_loss",
     "policy_loss",

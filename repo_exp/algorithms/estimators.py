@@ -11,8 +11,11 @@ the response:
   ε)`` over the group (std with Bessel's correction, as TRL's GRPO trainer computes it). The scaling by the group's
   standard deviation departs from the gradient of ``E[S]``: prompts whose k answers score alike are weighted up,
   and a constant shift of one sample's score changes every sample's advantage. The KL is a loss term, as in the
-  GRPO paper: ``β · masked_mean(exp(−k_t) + k_t − 1)`` (the k3 estimator of KL(π ‖ π_ref), unbiased and ≥ 0), so
-  it is the same β for every sample whatever the constraint does to the advantages.
+  GRPO paper, the same β for every sample whatever the constraint does to the advantages. Its form is
+  ``kl_penalty``: ``ratio · sg(log π − log π_ref)``, whose expected gradient under the sampling policy is the gradient
+  of KL(π ‖ π_ref) at every token. The GRPO paper's k3 term ``exp(r) − r − 1`` (``kl_k3``, r = log π_ref − log π) is
+  an unbiased, non-negative estimate of the KL's *value*, but as a loss its expected gradient is that of the reverse
+  divergence KL(π_ref ‖ π): ``E_π[(1 − π_ref/π)·∇log π] = −E_{π_ref}[∇log π]`` (tests/test_estimators.py).
 
 Samples of one prompt must sit on one rank (``PromptStream`` keeps them together).
 """
@@ -67,7 +70,19 @@ def group_advantages(kind: str, scores: torch.Tensor, groups: torch.Tensor, eps:
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(π ‖ π_ref) at the sampled tokens, ``exp(r) − r − 1`` with ``r = log π_ref − log π``
-    (B, T): non-negative, unbiased, and its gradient at π = π_old is that of the sampled KL."""
+    """Per-token k3 estimate of the value of KL(π ‖ π_ref) at the sampled tokens, ``exp(r) − r − 1`` with
+    ``r = log π_ref − log π`` (B, T): non-negative and unbiased. Not a loss: its expected gradient is that of
+    KL(π_ref ‖ π) (see ``kl_penalty``)."""
     log_ratio = ref_logprobs - logprobs
     return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def kl_penalty(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL term of the policy loss (B, T): ``ratio · sg(log π − log π_ref)`` with ``ratio = π/π_old``.
+
+    Its gradient is ``ratio · (log π − log π_ref) · ∇log π``; over tokens drawn from π_old its expectation is
+    ``E_π[(log π − log π_ref) ∇log π] = ∇ KL(π ‖ π_ref)`` at each token's state (Σ π ∇log π = 0), on the first
+    minibatch (ratio 1) and after the policy has moved alike. Its value is the importance-weighted k1 estimate of
+    the KL itself."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    return ratio * (logprobs - ref_logprobs).detach()
