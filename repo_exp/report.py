@@ -350,9 +350,10 @@ def provenance(groups: dict[str, list[Run]], threshold: str | None = None) -> st
 PROVENANCE_INCHES = 0.3  # the strip added below a figure for its provenance line
 
 
-def _save(fig, path: Path, groups: dict[str, list[Run]], threshold: str | None = None) -> None:
-    """Write the figure with its provenance line in a strip added below everything it holds (panels and legends move
-    up, keeping their sizes), so that the line never covers a legend."""
+def save_figure(fig, path: Path, groups: dict[str, list[Run]], threshold: str | None = None) -> None:
+    """Write a report figure with its provenance line (``provenance``) in a strip added below everything it holds
+    (panels and legends move up, keeping their sizes), so that the line never covers a legend. The report's own
+    figures are saved through here."""
     import matplotlib.pyplot as plt
 
     height = fig.get_figheight()
@@ -499,7 +500,7 @@ def plot_interference(groups: dict[str, list[Run]], path: Path, source: str = "e
     what = "oracle cost (ground truth, unsafe when > 0)" if source == "oracle" else "cost model (unsafe when C > d)"
     fig.suptitle(f"Per-prompt mean cost after vs before training — {what}", fontsize=12)
     fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1))  # room for the two-line legend
-    _save(fig, path, groups, threshold="0 (oracle)" if source == "oracle" else None)
+    save_figure(fig, path, groups, threshold="0 (oracle)" if source == "oracle" else None)
     return None
 
 
@@ -563,7 +564,7 @@ def plot_tradeoff(groups: dict[str, list[Run]], path: Path) -> str | None:
     sweep = f"across {short} (labels)" if key else ""
     fig.suptitle(f"Reward vs prompt-violation trade-off {sweep}; error bars: ±1 std over seeds", fontsize=12)
     fig.tight_layout()
-    _save(fig, path, groups)
+    save_figure(fig, path, groups)
     return None
 
 
@@ -593,7 +594,7 @@ def plot_exploitation(groups: dict[str, list[Run]], path: Path, figure: str = "c
     ax.set_title("Cost-model exploitation by prompt family (a \"0\" marks a zero bar)")
     ax.legend(loc="best", framealpha=0.9, fontsize=8)
     fig.tight_layout()
-    _save(fig, path, groups)
+    save_figure(fig, path, groups)
     return None
 
 
@@ -653,7 +654,7 @@ def plot_training(groups: dict[str, list[Run]], path: Path) -> str | None:
     fig.suptitle("Training curves (mean over seeds, band ±1 std; dashed grey lines on the cost panel: thresholds d)",
                  fontsize=12)
     fig.tight_layout(rect=(0, 0.02 + 0.035 * math.ceil(len(labels) / ncol), 1, 1))
-    _save(fig, path, groups)
+    save_figure(fig, path, groups)
     return None
 
 
