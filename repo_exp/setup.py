@@ -15,7 +15,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from repo_exp.config import Config, ModelConfig, ScoreModelConfig
+from repo_exp.config import Config, ConfigError, ModelConfig, ScoreModelConfig
 from repo_exp.constraints import Comm, Constraint
 from repo_exp.engine import Engine, TorchEngine
 from repo_exp.machine import resolve_attention
@@ -23,7 +23,7 @@ from repo_exp.models.checks import check_context_length, check_local_path
 from repo_exp.models.policy import (critic_from_policy, critic_from_scorer, disable_dropout, frozen, load_policy,
                                     load_scorer)
 from repo_exp.models.score_model import ScoreModel
-from repo_exp.models.tokenizers import load_tokenizer
+from repo_exp.models.tokenizers import load_tokenizer, same_tokenizer
 from repo_exp.models.weights import load_state_dict_safely
 from repo_exp.rollout.score import Scorer, critic_values
 from repo_exp.runtime import Runtime, release_free_memory
@@ -136,7 +136,8 @@ def _tokenizer_for(cfg: ModelConfig | ScoreModelConfig, path: str | None):
         from repo_exp.world import world_tokenizer
 
         return world_tokenizer()
-    return load_tokenizer(cfg.tokenizer or path or cfg.path, revision=cfg.revision,
+    revision = None if getattr(cfg, "source", None) == "gguf" else cfg.revision  # a converted folder: local
+    return load_tokenizer(cfg.tokenizer or path or cfg.path, revision=revision,
                           trust_remote_code=cfg.trust_remote_code)
 
 
@@ -175,6 +176,10 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
     t, opt = config.trainer, config.optimizer
     paths = world_paths(config, rt)
     policy_path = paths.get("sft") if config.model.source == "world" else config.model.path
+    if config.model.source == "gguf":  # converted once into an ordinary transformers folder in the cache
+        from repo_exp.models.gguf import converted_folder
+
+        policy_path = str(converted_folder(config.model.path, config.model.revision, config.world.cache_dir))
     reward_path = paths.get("reward") if config.reward.source == "world" else config.reward.path
     cost_path = paths.get("cost") if config.cost.source == "world" else config.cost.path
 
@@ -225,6 +230,14 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
 
     with_cost = constraint.needs_cost_critic
     shared = t.shared_critic and with_cost
+    if t.critic_init == "score_model" and not config.estimator.critic_free:
+        # a critic reads the policy's token ids: one started from a scorer of another vocabulary cannot
+        for role, scorer_of in (("reward", reward), ("cost", cost if with_cost and not shared else None)):
+            if scorer_of is not None and not same_tokenizer(scorer_of.tokenizer, tokenizer):
+                raise ConfigError(f"trainer.critic_init=score_model starts a critic from the {role} model "
+                                  f"({role}.path={getattr(config, role).path or getattr(config, role).name}), whose "
+                                  f"tokenizer is not the policy's: a critic reads the policy's token ids. Set "
+                                  f"trainer.critic_init=policy (critics on the policy's trunk)")
 
     def new_critic(scorer_model: ScoreModel, cfg: ScoreModelConfig, path: str | None, dim: int) -> ScoreModel:
         if t.critic_init == "policy":

@@ -90,11 +90,13 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config)).to(dtype)
         return _partition_under_zero3(model)
     path = path or cfg.path
-    check_offline_cache(path, cfg.revision)
+    # a converted GGUF folder is local: its pin (the package version) was checked when it was converted
+    revision = None if cfg.source == "gguf" else cfg.revision
+    check_offline_cache(path, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            revision=cfg.revision,
+            revision=revision,
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
@@ -106,7 +108,7 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         raise unsafe_pickle_error(path, exc) from exc
     model, loading_info = model
     check_all_weights_loaded(loading_info, path)
-    check_loaded("model", path, cfg.revision, getattr(model.config, "_commit_hash", None))
+    check_loaded("model", path, revision, getattr(model.config, "_commit_hash", None))
     check_causal_lm(model)
     disable_dropout(model)
     weight = model.get_input_embeddings().weight
