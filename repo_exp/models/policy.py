@@ -94,7 +94,7 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
     path = path or cfg.path
     if is_adapter_folder(path):  # a PEFT adapter: its base, then the adapters on it (they go on training)
         base = load_policy(dataclasses.replace(cfg, source="hub", revision=None), tokenizer, adapter_base(path))
-        return load_adapter(base, path)
+        return disable_dropout(load_adapter(base, path))  # its own lora_dropout too: RL updates what it sampled
     # a converted GGUF folder is local: its pin (the package version) was checked when it was converted
     revision = None if cfg.source == "gguf" else cfg.revision
     check_offline_cache(path, revision)
