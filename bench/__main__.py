@@ -77,6 +77,7 @@ class Plan:
     smollm_rows: tuple[str, ...] = ("none", "rectified", "rectified_rloo")
     smollm_trl_setups: tuple[str, ...] = ("bf16_sdpa", "fp32_sdpa")
     smollm_generation_rounds: int = 5
+    smollm_variants: tuple[str, ...] = ("full", "lora")  # full fine-tuning, LoRA adapters on the policy
     smollm_gguf: str | None = None  # another GGUF file in place of the package's (a tiny one in the tests)
     extra: list[str] = field(default_factory=list)  # more overrides for our trainer
 
@@ -318,7 +319,7 @@ def variable_length(plan: Plan, results: dict[str, Any]) -> None:
     results["variable_length"] = out
 
 
-PHASES = ("side_by_side", "sizes", "scaling", "variable_length", "smollm")
+PHASES = ("side_by_side", "sizes", "scaling", "variable_length", "smollm", "smollm_generation")
 
 
 def _attention_probe() -> dict[str, Any]:
@@ -352,7 +353,8 @@ def run(plan: Plan, phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
 
     for phase in phases:  # side_by_side first: the sizes table reuses its measurements
         {"side_by_side": side_by_side, "sizes": sizes, "scaling": scaling,
-         "variable_length": variable_length, "smollm": smollm.phase}[phase](plan, results)
+         "variable_length": variable_length, "smollm": smollm.phase,
+         "smollm_generation": smollm.generation_phase}[phase](plan, results)
     results["machine"]["load_average_end"] = list(os.getloadavg())
     results["machine"]["attention_probe"] = _attention_probe()
     results["total_seconds"] = time.perf_counter() - start
@@ -372,7 +374,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="a one-minute check of the machinery: the 1M model, batch 4, 8 new tokens")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of {','.join(PHASES)} (a partial run prints no table)")
+    parser.add_argument("--warmup-rounds", type=int, default=Plan.side_by_side_warmup,
+                        help="iterations of every side-by-side process before its measured rounds")
     parser.add_argument("--smollm-rounds", type=int, default=Plan.smollm_rounds)
+    parser.add_argument("--smollm-variants", default=",".join(Plan.smollm_variants),
+                        help="comma-separated: full (full fine-tuning), lora (adapters on the policy)")
     parser.add_argument("--smollm-batch", type=int, default=Plan.smollm_batch)
     parser.add_argument("--smollm-new-tokens", type=int, default=Plan.smollm_new_tokens)
     parser.add_argument("--smollm-rows", default=",".join(Plan.smollm_rows),
@@ -392,7 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     smollm = dict(smollm_rounds=args.smollm_rounds, smollm_batch=args.smollm_batch,
                   smollm_new_tokens=args.smollm_new_tokens,
                   smollm_rows=tuple(x for x in args.smollm_rows.split(",") if x), smollm_trl_setups=smollm_setups,
-                  smollm_generation_rounds=args.smollm_rounds)
+                  smollm_generation_rounds=args.smollm_rounds,
+                  smollm_variants=tuple(x for x in args.smollm_variants.split(",") if x in ("full", "lora")),
+                  side_by_side_warmup=args.warmup_rounds)
     plan = Plan(threads=args.threads, rounds=args.rounds, repeats=args.repeats, trl_setups=setups,
                 extra=args.overrides, **smollm)
     if args.quick:

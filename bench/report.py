@@ -205,13 +205,13 @@ def smollm_table(sm: dict[str, Any]) -> list[str]:
     and peak memory."""
     lines = ["", f"SmolLM2 ({sm['model']}, {sm['quantization']} dequantised; {sm['batch']} samples × "
                  f"{sm['new_tokens']} new tokens, {sm['rounds']} alternating rounds)"]
-    for tag, block in sm["side_by_side"].items():
+    for tag, block in sm.get("side_by_side", {}).items():
         setups = ", ".join(f"{k} {v['seconds_per_iteration']:.2f} s" for k, v in block["trl_setups"].items())
         lines.append(f"  {tag}: trl {setups}; baseline {block['baseline']}, peak RSS {block['trl_peak_rss_mb']:.0f} MiB")
         for row, r in block["rows"].items():
             lines.append(f"    ours/trl {row:>14}: {r['ratio']:.2f}  ({r['seconds_per_iteration']:.2f} s per iteration, "
                          f"peak RSS {r['peak_rss_mb']:.0f} MiB; rounds {', '.join(f'{x:.2f}' for x in r['ratios'])})")
-    for tag, g in sm["generation"].items():
+    for tag, g in sm.get("generation", {}).items():
         rates = ", ".join(f"{k} {v:.0f}" for k, v in g["tokens_per_s"].items())
         lines.append(f"  generation {tag} (tokens/s): {rates}; ours/transformers fp32 {g['ratio']['fp32']:.2f}, bf16 "
                      f"{g['ratio']['bf16']:.2f}, best against best {g['best_ratio']:.2f}")

@@ -244,23 +244,35 @@ def generation(plan, lora: bool) -> dict[str, Any]:
     return out
 
 
-def phase(plan, results: dict[str, Any]) -> None:
-    """SmolLM2 side by side with trl (full and LoRA) and generation against transformers' ``generate``."""
+def _header(plan, results: dict[str, Any]) -> dict[str, Any]:
     policy = policy_folder(plan.smollm_gguf)  # converted once here, before the workers read it
     record = json.loads((policy / "gguf_source.json").read_text())
-    out: dict[str, Any] = {"model": record["file"], "revision": record["revision"],
-                           "quantization": record["quantization"], "batch": plan.smollm_batch,
-                           "new_tokens": plan.smollm_new_tokens, "rounds": plan.smollm_rounds,
-                           "lora": LORA, "side_by_side": {}, "generation": {}}
-    for lora in (False, True):
-        tag = "lora" if lora else "full"
-        _log(f"SmolLM2 ({record['file']}) side by side, {tag}: trl {', '.join(plan.smollm_trl_setups)}; ours "
+    out = results.setdefault("smollm", {"side_by_side": {}, "generation": {}})
+    out.update({"model": record["file"], "revision": record["revision"], "quantization": record["quantization"],
+                "batch": plan.smollm_batch, "new_tokens": plan.smollm_new_tokens, "rounds": plan.smollm_rounds,
+                "lora": LORA})
+    return out
+
+
+def phase(plan, results: dict[str, Any]) -> None:
+    """SmolLM2 side by side with trl, full fine-tuning and LoRA (``plan.smollm_variants``), and the peak memory of
+    LoRA against full fine-tuning."""
+    out = _header(plan, results)
+    for tag in plan.smollm_variants:
+        _log(f"SmolLM2 ({out['model']}) side by side, {tag}: trl {', '.join(plan.smollm_trl_setups)}; ours "
              f"{', '.join(plan.smollm_rows)}")
-        out["side_by_side"][tag] = side_by_side(plan, lora)
+        out["side_by_side"][tag] = side_by_side(plan, tag == "lora")
+    if {"full", "lora"} <= set(out["side_by_side"]):
+        full, adapters = out["side_by_side"]["full"]["rows"], out["side_by_side"]["lora"]["rows"]
+        out["memory"] = {row: {"full_peak_rss_mb": full[row]["peak_rss_mb"],
+                               "lora_peak_rss_mb": adapters[row]["peak_rss_mb"],
+                               "lora_over_full": adapters[row]["peak_rss_mb"] / full[row]["peak_rss_mb"]}
+                         for row in full if row in adapters}
+
+
+def generation_phase(plan, results: dict[str, Any]) -> None:
+    """SmolLM2 generation against transformers' ``generate``, full and with LoRA adapters (``plan.smollm_variants``)."""
+    _header(plan, results)
+    for tag in plan.smollm_variants:
         _log(f"SmolLM2 generation, {tag}: ours against transformers' generate")
-        out["generation"][tag] = generation(plan, lora)
-    full, adapters = out["side_by_side"]["full"]["rows"], out["side_by_side"]["lora"]["rows"]
-    out["memory"] = {row: {"full_peak_rss_mb": full[row]["peak_rss_mb"], "lora_peak_rss_mb": adapters[row]["peak_rss_mb"],
-                           "lora_over_full": adapters[row]["peak_rss_mb"] / full[row]["peak_rss_mb"]}
-                     for row in full if row in adapters}
-    results["smollm"] = out
+        results["smollm"]["generation"][tag] = generation(plan, tag == "lora")

@@ -87,8 +87,8 @@ def test_the_reference_is_the_base_with_the_adapters_disabled(smoke_cfg, tmp_pat
 
 
 def test_sampling_with_trained_adapters_keeps_the_forward_passs_logprobs(smoke_cfg, tmp_path):
-    """The fast Llama decoder does not reproduce adapter-wrapped projections: an adapter-wrapped policy samples through
-    its own forward pass, and the kept log-probabilities are that pass's."""
+    """The rollout of an adapter-wrapped policy (the fast Llama decoder with the adapters folded into its weights):
+    the kept log-probabilities are the update's forward pass's."""
     from repo_exp.rollout.generate import LlamaDecoder
 
     trainer = make_trainer(smoke_cfg, tmp_path / "run", *LORA, "trainer.total_steps=2")
@@ -97,7 +97,7 @@ def test_sampling_with_trained_adapters_keeps_the_forward_passs_logprobs(smoke_c
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)  # trained-looking adapters: the policy is no longer its base
-    assert not LlamaDecoder.supports(policy.eval()) and not LlamaDecoder.supports(policy.get_base_model())
+    assert LlamaDecoder.supports(policy.eval())
     exp = trainer.rollout(0, Timings())
     with torch.no_grad():
         fresh = sequence_logprobs(policy, exp.sequences, exp.attention_mask, exp.prompt_width)
@@ -253,3 +253,46 @@ def test_two_zero_ranks_with_adapters_reproduce_one_process(tmp_path, stage):
         assert sorted(a) == sorted(b) and all("lora_" in k or k.startswith("score_head.") for k in a)
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_fast_decoder_folds_plain_lora_adapters_into_its_weights(autocast):
+    """A LoRA-wrapped Llama decodes through the fast decoder with W + (alpha/rank)·B·A: the same tokens and
+    log-probabilities as its own forward pass (bf16 rounding under autocast); an adapter variant it does not
+    reproduce (DoRA) falls back to the model's forward."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from repo_exp.rollout.generate import LlamaDecoder, generate, sampling_generator
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=3)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    model = peft.get_peft_model(LlamaForCausalLM(config), lora).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    assert LlamaDecoder.supports(model)
+    ids = torch.randint(4, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    runs = {}
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    for fast in (True, False):
+        with context:
+            runs[fast] = generate(model, ids, mask, 12, eos_token_id=3, pad_token_id=0,
+                                  generator=sampling_generator(0, 0, 0), rows=slice(0, 3), global_batch=3,
+                                  fast_decoder=fast)
+    with context, torch.no_grad():
+        fresh = sequence_logprobs(model, runs[True].sequences, runs[True].attention_mask, 6) * runs[True].response_mask
+    tolerance = 2e-2 if autocast else 1e-5
+    assert float((runs[True].logprobs - fresh).abs().max()) < tolerance
+    if not autocast:
+        assert torch.equal(runs[True].sequences, runs[False].sequences)
+    dora = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         use_dora=True, task_type="CAUSAL_LM")).eval()
+    assert not LlamaDecoder.supports(dora)
+    with model.disable_adapter():
+        assert LlamaDecoder.supports(model)  # the base alone: no adapter folded in
