@@ -209,8 +209,10 @@ def smollm_table(sm: dict[str, Any]) -> list[str]:
         setups = ", ".join(f"{k} {v['seconds_per_iteration']:.2f} s" for k, v in block["trl_setups"].items())
         lines.append(f"  {tag}: trl {setups}; baseline {block['baseline']}, peak RSS {block['trl_peak_rss_mb']:.0f} MiB")
         for row, r in block["rows"].items():
-            lines.append(f"    ours/trl {row:>14}: {r['ratio']:.2f}  ({r['seconds_per_iteration']:.2f} s per iteration, "
-                         f"peak RSS {r['peak_rss_mb']:.0f} MiB; rounds {', '.join(f'{x:.2f}' for x in r['ratios'])})")
+            floor = f", bare passes / trl {r['bare_over_trl']:.2f}" if "bare_over_trl" in r else ""
+            lines.append(f"    ours/trl {row:>14}: {r['ratio']:.2f}  ({r['seconds_per_iteration']:.2f} s per iteration"
+                         f"{floor}, peak RSS {r['peak_rss_mb']:.0f} MiB; rounds "
+                         f"{', '.join(f'{x:.2f}' for x in r['ratios'])})")
     for tag, g in sm.get("generation", {}).items():
         rates = ", ".join(f"{k} {v:.0f}" for k, v in g["tokens_per_s"].items())
         lines.append(f"  generation {tag} (tokens/s): {rates}; ours/transformers fp32 {g['ratio']['fp32']:.2f}, bf16 "

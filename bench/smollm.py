@@ -196,21 +196,27 @@ def side_by_side(plan, lora: bool) -> dict[str, Any]:
         for _ in range(plan.side_by_side_warmup):
             w.call("iteration")
         paired: dict[str, list[float]] = {setup: [] for setup in trls}
-        iterations = []
+        iterations, bares = [], []
         for r in range(plan.smollm_rounds):
             for setup, t in trls.items():
                 paired[setup].append(t.call("iteration")["seconds"])
                 trl_seconds[setup].append(paired[setup][-1])
             iterations.append(w.call("iteration"))
-            _log(f"SmolLM2 {tag} {row} round {r + 1}/{plan.smollm_rounds}: ours {iterations[-1]['seconds']:.2f}s, "
+            bares.append(w.call("bare"))  # the model passes of that iteration alone: its compute floor
+            _log(f"SmolLM2 {tag} {row} round {r + 1}/{plan.smollm_rounds}: ours {iterations[-1]['seconds']:.2f}s "
+                 f"(bare passes {bares[-1]['total']:.2f}s), "
                  + ", ".join(f"trl {setup} {paired[setup][-1]:.2f}s" for setup in trls))
-        summary = report.summarize_runs(iterations, None, w.stop()["peak_rss_mb"])
-        summary.update({"overrides": args, "parameters": w.info["parameters"], "trl_rounds": paired})
+        summary = report.summarize_runs(iterations, bares, w.stop()["peak_rss_mb"])
+        summary.update({"overrides": args, "parameters": w.info["parameters"], "trl_rounds": paired,
+                        "bare_totals": [b["total"] for b in bares]})
         rows[row] = summary
     baseline = min(trl_seconds, key=lambda setup: report.median(trl_seconds[setup]))
     for row, summary in rows.items():
-        vs = report.side_by_side(summary["trl_rounds"][baseline], {row: summary["iterations"]})
-        summary.update({"ratio": vs[row]["ratio"], "ratios": vs[row]["ratios"]})
+        trl_rounds = summary["trl_rounds"][baseline]
+        vs = report.side_by_side(trl_rounds, {row: summary["iterations"]})
+        # what the ratio would be if our iteration were its bare model passes and nothing else
+        floor = report.median(report.paired_ratios(summary["bare_totals"], trl_rounds))
+        summary.update({"ratio": vs[row]["ratio"], "ratios": vs[row]["ratios"], "bare_over_trl": floor})
     setups = {setup: {"seconds": trl_seconds[setup], "seconds_per_iteration": report.median(trl_seconds[setup]),
                       "peak_rss_mb": w.stop()["peak_rss_mb"], "parameters": w.info["parameters"]}
               for setup, w in trls.items()}

@@ -108,6 +108,8 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _non_negative("model.lora.rank", self.rank)
+        _require(self.enabled or not self.critics, "model.lora.critics=true puts adapters on the critics too: it needs "
+                                                   "model.lora.rank > 0")
         if self.enabled:
             _positive("model.lora.alpha", self.alpha)
             _require(self.dropout == 0.0,
