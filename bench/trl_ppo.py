@@ -43,9 +43,16 @@ def _sequence_classifier(score_model, template_policy) -> LlamaForSequenceClassi
 
 class TrlPPO:
     """A ``PPOTrainer`` built from the initial weights of ``ours`` (call before ``ours`` takes a step), with trl's
-    ``bf16`` switch (accelerate's autocast) and the attention kernel ``attn`` of all four models."""
+    ``bf16`` switch (accelerate's autocast) and the attention kernel ``attn`` of all four models; with ``lora``
+    (``rank``, ``alpha``, ``target_modules``) trl's ``peft_config``: adapters on the policy, the reference its base.
 
-    def __init__(self, ours: Trainer, bf16: bool = False, attn: str = "sdpa") -> None:
+    trl builds its masks from the pad id (``query_responses != pad_token_id``): a tokenizer that pads with its EOS
+    (SmolLM2's ``<|im_end|>``, which its chat template also writes into every prompt) would have trl mask prompt
+    tokens out, so trl's copy of such a tokenizer pads with its unknown token instead (ours builds masks from
+    lengths and keeps EOS as pad)."""
+
+    def __init__(self, ours: Trainer, bf16: bool = False, attn: str = "sdpa",
+                 lora: dict | None = None) -> None:
         from datasets import Dataset
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -53,7 +60,10 @@ class TrlPPO:
         batch = t.prompts_per_step * t.samples_per_prompt
         tokenizer = copy.deepcopy(ours.models.tokenizer)
         tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
         policy = copy.deepcopy(ours.models.policy.module)
+
         policy.set_attn_implementation(attn)  # the score models below copy the policy's config, kernel included
         reward = _sequence_classifier(ours.models.reward.model, policy)
         value = _sequence_classifier(ours.models.reward.model, policy)  # critic from the reward model, as ours
@@ -84,9 +94,17 @@ class TrlPPO:
             seed=ours.config.seed,
             dataloader_num_workers=0,
         )
+        peft_config = None
+        if lora is not None:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0, bias="none",
+                                     target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
         self.trainer = PPOTrainer(
-            args=args, processing_class=tokenizer, model=policy, ref_model=copy.deepcopy(policy), reward_model=reward,
+            args=args, processing_class=tokenizer, model=policy,
+            ref_model=None if peft_config is not None else copy.deepcopy(policy), reward_model=reward,
             train_dataset=prompts, value_model=value, eval_dataset=prompts, callbacks=[self.clock],
+            peft_config=peft_config,
         )
         self.trainer.remove_callback(PrinterCallback)  # it prints every iteration's metrics
         self.parameters = sum(p.numel() for p in policy.parameters())

@@ -53,13 +53,17 @@ def _build(kind: str, spec: dict[str, Any]):
         from bench.trl_ppo import TrlPPO
 
         ours = build_trainer(spec["overrides"])
-        runner = TrlPPO(ours, bf16=spec.get("bf16", False), attn=spec.get("attn", "sdpa"))
+        runner = TrlPPO(ours, bf16=spec.get("bf16", False), attn=spec.get("attn", "sdpa"), lora=spec.get("lora"))
         del ours
         import gc
 
         gc.collect()  # our trainer's objects go before trl's loop starts collecting garbage every iteration
         reset_peak_rss()  # from here on, trl's own memory
         return runner
+    if kind == "generation":
+        from bench.smollm import GenerationRace
+
+        return GenerationRace(spec["overrides"], spec["new_tokens"])
     if kind == "scaling":
         from bench.ours import Ours
 

@@ -19,6 +19,7 @@ from repo_exp.world.grammar import FAMILIES, STYLES, TOPICS
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_SOURCES = ("hub", "tiny", "world")
+POLICY_SOURCES = (*MODEL_SOURCES, "gguf")  # gguf: model.path is a GGUF file, converted once into the cache
 DATA_SOURCES = ("world", "pku_saferlhf", "file")
 
 
@@ -86,11 +87,46 @@ class ArchConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the policy and, with ``critics``, on the critics' trunks: only the adapters (and a
+    critic's value head) train, checkpoints and optimizer states hold only them, and the reference policy is the
+    policy's base with its adapters disabled (no second copy). ``rank: 0``: no adapters, every weight trains."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
+    # RL needs the sampler and the update to compute the same policy (the first PPO ratio is 1), so RL refuses a
+    # dropout above 0, as it turns off every other dropout of the policy (repo_exp/models/policy.py disable_dropout)
+    dropout: float = 0.0
+    # module names (or suffixes) to wrap, PEFT's `target_modules`; [all-linear]: every linear layer but the output head
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    critics: bool = False  # adapters on the critics' trunks too (their value heads train whole)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def __post_init__(self) -> None:
+        _non_negative("model.lora.rank", self.rank)
+        _require(self.enabled or not self.critics, "model.lora.critics=true puts adapters on the critics too: it needs "
+                                                   "model.lora.rank > 0")
+        if self.enabled:
+            _positive("model.lora.alpha", self.alpha)
+            _require(self.dropout == 0.0,
+                     f"model.lora.dropout={self.dropout}: RL samples without dropout and must update the same policy "
+                     f"(the first PPO ratio is 1); every dropout of the policy is off, so the adapters' must be 0")
+            _require(len(self.target_modules) > 0, "model.lora.target_modules must name at least one module")
+
+
+@dataclass
 class ModelConfig:
     """The policy (and the frozen reference it starts from)."""
 
     name: str = MISSING
-    source: str = "hub"  # hub: `path` is a hub id or a local directory; tiny: random init; world: the world's SFT model
+    # hub: `path` is a hub id or a local directory (a PEFT adapter folder loads as adapters on its base); tiny: random
+    # init; world: the world's SFT model; gguf: `path` is a GGUF file, converted once into an ordinary folder in the
+    # cache (repo_exp/models/gguf.py)
+    source: str = "hub"
     path: Optional[str] = None
     revision: Optional[str] = None
     tokenizer: Optional[str] = None  # defaults to `path`; `world` = the synthetic world's tokenizer
@@ -104,11 +140,16 @@ class ModelConfig:
     attn_implementation: Optional[str] = None
     arch: ArchConfig = field(default_factory=ArchConfig)
     seed: int = 0  # initialisation seed of a `tiny` model
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        _one_of("model.source", self.source, MODEL_SOURCES)
+        _one_of("model.source", self.source, POLICY_SOURCES)
         _one_of("model.dtype", self.dtype, DTYPES)
-        _require(self.source != "hub" or bool(self.path), "model.path is required when model.source=hub")
+        _require(self.source not in ("hub", "gguf") or bool(self.path),
+                 f"model.path is required when model.source={self.source}")
+        _require(self.source == "gguf" or not str(self.path or "").endswith(".gguf"),
+                 f"model.path={self.path} is a GGUF file: set model.source=gguf to convert it into a transformers "
+                 f"folder (repo_exp/models/gguf.py)")
         _require(self.template == "chat" or "{input}" in self.template,
                  f"model.template must contain '{{input}}' (or be chat), got {self.template!r}")
         _template_fills("model.template", self.template)
@@ -678,7 +719,7 @@ class Config:
         _require(samples % self.ppo.num_minibatches == 0,
                  f"trainer.prompts_per_step × trainer.samples_per_prompt ({samples}) must be divisible by "
                  f"ppo.num_minibatches ({self.ppo.num_minibatches})")
-        if self.model.source != "hub":
+        if self.model.source in ("tiny", "world"):
             arch, where = ((self.world.arch, "world.arch") if self.model.source == "world"
                            else (self.model.arch, "model.arch"))
             longest = t.max_length or t.max_prompt_length + t.max_new_tokens

@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from repo_exp.config import AdamWConfig, Config, ConfigError, SchedulerConfig, ScoreModelConfig
 from repo_exp.engine import build_optimizer
+from repo_exp.models.adapters import has_frozen_parameters, make_trainable, shares_policy, trained_state_dict
 from repo_exp.models.score_model import ScoreModel
 from repo_exp.runtime import Runtime, release_free_memory
 from repo_exp.setup import Models, _load_into, _optimizer_steps
@@ -295,25 +296,32 @@ class DeepSpeedEngine:
     # ---- state
     def save(self, folder: Path) -> None:
         """DeepSpeed's own checkpoint (every rank writes its ZeRO shard of the optimizer state). Collective."""
-        self.module.save_checkpoint(str(folder / "deepspeed"), tag=self.name, save_latest=False)
+        # under adapters the module's state holds what trains only (the base is the model it started from)
+        self.module.save_checkpoint(str(folder / "deepspeed"), tag=self.name, save_latest=False,
+                                    exclude_frozen_parameters=has_frozen_parameters(self.model))
 
     def load(self, folder: Path) -> None:
         from repo_exp.models.weights import check_pickles
 
         check_pickles(folder / "deepspeed" / self.name)  # DeepSpeed's loader unpickles with weights_only=False
         path, _ = self.module.load_checkpoint(str(folder / "deepspeed"), tag=self.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=not has_frozen_parameters(self.model))
         if path is None:
             raise FileNotFoundError(f"{folder / 'deepspeed' / self.name} holds no DeepSpeed checkpoint of {self.name}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (None elsewhere). Collective under ZeRO-3: gathered one layer at a time
         onto rank 0; below stage 3 every rank holds them already."""
+        frozen = has_frozen_parameters(self.model)  # adapters: only what trains is gathered and saved
         if self.zero_stage == 3:
-            return self.module._zero3_consolidated_16bit_state_dict()
+            return self.module._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=frozen)
         import torch.distributed as dist
 
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if dist.get_rank() == 0 else None
+        if dist.get_rank() != 0:
+            return None
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return trained_state_dict(self.model, state) if frozen else state
 
     def load_full_state_dict(self, folder: Path) -> None:
         """Weights saved by ``save_weights`` into the (possibly partitioned) model, and the optimizer's master copy."""
@@ -389,7 +397,7 @@ def engine_factory(config: Config, rt: Runtime) -> Callable[[nn.Module, str, boo
     dtype = torch.bfloat16 if config.deepspeed.bf16 else torch.float32
 
     def engine(module: nn.Module, name: str, actor: bool) -> DeepSpeedEngine:
-        module.requires_grad_(True)
+        make_trainable(module)  # under adapters: the adapters (and a critic's head) only
         module.train()
         # the policy's is enabled (non-reentrant too) by build_models, before the reference and critics copy it
         if config.model.gradient_checkpointing and not actor:
@@ -417,7 +425,8 @@ def partition_frozen(config: Config, models: DeepSpeedModels) -> DeepSpeedModels
     dtype = torch.bfloat16 if ds.bf16 else torch.float32
     frozen_engines = []
     if ds.zero_stage == 3:  # partitioned in place: ``ref`` and the scorers' models stay the same objects
-        for module in (models.ref, models.reward.model, models.cost.model):
+        # a reference that is the policy's own base (adapters) is partitioned with the policy's engine
+        for module in ([] if shares_policy(models.ref) else [models.ref]) + [models.reward.model, models.cost.model]:
             frozen_engine, *_ = deepspeed.initialize(model=module.to(dtype), config=inference_config(config))
             frozen_engine.eval()
             frozen_engines.append(frozen_engine)

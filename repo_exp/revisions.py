@@ -102,3 +102,23 @@ def dataset_commit(ds) -> str | None:
         if commit:
             return commit
     return None
+
+
+def check_package_pin(what: str, pin: str | None) -> None:
+    """A file shipped inside a Python package is pinned by the package's version, written ``distribution==version``
+    (``model.revision`` of ``model=smollm2_135m``): the installed distribution must be that version. Any other pin is
+    only recorded."""
+    if not pin or "==" not in pin:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    distribution, pinned = (part.strip() for part in pin.split("==", 1))
+    try:
+        installed = version(distribution)
+    except PackageNotFoundError:
+        raise RevisionError(f"{what}: the pinned package {pin} is not installed; install it with "
+                            f"`pip install --no-deps {pin}` (make install does)") from None
+    log.info("%s: pinned package %s, installed %s", what, pin, installed)
+    if installed != pinned:
+        raise RevisionError(f"{what}: the pinned revision {pin} was asked for but {distribution} {installed} is "
+                            f"installed; install the pinned one (`pip install --no-deps {pin}`) or change the pin")

@@ -15,15 +15,18 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from repo_exp.config import Config, ModelConfig, ScoreModelConfig
+from repo_exp.config import Config, ConfigError, ModelConfig, ScoreModelConfig
 from repo_exp.constraints import Comm, Constraint
 from repo_exp.engine import Engine, TorchEngine
 from repo_exp.machine import resolve_attention
+from repo_exp.models.adapters import (AdapterBase, adapter_base, critic_with_adapters, has_frozen_parameters,
+                                      is_adapter_folder, load_trained, make_trainable, shares_policy,
+                                      tokenizer_path, trained_state_dict, with_adapters)
 from repo_exp.models.checks import check_context_length, check_local_path
 from repo_exp.models.policy import (critic_from_policy, critic_from_scorer, disable_dropout, frozen, load_policy,
                                     load_scorer)
 from repo_exp.models.score_model import ScoreModel
-from repo_exp.models.tokenizers import load_tokenizer
+from repo_exp.models.tokenizers import load_tokenizer, same_tokenizer
 from repo_exp.models.weights import load_state_dict_safely
 from repo_exp.rollout.score import Scorer, critic_values
 from repo_exp.runtime import Runtime, release_free_memory
@@ -99,8 +102,8 @@ class Models:
 
     @cached_property
     def _device_type(self) -> str:
-        """The device type the forward passes run on (the reference model's), looked up once."""
-        return next(self.ref.parameters()).device.type
+        """The device type the forward passes run on (the policy's), looked up once."""
+        return next(self.policy.module.parameters()).device.type
 
     def save_weights(self, folder: Path, is_main: bool = True) -> None:
         """The policy as a causal-LM folder (config, safetensors, tokenizer) and each critic in the score layout.
@@ -110,8 +113,8 @@ class Models:
             return
         self.policy.module.save_pretrained(folder / "policy", safe_serialization=True)
         self.tokenizer.save_pretrained(folder / "policy")
-        for name, engine in zip(self.critics.names, self.critics.engines):
-            engine.module.save_pretrained(folder / name)
+        for name, engine in zip(self.critics.names, self.critics.engines):  # under adapters: what trains
+            engine.module.save_pretrained(folder / name, state_dict=trained_state_dict(engine.module))
 
     def load_weights(self, folder: Path, critics: bool = True) -> None:
         """Weights saved by ``save_weights``; ``critics=False`` loads the policy only (evaluation needs no critic)."""
@@ -126,6 +129,9 @@ def _load_into(module: nn.Module, folder: Path) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is missing from the checkpoint")
     state = load_state_dict_safely(folder)
+    if has_frozen_parameters(module):  # adapters: the checkpoint holds what trains, and all of it
+        load_trained(module, state, folder)
+        return
     expected = module.state_dict()
     state = {k: v for k, v in state.items() if k in expected}
     missing = [k for k in expected if k not in state and not k.startswith("normalizer.")]
@@ -139,7 +145,8 @@ def _tokenizer_for(cfg: ModelConfig | ScoreModelConfig, path: str | None):
         from repo_exp.world import world_tokenizer
 
         return world_tokenizer()
-    return load_tokenizer(cfg.tokenizer or path or cfg.path, revision=cfg.revision,
+    revision = None if getattr(cfg, "source", None) == "gguf" else cfg.revision  # a converted folder: local
+    return load_tokenizer(cfg.tokenizer or tokenizer_path(path or cfg.path), revision=revision,
                           trust_remote_code=cfg.trust_remote_code)
 
 
@@ -178,25 +185,40 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
                          f"`python -m repo_exp.world`) and pass it as build_models(..., world=...)")
     paths = world.paths() if world is not None else {}
     policy_path = paths.get("sft") if config.model.source == "world" else config.model.path
+    if config.model.source == "gguf":  # converted once into an ordinary transformers folder in the cache
+        from repo_exp.models.gguf import converted_folder
+
+        policy_path = str(converted_folder(config.model.path, config.model.revision, config.world.cache_dir))
     reward_path = paths.get("reward") if config.reward.source == "world" else config.reward.path
     cost_path = paths.get("cost") if config.cost.source == "world" else config.cost.path
 
     for key, path in (("model.path", policy_path), ("reward.path", reward_path), ("cost.path", cost_path)):
         check_local_path(key, path)
-    resolve_attention(config, policy_path, rt.device)  # model.attn_implementation=fastest: the faster kernel here
+    # LoRA adapters on the policy: fresh ones (model.lora), or those of an adapter folder given as model.path
+    adapter_folder = is_adapter_folder(policy_path)
+    if adapter_folder and config.model.lora.enabled:
+        raise ConfigError(f"model.path={policy_path} is an adapter folder, whose own adapters go on training; leave "
+                          f"model.lora.rank at 0 (it would add a second set)")
+    adapters = adapter_folder or config.model.lora.enabled
+    # model.attn_implementation=fastest: the faster kernel here, measured on the (base) model's config
+    resolve_attention(config, adapter_base(policy_path) if adapter_folder else policy_path, rt.device)
     tokenizer = _tokenizer_for(config.model, policy_path)
     # under ZeRO-3 the models stay on the CPU until DeepSpeed partitions them: six whole 7B models fit no GPU
     device = torch.device("cpu") if config.deepspeed.enabled and config.deepspeed.zero_stage == 3 else rt.device
     # under ZeRO-3 the policy and the reference are partitioned as they load (unless a critic copies the policy's
-    # trunk, which a partitioned model cannot give)
-    partitioned = config.deepspeed.enabled and config.deepspeed.zero_stage == 3 and t.critic_init != "policy"
+    # trunk, which a partitioned model cannot give, or adapters wrap the policy: then DeepSpeed partitions base and
+    # adapters together when it builds the engine)
+    partitioned = (config.deepspeed.enabled and config.deepspeed.zero_stage == 3 and t.critic_init != "policy"
+                   and not adapters)
     with _loading(backend, config, rt, partitioned, train=True):
         policy = load_policy(config.model, tokenizer, policy_path).to(device)
     # non-reentrant, the variant ZeRO-3's parameter hooks need; set before the reference and a policy-initialised
     # critic copy the policy, so that they inherit it
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if partitioned:
+    if adapters:  # the reference is the policy's base with its adapters disabled (AdapterBase, below)
+        ref = None
+    elif partitioned:
         with _loading(backend, config, rt, partitioned, train=False):
             ref = frozen(load_policy(config.model, tokenizer, policy_path))
     else:
@@ -228,6 +250,14 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
 
     with_cost = constraint.needs_cost_critic
     shared = t.shared_critic and with_cost
+    if t.critic_init == "score_model" and not config.estimator.critic_free:
+        # a critic reads the policy's token ids: one started from a scorer of another vocabulary cannot
+        for role, scorer_of in (("reward", reward), ("cost", cost if with_cost and not shared else None)):
+            if scorer_of is not None and not same_tokenizer(scorer_of.tokenizer, tokenizer):
+                raise ConfigError(f"trainer.critic_init=score_model starts a critic from the {role} model "
+                                  f"({role}.path={getattr(config, role).path or getattr(config, role).name}), whose "
+                                  f"tokenizer is not the policy's: a critic reads the policy's token ids. Set "
+                                  f"trainer.critic_init=policy (critics on the policy's trunk)")
 
     def new_critic(scorer_model: ScoreModel, cfg: ScoreModelConfig, path: str | None, dim: int) -> ScoreModel:
         if t.critic_init == "policy":
@@ -251,11 +281,20 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
         if with_cost:
             critic_modules["cost_critic"] = new_critic(cost_model, config.cost, cost_path, 1)
 
+    # adapters go on after the critics copied the plain trunk; only they train, and the reference is their base
+    if config.model.lora.enabled:
+        policy = with_adapters(policy, config.model.lora)
+        if config.model.lora.critics:
+            critic_modules = {name: critic_with_adapters(module, config.model.lora)
+                              for name, module in critic_modules.items()}
+    if adapters:
+        ref = AdapterBase(policy)
+
     if backend is not None:
         engine = backend.engine_factory(config, rt)
     else:
         def engine(module: nn.Module, name: str, actor: bool) -> Engine:
-            module.requires_grad_(True)
+            make_trainable(module)  # under adapters: the adapters (and a critic's head) only
             module.train()
             return TorchEngine(module.to(rt.device), opt.actor if actor else opt.critic,
                                opt.actor_scheduler if actor else opt.critic_scheduler,
@@ -273,7 +312,8 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
     for critic in critics.engines:  # trained models share the policy's attention kernel (model.attn_implementation)
         critic.module.model.set_attn_implementation(policy.config._attn_implementation)
     if t.mixed_precision == "bf16":  # after the critics were copied from them: those train in float32
-        low_precision_frozen(ref, reward_model, cost_model)
+        # (a reference that is the policy's own base stays as the policy is: autocast casts its passes)
+        low_precision_frozen(*([] if shares_policy(ref) else [ref]), reward_model, cost_model)
     return Models(tokenizer, policy_engine, ref, reward, cost, critics, t.mixed_precision)
 
 

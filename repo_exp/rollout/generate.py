@@ -11,8 +11,9 @@ The prompt goes through the model's own forward pass, once per distinct prompt: 
 keys and values (``distinct_prompts``), so the repeated prefill is gone and the sampled tokens are those a per-row
 prefill gives. Each new token then goes through a decoder: for a plain ``LlamaForCausalLM`` the ``LlamaDecoder``
 below, which runs the layer's own math with fused projections and a preallocated cache (a decode step of a small
-model is dominated by per-operation work, not arithmetic); for any other model the model's own forward pass with its
-``DynamicCache``.
+model is dominated by per-operation work, not arithmetic), LoRA adapters included (each adapted projection's weight
+is its base weight plus PEFT's ``get_delta_weight``, ``(alpha / rank)·B·A``, summed once per call); for any other
+model the model's own forward pass with its ``DynamicCache``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class LlamaDecoder:
 
     def __init__(self, model: LlamaForCausalLM, cache: DynamicCache, prompt_mask: torch.Tensor,
                  max_new_tokens: int) -> None:
+        model = _llama_under_adapters(model) or model  # a LoRA-wrapped Llama: its own modules, adapters folded in
         config = model.config
         device = prompt_mask.device
         weight = model.lm_head.weight
@@ -118,10 +120,10 @@ class LlamaDecoder:
                 layer.input_layernorm,
                 layer.post_attention_layernorm,
                 mlp.act_fn,
-                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(self.dtype),
-                attn.o_proj.weight.to(self.dtype),
-                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(self.dtype),
-                mlp.down_proj.weight.to(self.dtype),
+                torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)]).to(self.dtype),
+                _weight(attn.o_proj).to(self.dtype),
+                torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(self.dtype),
+                _weight(mlp.down_proj).to(self.dtype),
                 keys_t,
                 value_cache,
             ))
@@ -134,8 +136,14 @@ class LlamaDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        """A plain Llama (no projection biases, no tensor-parallel slicing) whose weights are all present (not
-        partitioned by ZeRO-3, or gathered for the rollout with DeepSpeed's hooks lifted)."""
+        """A plain Llama (no projection biases, no tensor-parallel slicing), or one whose projections carry plain LoRA
+        adapters (PEFT), whose weights are all present (not partitioned by ZeRO-3, or gathered for the rollout with
+        DeepSpeed's hooks lifted)."""
+        base = _llama_under_adapters(model)
+        if base is not None:  # the PEFT wrappers above the Llama may carry no hook either
+            if model.training or any(m._forward_hooks or m._forward_pre_hooks for m in (model, model.base_model)):
+                return False
+            model = base
         config = getattr(model, "config", None)
         return (type(model) is LlamaForCausalLM and not model.training
                 and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
@@ -197,9 +205,54 @@ def distinct_prompts(prompt_ids: torch.Tensor,
     return prompt_ids[first], prompt_mask[first], expand
 
 
+def _llama_under_adapters(model) -> LlamaForCausalLM | None:
+    """The ``LlamaForCausalLM`` inside a PEFT LoRA model (None for anything else)."""
+    get_base = getattr(model, "get_base_model", None)
+    if get_base is None or getattr(getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None)),
+                                   "peft_type", None) != "LORA":
+        return None
+    base = get_base()
+    return base if type(base) is LlamaForCausalLM else None
+
+
+def _lora_adapters(module: nn.Module) -> list[str] | None:
+    """The active adapters of a PEFT LoRA layer around an ``nn.Linear`` whose weight the decoder can fold in: plain
+    LoRA (no DoRA or other variant, no bias on ``B``, no dropout at work, not merged); None for anything else."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or type(module.base_layer) is not nn.Linear or module.merged:
+        return None
+    if module.disable_adapters:
+        return []
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    for name in active:
+        dropout = module.lora_dropout[name]
+        if (name in getattr(module, "lora_variant", {}) or module.lora_B[name].bias is not None
+                or getattr(module, "fan_in_fan_out", False)
+                or not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and dropout.p == 0))):
+            return None
+    return active
+
+
+def _weight(projection: nn.Module) -> torch.Tensor:
+    """The weight a projection applies: an ``nn.Linear``'s, or a LoRA layer's base weight plus its active adapters'
+    updates (PEFT's ``get_delta_weight``: ``(alpha / rank)·B·A``)."""
+    adapters = _lora_adapters(projection)
+    if adapters is None:
+        return projection.weight
+    weight = projection.base_layer.weight
+    for name in adapters:
+        weight = weight + projection.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def _projection(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or _lora_adapters(module) is not None
+
+
 def _exactly_llama_modules(model: LlamaForCausalLM) -> bool:
     """Whether every module the decoder reads is exactly the class it reproduces, with no hook: a wrapped projection
-    (an adapter around ``q_proj``), a replaced norm or a hook would be skipped by its fused weights."""
+    (other than a plain LoRA layer, folded in), a replaced norm or a hook would be skipped by its fused weights."""
     from transformers.models.llama import modeling_llama as llama
 
     inner = model.model
@@ -210,8 +263,11 @@ def _exactly_llama_modules(model: LlamaForCausalLM) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         expected += [(layer, llama.LlamaDecoderLayer), (attn, llama.LlamaAttention), (mlp, llama.LlamaMLP),
                      (layer.input_layernorm, llama.LlamaRMSNorm), (layer.post_attention_layernorm, llama.LlamaRMSNorm)]
-        expected += [(getattr(attn, name), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        expected += [(getattr(mlp, name), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj")]
+        projections = [getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projections += [getattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not all(_projection(p) for p in projections):
+            return False
+        expected += [(inside, type(inside)) for p in projections for inside in p.modules()]  # a LoRA layer's parts
     if any(type(module) is not cls for module, cls in expected):
         return False
     # every module of the model must be one of those (nothing inserted), and none may carry a hook
