@@ -20,6 +20,9 @@ from repo_exp.world.grammar import FAMILIES, STYLES, TOPICS
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_SOURCES = ("hub", "tiny", "world")
 POLICY_SOURCES = (*MODEL_SOURCES, "gguf")  # gguf: model.path is a GGUF file, converted once into the cache
+TRUNK_SOURCES = ("tiny", "gguf", "hub")  # what the synthetic world's models are built on (world.trunk.source)
+# the prompt template of the published Safe RLHF data, and of the tiny world
+SAFE_RLHF_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
 DATA_SOURCES = ("world", "pku_saferlhf", "file")
 
 
@@ -420,6 +423,54 @@ class WorldRoundsConfig:
 
 
 @dataclass
+class WorldTrunkConfig:
+    """What the world's models are built on (``repo_exp.world.pipeline``): the SFT model starts from it, the preference
+    pairs are sampled from that SFT model, and the reward and cost models sit on its trunk, as the published beaver
+    models sit on Alpaca.
+
+    ``tiny`` (the default): a random Llama of ``world.arch`` over the world's own word-level tokenizer, prompts in the
+    published Safe RLHF template. A pretrained causal LM: ``gguf`` (``path`` a GGUF file, converted once into the
+    cache as ``model.source=gguf`` converts it) or ``hub`` (a folder or hub id); the world is then tokenised by its
+    tokenizer and rendered through its ``template``, usually its own chat template (``chat``). Every stage's cache key
+    names a pretrained trunk with its pin (the GGUF file's SHA-256, the revision)."""
+
+    name: str = "tiny"
+    source: str = "tiny"  # tiny | gguf | hub
+    path: Optional[str] = None
+    # the pin: a hub commit, or `distribution==version` for a file a Python package ships (checked against the installed
+    # version, repo_exp/revisions.py check_package_pin)
+    revision: Optional[str] = None
+    template: str = SAFE_RLHF_TEMPLATE  # every stage's prompt template: a literal with {input}, or chat
+    max_new_tokens: int = 24  # longest response sampled for the preference pairs (the SFT model's and each round's)
+    # the model preset (conf/model/) of the RL runs on this world: its on-policy rounds compose it, as
+    # `python -m repo_exp model=<run_preset>` would, for the trainer, optimizer and templates of their runs
+    run_preset: str = "world"
+
+    @property
+    def pretrained(self) -> bool:
+        return self.source != "tiny"
+
+    def __post_init__(self) -> None:
+        _one_of("world.trunk.source", self.source, TRUNK_SOURCES)
+        _require(self.source == "tiny" or bool(self.path),
+                 f"world.trunk.path is required when world.trunk.source={self.source}")
+        _require(self.source != "tiny" or self.path is None,
+                 f"world.trunk.path={self.path} is given but world.trunk.source=tiny builds a random model; set "
+                 f"world.trunk.source=gguf (a GGUF file) or hub (a folder or hub id)")
+        _require((self.source == "gguf") == str(self.path or "").endswith(".gguf") or self.source == "tiny",
+                 f"world.trunk.source={self.source} with world.trunk.path={self.path}: a GGUF file needs "
+                 f"world.trunk.source=gguf, and world.trunk.source=gguf a .gguf file")
+        _require(self.template == "chat" or "{input}" in self.template,
+                 f"world.trunk.template must contain '{{input}}' (or be chat), got {self.template!r}")
+        _template_fills("world.trunk.template", self.template)
+        _require(self.pretrained or self.template != "chat",
+                 "world.trunk.template=chat needs a pretrained trunk (world.trunk.source=gguf or hub): the tiny "
+                 "world's word-level tokenizer has no chat template")
+        _positive("world.trunk.max_new_tokens", self.max_new_tokens)
+        _nonempty("world.trunk.run_preset", self.run_preset)
+
+
+@dataclass
 class WorldConfig:
     """The synthetic safety world (SPEC §6). Its families, grammar and oracle are in ``repo_exp.world``."""
 
@@ -436,7 +487,8 @@ class WorldConfig:
     preference_test_fraction: float = 0.1
     label_noise: float = 0.05  # probability that each oracle label (better, safer, is_safe) is flipped
     cache_dir: str = "${oc.env:REPO_EXP_CACHE,.cache/repo_exp}"
-    arch: ArchConfig = field(default_factory=ArchConfig)
+    trunk: WorldTrunkConfig = field(default_factory=WorldTrunkConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)  # the tiny trunk's shape
     score_arch: ArchConfig = field(default_factory=ArchConfig)
     sft: WorldStageConfig = field(default_factory=lambda: WorldStageConfig(steps=400, lr=3e-3))
     reward_model: ScoreStageConfig = field(default_factory=lambda: ScoreStageConfig(steps=300, lr=1e-3))
@@ -719,7 +771,10 @@ class Config:
         _require(samples % self.ppo.num_minibatches == 0,
                  f"trainer.prompts_per_step × trainer.samples_per_prompt ({samples}) must be divisible by "
                  f"ppo.num_minibatches ({self.ppo.num_minibatches})")
-        if self.model.source in ("tiny", "world"):
+        self._check_world_trunk()
+        # a tiny model's positions are its arch's (a world model's when the world's trunk is tiny); a pretrained
+        # trunk's are checked when its models load (repo_exp/models/checks.py check_context_length)
+        if self.model.source == "tiny" or (self.model.source == "world" and not self.world.trunk.pretrained):
             arch, where = ((self.world.arch, "world.arch") if self.model.source == "world"
                            else (self.model.arch, "model.arch"))
             longest = t.max_length or t.max_prompt_length + t.max_new_tokens
@@ -748,6 +803,27 @@ class Config:
         if getattr(self.constraint, "granularity", "sample") == "prompt":
             _require(t.samples_per_prompt > 1,
                      "constraint.granularity=prompt needs trainer.samples_per_prompt > 1 (k responses per prompt)")
+
+    def _check_world_trunk(self) -> None:
+        """A model the world trains (``source: world``) reads what its trunk was tuned on: the trunk's template, and
+        its tokenizer (the world's word-level one, ``tokenizer: world``, for the tiny trunk only)."""
+        trunk = self.world.trunk
+        preset = f"model={trunk.run_preset}"
+        for key, cfg in (("model", self.model), ("reward", self.reward), ("cost", self.cost)):
+            if cfg.source != "world":
+                continue
+            _require(cfg.template == trunk.template,
+                     f"{key}.template={cfg.template!r} but the world's models were tuned on world.trunk.template="
+                     f"{trunk.template!r}: set {key}.template to the trunk's (the preset {preset} does)")
+            if trunk.pretrained:
+                _require(cfg.tokenizer != "world",
+                         f"{key}.tokenizer=world is the tiny world's word-level tokenizer, but the world is built on "
+                         f"world.trunk.name={trunk.name} (world.trunk.source={trunk.source}), whose models read its "
+                         f"own tokenizer: set {key}.tokenizer=null (the preset {preset} does)")
+            else:
+                _require(cfg.tokenizer == "world",
+                         f"{key}.tokenizer={'null' if cfg.tokenizer is None else cfg.tokenizer} but the tiny world's "
+                         f"models read its word-level tokenizer: set {key}.tokenizer=world")
 
 
 CONSTRAINT_SCHEMAS = {

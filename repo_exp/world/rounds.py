@@ -37,13 +37,15 @@ PROGRESS_SECONDS = 20.0
 
 
 def round_overrides(world: WorldConfig, constraint: str, seed: int, sft: str, reward: str, cost: str) -> list[str]:
-    """One round run's command-line overrides: the world's trainer and optimizer against the given models, one thread,
-    no evaluation."""
+    """One round run's command-line overrides: the model preset of runs on this world (``world.trunk.run_preset``:
+    its trainer, optimizer and templates) against the given models, one thread, no evaluation."""
+    # the tiny world's models read its word-level tokenizer; a pretrained trunk's read their folder's own
+    tokenizer = "null" if world.trunk.pretrained else "world"
     return [
-        f"constraint={constraint}", f"seed={seed}",
-        "model.source=hub", f"model.path={sft}", "model.tokenizer=world",
-        "reward.source=hub", f"reward.path={reward}", "reward.tokenizer=world",
-        "cost.source=hub", f"cost.path={cost}", "cost.tokenizer=world",
+        f"model={world.trunk.run_preset}", f"constraint={constraint}", f"seed={seed}",
+        "model.source=hub", f"model.path={sft}", f"model.tokenizer={tokenizer}",
+        "reward.source=hub", f"reward.path={reward}", f"reward.tokenizer={tokenizer}",
+        "cost.source=hub", f"cost.path={cost}", f"cost.tokenizer={tokenizer}",
         f"world.seed={world.seed}", f"world.eval_fraction={world.eval_fraction}",
         f"world.temptation={str(world.temptation).lower()}", f"trainer.total_steps={world.rounds.steps}",
         *(f"world.unseen_topics.{family}={n}" for family, n in sorted(world.unseen_topics.items())),
