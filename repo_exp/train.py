@@ -437,6 +437,9 @@ class Trainer:
         """``world``: the synthetic world's folders when the caller has built or found them already; when the config
         loads a world model and none is given, the world stage runs here, after the run folder is claimed and checked
         and before any model is set up."""
+        if config.algorithm.offline:  # its _target_ trains it (``train`` below)
+            raise ConfigError(f"algorithm={config.algorithm.name} is trained by {config.algorithm._target_}, not by "
+                              f"the RL trainer")
         self.config = config
         self.cfg = cfg
         self.rt = init_runtime(config.deepspeed.enabled)
@@ -937,8 +940,12 @@ def _seed_everything(seed: int, t) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one job of the composed config ``cfg`` in ``run_dir``; returns the final evaluation summary."""
+    """Run one job of the composed config ``cfg`` in ``run_dir``; returns the final evaluation summary. The trainer is
+    the algorithm's ``_target_``: this module's ``Trainer`` for RL, ``repo_exp.offline.OfflineTrainer`` for the
+    preference methods (named, not imported, so that the offline trainer can build on this one)."""
+    from hydra.utils import get_class
+
     from repo_exp.config import validate
 
     config = validate(cfg)
-    return Trainer(config, cfg, run_dir).fit()
+    return get_class(config.algorithm._target_)(config, cfg, run_dir).fit()
