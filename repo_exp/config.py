@@ -531,7 +531,7 @@ class EstimatorConfig:
 
     name: str = "gae"  # gae | rloo | grpo
     # where the KL penalty enters: reward (the per-token stream for gae, β·Σ_t k_t off the end score for rloo, as in
-    # the RLOO paper and TRL's RLOO trainer) | loss (a k3 KL term in the policy loss, as in the GRPO paper)
+    # the RLOO paper and TRL's RLOO trainer) | loss (a KL term in the policy loss, as in the GRPO paper: kl_penalty)
     kl: str = "reward"
     std_eps: float = 1e-4  # grpo: added to the group's standard deviation (TRL's GRPO value)
 
@@ -921,7 +921,6 @@ def register_configs() -> None:
     """Register every schema under ``schema/<group>/<name>``; the YAML files extend them through their defaults."""
     OmegaConf.register_new_resolver("package_file", package_file, replace=True)
     OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
-    register_sweeper()
     cs = ConfigStore.instance()
     cs.store(name="config", group="schema", node=Config)
     cs.store(name="model", group="schema", node=ModelConfig)
@@ -937,19 +936,6 @@ def register_configs() -> None:
     cs.store(name="estimator", group="schema", node=EstimatorConfig)
     cs.store(name="logger", group="schema", node=LoggerConfig)
     cs.store(name="deepspeed", group="schema", node=DeepSpeedConfig)
-
-
-def register_sweeper() -> None:
-    """``hydra/sweeper=frontier`` (``repo_exp.sweeps``). Hydra finds plugins by listing the ``hydra_plugins``
-    namespace, which an editable install cannot list, so the class is registered with Hydra's own API too — after
-    Hydra's first plugin scan, which re-executes the modules it lists (the base class must be the one it keeps)."""
-    from hydra.core.plugins import Plugins
-
-    plugins = Plugins.instance()
-    from hydra_plugins.repo_exp_plugins.frontier_sweeper import FrontierSweeper, config_node
-
-    plugins.register(FrontierSweeper)
-    ConfigStore.instance().store(group="hydra/sweeper", name="frontier", node=config_node(), provider="repo_exp")
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
