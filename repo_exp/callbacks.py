@@ -1,5 +1,9 @@
-"""Hydra callbacks: what a sweep does before its first job and after its last one.
+"""Hydra callbacks: what a run or a sweep does before its first job and after its last one.
 
+- ``RunFolderGuard`` (every launch): before Hydra writes its ``.hydra/`` files and its log file into the run folder,
+  refuse a folder the run may not write in (``repo_exp.run_folder.check_run_folder``: a folder of the user's that is
+  not a run, or a link out of it), or a sweep folder that holds files of its own: exit 2 naming the path, with every
+  file as it was.
 - ``SweepSignals`` (every multirun): Ctrl-C stops the sweep as a whole. The running jobs save a checkpoint and stop
   (the trainer's own handler), the jobs not started yet do not start (the stop mark, ``repo_exp.hydra_job``), and the
   sweep exits non-zero; a second Ctrl-C stops the running jobs without their checkpoint.
@@ -21,10 +25,76 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from repo_exp.hydra_job import stop_mark
+from repo_exp import run_folder
+from repo_exp.hydra_job import STOP_MARK, stop_mark
 from repo_exp.report import helpfulness_sources, models_line, table  # noqa: F401  (the summary's parts)
 
 log = logging.getLogger("repo_exp")
+
+SWEEP_FILES = frozenset({"multirun.yaml", STOP_MARK, ".submitit"})  # what a sweep writes beside its job folders
+
+
+def _refuse(message: str) -> None:
+    """End the launch as a config error (exit 2): Hydra turns an exception in a callback into a warning."""
+    log.error("config error: %s", message)
+    raise SystemExit(2)
+
+
+def sweep_folder_problem(sweep_dir: Path) -> str | None:
+    """Why ``sweep_dir`` is not a sweep folder of this project, or None: beside its job folders a sweep folder holds
+    only Hydra's ``multirun.yaml``, the stop mark and launcher logs; a link out of it is refused like a run folder's
+    (each job folder is checked as it starts)."""
+    if not sweep_dir.exists():
+        return None
+    if not sweep_dir.is_dir():
+        return f"the sweep folder {sweep_dir} is a file"
+    for entry in sorted(sweep_dir.iterdir()):
+        if entry.is_symlink() and run_folder.leads_out(entry, sweep_dir):
+            return f"{entry} -> {os.readlink(entry)} is a symbolic link out of the sweep folder {sweep_dir}"
+        if entry.is_file() and entry.name not in SWEEP_FILES and entry.suffix != ".log":
+            return (f"the sweep folder {sweep_dir} holds files that are not a sweep's ({entry.name}, …): the jobs "
+                    f"would write among them")
+    return None
+
+
+def _write_nothing_into_the_run_folder(config: DictConfig) -> None:
+    """This process's Hydra writes neither ``.hydra/`` files nor a log file into the run folder (rank 0's does)."""
+    from omegaconf import open_dict, read_write
+
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+        logging_config = config.hydra.job_logging
+        if OmegaConf.select(logging_config, "handlers.file") is not None:
+            del logging_config.handlers["file"]
+        for node in (OmegaConf.select(logging_config, "root"), *(OmegaConf.select(logging_config, "loggers") or {})
+                     .values()):
+            if node is not None and "handlers" in node:
+                node.handlers = [h for h in node.handlers if h != "file"]
+
+
+class RunFolderGuard(Callback):
+    """Refuse a run folder (``hydra.run.dir``) or sweep folder (``hydra.sweep.dir``) the run may not write in, before
+    Hydra writes anything into it (``on_run_start`` and ``on_multirun_start`` come before Hydra's own files).
+
+    Under a distributed launcher every rank is a Hydra application of its own with the same run folder: rank 0 checks
+    it as one process does and its Hydra writes the record; the other ranks leave aside what rank 0 may be writing
+    meanwhile (``.hydra/``, its log) and write nothing there themselves, so that no rank writes before rank 0's
+    verdict (the trainer's ranks follow it)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        try:
+            run_folder.check_run_folder(Path(str(config.hydra.run.dir)), launching=rank != 0)
+        except run_folder.RunFolderRefused as exc:
+            _refuse(str(exc))
+        if rank != 0:
+            _write_nothing_into_the_run_folder(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = sweep_folder_problem(Path(str(config.hydra.sweep.dir)))
+        if problem:
+            _refuse(f"{problem}. Choose another folder (hydra.sweep.dir=...); nothing was written there")
+
 
 class SweepSignals(Callback):
     """Ctrl-C during a multirun: stop the whole sweep after the running jobs have saved their checkpoints.

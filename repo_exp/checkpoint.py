@@ -51,12 +51,32 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def write_manifest(folder: Path, step: int, hash_files: bool = True) -> None:
+def file_records(folder: Path, skip: tuple[str, ...] = (), hash_files: bool = True) -> dict[str, dict]:
+    """{path relative to ``folder``: {size, sha256}} of every file under it but those named in ``skip``."""
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            rel = str(path.relative_to(folder))
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path) if hash_files else None}
+        if path.is_file() and path.name not in skip:
+            files[str(path.relative_to(folder))] = {"size": path.stat().st_size,
+                                                    "sha256": _sha256(path) if hash_files else None}
+    return files
+
+
+def records_problem(folder: Path, files: dict[str, dict]) -> str | None:
+    """None when the files under ``folder`` have the sizes and hashes ``files`` (``file_records``) recorded, else
+    the first that does not, named by its path."""
+    for rel, meta in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {meta['size']} were written"
+        if meta.get("sha256") and _sha256(path) != meta["sha256"]:
+            return f"{path} does not match its recorded SHA-256"
+    return None
+
+
+def write_manifest(folder: Path, step: int, hash_files: bool = True) -> None:
+    files = file_records(folder, skip=(MANIFEST,), hash_files=hash_files)
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
     os.replace(tmp, folder / MANIFEST)
@@ -71,15 +91,8 @@ def verify(folder: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as exc:
         return f"unreadable manifest.json ({exc})"
-    for rel, meta in files.items():
-        path = folder / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{rel} has {path.stat().st_size} bytes, {meta['size']} were written"
-        if meta.get("sha256") and _sha256(path) != meta["sha256"]:
-            return f"{rel} does not match its recorded SHA-256"
-    return None
+    problem = records_problem(folder, files)
+    return problem.replace(f"{folder}/", "", 1) if problem else None
 
 
 def check_checkpoint(folder: str | os.PathLike, option: str) -> Path:

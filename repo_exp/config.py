@@ -583,7 +583,7 @@ class EstimatorConfig:
 
     name: str = "gae"  # gae | rloo | grpo
     # where the KL penalty enters: reward (the per-token stream for gae, β·Σ_t k_t off the end score for rloo, as in
-    # the RLOO paper and TRL's RLOO trainer) | loss (a k3 KL term in the policy loss, as in the GRPO paper)
+    # the RLOO paper and TRL's RLOO trainer) | loss (a KL term in the policy loss, as in the GRPO paper: kl_penalty)
     kl: str = "reward"
     std_eps: float = 1e-4  # grpo: added to the group's standard deviation (TRL's GRPO value)
 
@@ -746,6 +746,122 @@ class DeepSpeedConfig:
         _require(not self.offload or self.zero_stage == 3, "deepspeed.offload needs deepspeed.zero_stage=3")
 
 
+# ------------------------------------------------------------------------------------------------- algorithm
+
+
+@dataclass
+class AlgorithmConfig:
+    """How the policy is trained (``conf/algorithm``): ``_target_`` names the class that runs the job."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+
+    @property
+    def offline(self) -> bool:
+        """Trained on fixed preference pairs, with no reward or cost model in the loop (they only evaluate)."""
+        return self.name != "ppo"
+
+
+@dataclass
+class PPOAlgorithmConfig(AlgorithmConfig):
+    """RL: rollouts scored by the reward and cost models, PPO with the constraint of ``conf/constraint``."""
+
+    _target_: str = "repo_exp.train.Trainer"
+    name: str = "ppo"
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Preference rows in the PKU-SafeRLHF schema for the offline methods."""
+
+    # null: the run's own data: on the world, the rows its reward and cost models learnt from (its preference stage
+    # and every on-policy round, train.jsonl each); with data=pku_saferlhf, that data set at data.split. Else a hub
+    # id, a local file, or a local folder laid out like the hub's (repo_exp/data/pku.py)
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    subset: Optional[str] = None
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        _nonempty("algorithm.preferences.split", self.split)
+
+
+@dataclass
+class DPOAlgorithmConfig(AlgorithmConfig):
+    """What every DPO-family method shares (``repo_exp/offline.py``): β, the passes over the pairs and the batches,
+    and an optimizer of its own (a DPO learning rate is not an RL one)."""
+
+    _target_: str = "repo_exp.offline.OfflineTrainer"
+    # β of the sigmoid DPO loss. Schema defaults are the published values (TRL's and the SACPO authors' β 0.1,
+    # SafeDPO's Δ 10); conf/algorithm/*.yaml hold the values tuned on the synthetic world
+    beta: float = 0.1
+    epochs: float = 1.0  # passes over the pairs, in each stage
+    batch_size: int = 64  # pairs per optimizer step
+    micro_batch_size: int = 64  # pairs per forward and backward pass (gradient accumulation above it)
+    max_grad_norm: float = 1.0
+    optimizer: AdamWConfig = field(default_factory=AdamWConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    preferences: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+
+    def __post_init__(self) -> None:
+        _positive("algorithm.beta", self.beta)
+        _positive("algorithm.epochs", self.epochs)
+        _positive("algorithm.batch_size", self.batch_size)
+        _positive("algorithm.micro_batch_size", self.micro_batch_size)
+        _positive("algorithm.max_grad_norm", self.max_grad_norm)
+        _positive("algorithm.optimizer.lr", self.optimizer.lr)
+        _non_negative("algorithm.optimizer.weight_decay", self.optimizer.weight_decay)
+        _require(len(self.optimizer.betas) == 2 and all(0 <= b < 1 for b in self.optimizer.betas),
+                 f"algorithm.optimizer.betas must be two numbers in [0, 1), got {list(self.optimizer.betas)}")
+        _require(0.0 <= self.scheduler.warmup_ratio < 1.0,
+                 f"algorithm.scheduler.warmup_ratio must be in [0, 1), got {self.scheduler.warmup_ratio}")
+        _one_of("algorithm.scheduler.name", self.scheduler.name, _scheduler_names())
+
+
+@dataclass
+class SACPOConfig(DPOAlgorithmConfig):
+    """SACPO: DPO on the helpfulness pairs with β, then DPO on the safety pairs with β/λ from that policy (or the
+    reverse order); P-SACPO averages the two stages' weights (``repo_exp/offline.py``)."""
+
+    name: str = "sacpo"
+    multiplier: float = 1.0  # λ: the safety stage's KL strength is β/λ (the knob of SACPO's frontier)
+    order: str = "helpfulness_first"  # helpfulness_first | safety_first
+    # P-SACPO: the final weights are (1 − q)·θ_helpfulness + q·θ_safety-realigned (null: plain SACPO, q = 1)
+    merge_weight: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("algorithm.multiplier", self.multiplier)
+        _one_of("algorithm.order", self.order, ("helpfulness_first", "safety_first"))
+        if self.merge_weight is not None:
+            _require(0.0 <= self.merge_weight <= 1.0,
+                     f"algorithm.merge_weight must be in [0, 1] (or null), got {self.merge_weight}")
+            _require(self.order == "helpfulness_first",
+                     "algorithm.merge_weight (P-SACPO) averages the helpfulness-aligned policy with its safety "
+                     "realignment: it needs algorithm.order=helpfulness_first")
+
+
+@dataclass
+class SafeDPOConfig(DPOAlgorithmConfig):
+    """SafeDPO: one DPO stage on pairs ranked by safety first, with a margin Δ on safe-over-unsafe pairs."""
+
+    name: str = "safe_dpo"
+    margin: float = 10.0  # Δ, in units of the DPO logit β·h (the knob of its frontier)
+    both_unsafe: str = "drop"  # drop (SafeDPO) | helpfulness: keep them ranked by helpfulness
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_negative("algorithm.margin", self.margin)
+        _one_of("algorithm.both_unsafe", self.both_unsafe, ("drop", "helpfulness"))
+
+
+ALGORITHM_SCHEMAS = {
+    "ppo": PPOAlgorithmConfig,
+    "sacpo": SACPOConfig,
+    "safe_dpo": SafeDPOConfig,
+}
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -758,6 +874,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
+    algorithm: Any = MISSING  # typed by its group's schema (ALGORITHM_SCHEMAS)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ptx: PtxConfig = field(default_factory=PtxConfig)
@@ -800,6 +917,17 @@ class Config:
                      f"responses to the same prompt")
             _require(not t.shared_critic, f"trainer.shared_critic=true builds a critic; estimator={self.estimator.name} "
                      f"uses none")
+        if self.algorithm.offline:
+            name = self.algorithm.name
+            _require(self.constraint.name == "none",
+                     f"algorithm={name} trains on preference pairs with no cost model in the loop: its constraint "
+                     f"is none (the algorithm preset sets it), got constraint={self.constraint.name}")
+            _require(not self.deepspeed.enabled,
+                     f"algorithm={name} runs on plain torch engines; deepspeed={self.deepspeed.name} is for the RL "
+                     f"trainer")
+            _require(t.epochs is None,
+                     f"trainer.epochs counts passes over the RL prompts; algorithm={name} counts its passes over the "
+                     f"preference pairs in algorithm.epochs")
         if getattr(self.constraint, "granularity", "sample") == "prompt":
             _require(t.samples_per_prompt > 1,
                      "constraint.granularity=prompt needs trainer.samples_per_prompt > 1 (k responses per prompt)")
@@ -869,13 +997,14 @@ def register_configs() -> None:
     """Register every schema under ``schema/<group>/<name>``; the YAML files extend them through their defaults."""
     OmegaConf.register_new_resolver("package_file", package_file, replace=True)
     OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
-    register_sweeper()
     cs = ConfigStore.instance()
     cs.store(name="config", group="schema", node=Config)
     cs.store(name="model", group="schema", node=ModelConfig)
     cs.store(name="score", group="schema", node=ScoreModelConfig)
     for name, node in CONSTRAINT_SCHEMAS.items():
         cs.store(name=name, group="schema/constraint", node=node)
+    for name, node in ALGORITHM_SCHEMAS.items():
+        cs.store(name=name, group="schema/algorithm", node=node)
     cs.store(name="optimizer", group="schema", node=OptimizerConfig)
     cs.store(name="data", group="schema", node=DataConfig)
     cs.store(name="world", group="schema", node=WorldConfig)
@@ -883,19 +1012,6 @@ def register_configs() -> None:
     cs.store(name="estimator", group="schema", node=EstimatorConfig)
     cs.store(name="logger", group="schema", node=LoggerConfig)
     cs.store(name="deepspeed", group="schema", node=DeepSpeedConfig)
-
-
-def register_sweeper() -> None:
-    """``hydra/sweeper=frontier`` (``repo_exp.sweeps``). Hydra finds plugins by listing the ``hydra_plugins``
-    namespace, which an editable install cannot list, so the class is registered with Hydra's own API too — after
-    Hydra's first plugin scan, which re-executes the modules it lists (the base class must be the one it keeps)."""
-    from hydra.core.plugins import Plugins
-
-    plugins = Plugins.instance()
-    from hydra_plugins.repo_exp_plugins.frontier_sweeper import FrontierSweeper, config_node
-
-    plugins.register(FrontierSweeper)
-    ConfigStore.instance().store(group="hydra/sweeper", name="frontier", node=config_node(), provider="repo_exp")
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:

@@ -7,11 +7,12 @@ branches on which one it holds; what differs comes from here (``engine_factory``
 - the frozen models (reference, reward, cost) are partitioned for inference under ZeRO-3, as the published Safe RLHF
   trainer does (its ``get_deepspeed_eval_config``); below stage 3 they are replicated on every GPU.
 
-Gradient accumulation belongs to the trainer: it weighs each micro-batch's loss (``repo_exp.train.micro_weight``) and
-calls ``step`` once per minibatch. So the generated config sets ``managed_gradient_accumulation: false`` (each ``step``
-is the accumulation boundary) and ``backward`` does not divide by the number of micro-batches. DeepSpeed averages
-gradients over the data-parallel ranks: with equal local batches that is the gradient of the global batch's loss, the
-same as one process holding the whole batch.
+Gradient accumulation belongs to the trainer: it divides each micro-batch's loss by the global minibatch's count
+(``repo_exp.train.ppo_update``) and calls ``step`` once per minibatch. So the generated config sets
+``managed_gradient_accumulation: false`` (each ``step`` is the accumulation boundary) and ``backward`` does not divide
+by the number of micro-batches. DeepSpeed averages gradients over the data-parallel ranks; the trainer multiplies each
+rank's share of the global loss by the number of ranks, so the average is the gradient of the global batch's loss,
+the same as one process holding the whole batch, whatever the ranks' token counts.
 
 Under ZeRO-3 every forward pass is collective, so every rank runs the same number of them: generation goes on until
 every rank has finished (``generate(all_finished=…)``), rollout chunks and evaluation rounds are equal on all ranks,
@@ -161,7 +162,7 @@ def load_score_model_partitioned(config: Config, rt: Runtime, train: bool, cfg: 
     import deepspeed
 
     from repo_exp.models.score_model import check_score_weights, normalizer_state, read_score_checkpoint
-    from repo_exp.models.weights import LazyWeights
+    from repo_exp.models.weights import LazyWeights, check_floating
 
     score_type = score_type or cfg.kind
     normalize = cfg.normalize if normalize is None else normalize
@@ -177,6 +178,7 @@ def load_score_model_partitioned(config: Config, rt: Runtime, train: bool, cfg: 
     with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         model = ScoreModel(trunk_config, **fields)
     check_score_weights(path, weights.shapes(), model, rows)  # names only: the head's rows are the checkpoint's
+    check_floating(folder, weights.dtypes(), dict(model.named_parameters()))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():

@@ -76,7 +76,7 @@ KNOBS: dict[str, Knob] = {
     "rectified_gated": Knob("constraint.lambda_init", "λ", larger_is_safer=True),
     "rectified (learned λ)": Knob("constraint.lambda_max", "λ_max", larger_is_safer=True),
     "shaping": Knob("constraint.multiplier", "λ", larger_is_safer=True),
-    "sacpo": Knob("algorithm.lam", "λ", larger_is_safer=True),
+    "sacpo": Knob("algorithm.multiplier", "λ", larger_is_safer=True),
     "safe_dpo": Knob("algorithm.margin", "margin", larger_is_safer=True),
 }
 # the frontier every other method is matched against first (the published rule), then any other with two points

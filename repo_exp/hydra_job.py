@@ -46,6 +46,13 @@ class SweepStopped(RuntimeError):
 # entry point that calls register_configs
 OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
 
+# Hydra instantiates sweepers and launchers only from its plugin namespace package ``hydra_plugins`` as found on
+# sys.path. The sweeper and launcher that stop a sweep as a whole (``hydra_plugins.repo_exp_sweeps``) live under
+# ``repo_exp/_hydra``, which joins sys.path here, before any of this project's Hydra applications starts.
+PLUGIN_ROOT = str(Path(__file__).resolve().parent / "_hydra")
+if PLUGIN_ROOT not in sys.path:
+    sys.path.append(PLUGIN_ROOT)
+
 
 def strip_local_rank() -> None:
     """The ``deepspeed`` launcher appends ``--local_rank=N``, which Hydra would reject: move it to the environment."""
@@ -184,7 +191,7 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig, Path], dict[str, Any]],
         why = stop_mark(sweep_dir).read_text().strip()
         raise SweepStopped(f"not started: the sweep in {sweep_dir} was stopped ({why}); run the same command with "
                            f"trainer.resume=auto to continue it")
-    # a sweep's job takes Ctrl-C back while it runs (a parallel launcher's worker ignores it: repo_exp.launchers)
+    # a sweep's job takes Ctrl-C back while it runs (a parallel launcher's worker ignores it)
     previous = _interruptible() if sweep_dir is not None else None
     try:
         summary = None

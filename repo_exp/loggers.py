@@ -21,16 +21,28 @@ log = logging.getLogger(__name__)
 # whole-word key names only: `hf_token` and `api_key` are secrets, `max_new_tokens` and `tokenizer` are not
 SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
+# environment variables whose value is a credential by their name (`MY_API_TOKEN`, `OPENAI_API_KEY`,
+# `AWS_SECRET_ACCESS_KEY`, `DB_PASSWORD`); a config value resolved from one (`${oc.env:MY_API_TOKEN}`) is redacted
+SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?|AUTH|KEY|API_?KEY)(_|$)",
+                             re.IGNORECASE)
+MIN_SECRET_LENGTH = 4  # shorter values (`1`, `on`) are flags, and redacting them would blank ordinary settings
 
 
-def scrub(value: Any) -> Any:
-    """A copy of a config tree with secret-looking keys and any environment secret's value replaced."""
-    secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+def environment_secrets() -> set[str]:
+    """The values of the environment variables that hold credentials: the known ones and any named like one."""
+    return {value for name, value in os.environ.items()
+            if (name in SECRET_ENV or SECRET_ENV_NAME.search(name)) and len(value) >= MIN_SECRET_LENGTH}
+
+
+def scrub(value: Any, secrets: set[str] | None = None) -> Any:
+    """A copy of a config tree with secret-looking keys, and every text holding an environment secret's value
+    (``environment_secrets``: however it got there, an interpolation from the environment included), replaced."""
+    secrets = environment_secrets() if secrets is None else secrets
     if isinstance(value, dict):
-        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else scrub(v)) for k, v in value.items()}
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else scrub(v, secrets)) for k, v in value.items()}
     if isinstance(value, list):
-        return [scrub(v) for v in value]
-    if isinstance(value, str) and any(s and s in value for s in secrets):
+        return [scrub(v, secrets) for v in value]
+    if isinstance(value, str) and any(s in value for s in secrets):
         return "<redacted>"
     return value
 

@@ -12,6 +12,17 @@ before the job runs. The owner keeps the first launch's as ``.hydra/<name>.origi
 every later launch (a later launch's own are kept as ``.hydra/<name>.resumed-<n>.yaml``); a refused process puts them
 back too. ``.owner.json`` and Hydra's log file are the only files a refused process changes.
 
+What the run touches: it writes and deletes only inside its own folder (and the project's cache), follows no link
+out of it, and never rewrites or deletes a file it did not create. So, before anything is written
+(``check_run_folder``, from ``claim`` and, under Hydra, before Hydra writes its own files: ``repo_exp.callbacks``),
+a folder is refused, naming the path, when
+- one of the names the run writes (``RUN_ENTRIES``: ``checkpoints/``, ``eval/``, ``.owner.lock``, ``metrics.jsonl``,
+  ``.hydra/``, Hydra's log file …), or anything inside the folders it fills, is a symbolic link that leads out of the
+  folder (checkpoints rotated at a link's target would delete the files there);
+- the folder exists, holds something, and is not this project's: no file the run writes first (``RUN_MARKERS``) and
+  no ``.hydra/`` of this application. A folder of notes, a data file, one's own ``eval/summary.json`` or another
+  Hydra application's ``.hydra/config.yaml`` would otherwise be written among, or overwritten.
+
 Resume checks: the resolved config of the run (``config.resolved.yaml`` at the first launch, and in every
 checkpoint's ``state.json``) is compared with the new one. A changed setting that changes the run is refused, naming
 it with its old and new value, unless ``trainer.allow_changes`` names it (or a prefix of it); the allowed changes are
@@ -53,8 +64,25 @@ RUN_LENGTH = ("trainer.total_steps", "trainer.epochs")
 CONSTANT_SCHEDULES = ("constant",)
 
 
+# the names the run writes directly in its folder (besides Hydra's ``<job name>.log`` and its own temporary files)
+RUN_ENTRIES = frozenset({".hydra", LOCK_FILE, OWNER_FILE, RESOLVED_CONFIG, "run_config.yaml", CHANGES_FILE,
+                         "metrics.jsonl", "metrics.orphaned.jsonl", "checkpoints", "eval", "wandb", "wandb_id.txt"})
+# the folders whose whole content the run writes (and, for checkpoints, rotates)
+RUN_TREES = ("checkpoints", "eval", ".hydra", "wandb")
+# files only this project writes into a folder: present, the folder is a run (or an evaluation) of this project
+RUN_MARKERS = (OWNER_FILE, RESOLVED_CONFIG, "run_config.yaml")
+# top-level keys of this application's config (a `.hydra/config.yaml` with them is this application's)
+APP_CONFIG_KEYS = frozenset({"trainer", "constraint", "ppo", "world"})
+APP_CONFIG_SOURCE = "repo_exp.conf"
+
+
 class RunFolderBusy(ValueError):
     """Another live process owns the run folder."""
+
+
+class RunFolderRefused(ConfigError):
+    """The run folder holds what the run may not touch: data that is not a run's, or a link out of the folder (a
+    config error: exit 2 from the command line, before anything is written)."""
 
 
 class ResumeRefused(ConfigError):
@@ -76,14 +104,111 @@ def holder_of(run_dir: Path) -> str:
         return "a process that has not yet recorded itself in .owner.json"
 
 
+def this_application(hydra_dir: Path) -> bool:
+    """Whether ``hydra_dir`` (a ``.hydra/`` folder) records a launch of this application: its ``hydra.yaml`` names
+    ``repo_exp.conf`` as the primary config source, or, where only ``config.yaml`` was kept (the committed results),
+    that config has this application's top-level keys."""
+    from omegaconf import OmegaConf
+
+    try:
+        if (hydra_dir / "hydra.yaml").is_file():
+            sources = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.runtime.config_sources") or []
+            return any(str(s.get("path")) == APP_CONFIG_SOURCE and s.get("provider") == "main" for s in sources)
+        if (hydra_dir / "config.yaml").is_file():
+            config = OmegaConf.load(hydra_dir / "config.yaml")
+            return APP_CONFIG_KEYS <= set(config.keys())
+    except Exception:  # unreadable: not a record this application wrote
+        return False
+    return False
+
+
+def leads_out(path: Path, root: Path) -> bool:
+    """Whether the link ``path`` leads out of ``root`` (or nowhere)."""
+    try:
+        return not path.resolve(strict=True).is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # dangling, or a loop
+        return True
+
+
+def links_out(run_dir: Path) -> list[Path]:
+    """The symbolic links among the entries the run writes in ``run_dir`` (``RUN_ENTRIES``, Hydra's log file) and
+    anywhere inside the folders it fills (``RUN_TREES``) that lead out of ``run_dir`` (never followed)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(run_dir.iterdir()):
+        written = entry.name in RUN_ENTRIES or entry.suffix == ".log"
+        if written and entry.is_symlink() and leads_out(entry, run_dir):
+            found.append(entry)
+    for tree in RUN_TREES:
+        top = run_dir / tree
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for folder, dirs, files in os.walk(top):  # does not descend into linked folders
+            for name in sorted(dirs + files):
+                path = Path(folder) / name
+                if path.is_symlink() and leads_out(path, run_dir):
+                    found.append(path)
+    return found
+
+
+def foreign_content(run_dir: Path, launching: bool = False) -> str | None:
+    """Why ``run_dir`` is not a folder of this project, or None: it does not exist, is empty, or holds a file only
+    this project writes (``RUN_MARKERS``) or a ``.hydra/`` of this application. Log files (``*.log``, where a
+    launcher logs a job, and Hydra appends its own) are not judged. ``launching``: another process of this launch
+    (rank 0 of a distributed job) may be writing Hydra's files there meanwhile; ``.hydra/`` is not judged either."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        return f"{run_dir} is a file, not a folder"
+    entries = sorted(p.name for p in run_dir.iterdir()
+                     if not ((p.suffix == ".log" and p.is_file()) or (launching and p.name == ".hydra")))
+    if not entries or any((run_dir / marker).is_file() for marker in RUN_MARKERS):
+        return None
+    hydra = run_dir / ".hydra"
+    if hydra.is_dir() and not hydra.is_symlink() and this_application(hydra):
+        return None
+    if hydra.is_dir() and (hydra / "config.yaml").exists() and not launching:
+        return (f"{hydra / 'config.yaml'} is another application's record (Hydra would replace it with this run's)"
+                f"; the folder {run_dir} is not a run of this project")
+    if (run_dir / "eval" / "summary.json").exists():
+        return (f"{run_dir / 'eval' / 'summary.json'} is not a run's (no {OWNER_FILE} or {RESOLVED_CONFIG} beside it) "
+                f"and the run's final evaluation would overwrite it")
+    shown = ", ".join(entries[:6]) + (", …" if len(entries) > 6 else "")
+    return f"{run_dir} holds files that are not a run's ({shown}); the run would write among them"
+
+
+def check_run_folder(run_dir: Path, launching: bool = False) -> None:
+    """Refuse, naming the path, a run folder that is not this project's or whose entries link out of it
+    (``links_out``, ``foreign_content``; ``launching`` as there): before anything is written there."""
+    run_dir = Path(run_dir)
+    links = links_out(run_dir)
+    if links:
+        shown = "; ".join(f"{p} is a symbolic link out of the run folder (to {os.readlink(p)})" for p in links[:3])
+        raise RunFolderRefused(
+            f"{shown}: the run writes and deletes only inside its own folder {run_dir} and follows no link out of it "
+            f"(rotating checkpoints there would delete the files at the link's target). Remove the link, or put the "
+            f"whole run folder on the other disk (hydra.run.dir=...); nothing was written")
+    problem = foreign_content(run_dir, launching)
+    if problem:
+        raise RunFolderRefused(f"{problem}. A run writes only into an empty or new folder, or into a run folder of "
+                               f"its own (to continue it: trainer.resume=auto); choose another folder "
+                               f"(hydra.run.dir=...). Nothing was written there")
+
+
 def claim(run_dir: Path) -> None:
-    """Take the run folder for this process (a no-op if it holds it already), or raise ``RunFolderBusy``."""
+    """Take the run folder for this process (a no-op if it holds it already), or raise ``RunFolderBusy``; refuse a
+    folder the run may not write in (``check_run_folder``) before anything is written."""
     run_dir = Path(run_dir)
     key = run_dir.resolve()
     if key in _HELD:
         return
+    check_run_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")
+    # never through a link (check_run_folder refuses one; O_NOFOLLOW closes the gap until the open)
+    handle = os.fdopen(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

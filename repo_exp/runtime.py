@@ -90,9 +90,13 @@ class DistComm:
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], dim=0)
 
     def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.clone()
+        return self.all_reduce_sum(x) / self.world_size
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` over ranks (a new tensor on ``x``'s device; NCCL reduces a copy on the GPU)."""
+        y = x.clone() if x.is_cuda or dist.get_backend() != "nccl" else x.cuda()
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
-        return y / self.world_size
+        return y.to(x.device)
 
     def all_max(self, n: int) -> int:
         value = torch.tensor([n], dtype=torch.long)
@@ -112,6 +116,9 @@ class LocalRuntimeComm:
         return x
 
     def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def all_max(self, n: int) -> int:

@@ -169,11 +169,12 @@ class EngineBackend(Protocol):
 
 
 def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: EngineBackend | None = None,
-                 world: WorldArtifacts | None = None) -> Models:
+                 world: WorldArtifacts | None = None, with_critics: bool = True) -> Models:
     """The run's models; under ``deepspeed`` the engines come from ``backend`` (``deepspeed_engine.backend_for``).
 
     A model whose ``source`` is ``world`` loads from ``world``, the folders of a world built beforehand
-    (``repo_exp.world.stage.prepare_world``): setting up the models builds nothing."""
+    (``repo_exp.world.stage.prepare_world``): setting up the models builds nothing. ``with_critics=False``: no critic
+    (the offline methods train the policy alone)."""
     if config.deepspeed.enabled and backend is None:
         raise ValueError("deepspeed is enabled but no engine backend was given: build_models(..., "
                          "backend=repo_exp.deepspeed_engine.backend_for(config))")
@@ -272,7 +273,7 @@ def build_models(config: Config, rt: Runtime, constraint: Constraint, backend: E
 
     # every critic is copied (from a score model or the policy) before any engine is built: a model that ZeRO-3 has
     # partitioned cannot be copied
-    if config.estimator.critic_free:  # group baselines replace both critics: nothing to build, step or save
+    if config.estimator.critic_free or not with_critics:  # group baselines or no RL: no critic to build, step, save
         critic_modules = {}
     elif shared:
         critic_modules = {"critic": new_critic(reward_model, config.reward, reward_path, 2)}

@@ -30,14 +30,17 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from repo_exp.algorithms import (
+    aggregation_count,
     critic_loss,
     gae_advantages,
     group_advantages,
     kl_penalty,
     masked_mean,
+    masked_sum,
     masked_whiten,
     policy_loss,
     ptx_loss,
+    ptx_tokens,
     token_streams,
 )
 from repo_exp.checkpoint import CheckpointManager, check_checkpoint, load_rng_states, save_rng_states
@@ -46,7 +49,7 @@ from repo_exp.constraints import Constraint
 from repo_exp.constraints.bounds import LambdaTrace
 from repo_exp.data.prompts import PromptEncoder, PromptStream, load_prompt_set
 from repo_exp.data.ptx import PtxBatch, PtxStream, load_ptx_pairs
-from repo_exp.rollout.budget import generation_budget
+from repo_exp.rollout.budget import check_rollout_memory, generation_budget
 from repo_exp.deepspeed_engine import backend_for
 from repo_exp.evaluate import eval_prompt_set, evaluate_models, publish_eval, read_rows, world_oracle
 from repo_exp.loggers import MetricsLogger, truncate_metrics, wandb_sink
@@ -57,7 +60,7 @@ from repo_exp.progress import Every, step_line
 from repo_exp.provenance import source_commit
 from repo_exp.rollout import Experience, Timings, make_experience, sequence_logprobs
 from repo_exp.rollout.score import logprob_gap
-from repo_exp.runtime import Runtime, init_runtime, map_large_blocks
+from repo_exp.runtime import LocalRuntimeComm, Runtime, init_runtime, map_large_blocks
 from repo_exp.setup import Models, build_models, build_constraint
 from repo_exp.world.stage import WorldArtifacts, prepare_world
 
@@ -72,10 +75,12 @@ class NonFiniteError(RuntimeError):
 # ------------------------------------------------------------------------------------------------- the math glue
 
 
-def compute_advantages(exp: Experience, constraint: Constraint, cfg: Config) -> None:
+def compute_advantages(exp: Experience, constraint: Constraint, cfg: Config,
+                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Fill the reward and cost advantages (and, under ``gae``, the returns) and the mixed advantage the policy loss
     sees. The cost signal is the constraint's (``Constraint.cost_signal``); the KL is placed so that every sample
-    carries ``ppo.kl_coeff`` (``Constraint.kl_reward_weight``/``kl_cost_weight``)."""
+    carries ``ppo.kl_coeff`` (``Constraint.kl_reward_weight``/``kl_cost_weight``). ``reduce`` sums over data-parallel
+    ranks: ``ppo.normalize_advantages`` whitens with the mean and variance of the global batch, not of this rank's."""
     ppo, estimator = cfg.ppo, cfg.estimator
     with_cost = constraint.needs_cost_critic and exp.costs is not None
     if with_cost and exp.cost_signal is None:  # the trainer computes it once over the whole batch (prompt groups)
@@ -98,8 +103,8 @@ def compute_advantages(exp: Experience, constraint: Constraint, cfg: Config) -> 
                 exp.cost_values, cost_stream, exp.response_mask, ppo.gamma, ppo.gae_lambda)
         reward_adv, cost_adv = exp.reward_advantages, exp.cost_advantages
     if ppo.normalize_advantages:
-        reward_adv = masked_whiten(reward_adv, exp.response_mask)
-        cost_adv = masked_whiten(cost_adv, exp.response_mask) if cost_adv is not None else None
+        reward_adv = masked_whiten(reward_adv, exp.response_mask, reduce=reduce)
+        cost_adv = masked_whiten(cost_adv, exp.response_mask, reduce=reduce) if cost_adv is not None else None
     exp.advantages = constraint.mix_advantages(reward_adv, cost_adv, exp.cost_active)
 
 
@@ -126,27 +131,51 @@ def group_signal_advantages(exp: Experience, cost_signal: torch.Tensor | None, c
     return reward_adv.to(mask.dtype).unsqueeze(-1) * mask, cost_adv
 
 
-def actor_objective(logprobs: torch.Tensor, micro: Experience,
-                    cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def actor_objective(logprobs: torch.Tensor, micro: Experience, cfg: Config,
+                    count: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The actor's loss on a micro-batch: the clipped surrogate on its mixed advantages and, under
     ``estimator.kl=loss`` (grpo), β times the KL term ``kl_penalty``, whose expected gradient is that of
     KL(π ‖ π_ref) and which carries the same β for every sample whatever the constraint did to the advantages.
+    ``count``: the global minibatch's ``aggregation_count`` (this micro-batch's share of its loss; default: its own).
     Returns the loss and detached statistics (``kl``: the KL term's value)."""
     ppo, agg = cfg.ppo, cfg.ppo.loss_aggregation
     loss, stats = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask, ppo.clip_range_ratio,
-                              agg)
+                              agg, count)
     if cfg.estimator.kl == "loss" and ppo.kl_coeff > 0:
-        kl = masked_mean(kl_penalty(logprobs, micro.logprobs, micro.ref_logprobs), micro.response_mask, agg)
+        kl = masked_mean(kl_penalty(logprobs, micro.logprobs, micro.ref_logprobs), micro.response_mask, agg, count)
         loss = loss + ppo.kl_coeff * kl
         stats["kl"] = kl.detach()
     return loss, stats
 
 
-def micro_weight(micro: Experience, mini: Experience, aggregation: str) -> float:
-    """The share of the minibatch loss a micro-batch carries, so accumulated gradients equal the full batch's."""
-    if aggregation == "token_mean":
-        return float(micro.response_mask.sum()) / max(1.0, float(mini.response_mask.sum()))
-    return micro.batch_size / mini.batch_size
+class UpdateStats:
+    """The update's logged figures, each a ratio of sums over micro-batches, minibatches and data-parallel ranks:
+    ``add(key, numerator, denominator)``, then ``result(reduce)`` sums both over ranks. A loss figure adds each
+    micro-batch's share of its minibatch's loss over that share, a token figure its sum over its tokens: every figure
+    is the global batch's, whatever the ranks and micro-batches were (every rank adds the same keys)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    def add(self, key: str, numerator: float, denominator: float) -> None:
+        self.sums[key][0] += numerator
+        self.sums[key][1] += denominator
+
+    def add_token_sums(self, prefix: str, values: dict[str, torch.Tensor | None], mask: torch.Tensor) -> None:
+        """Token means of ``values`` (B, T) over ``mask`` (B, T), as ``prefix/name``."""
+        tokens = float(mask.sum())
+        for name, value in values.items():
+            if value is not None:
+                self.add(f"{prefix}/{name}", float(masked_sum(value.float(), mask.float())), tokens)
+
+    def result(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        totals = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
+        if reduce is not None:
+            totals = reduce(totals)
+        return {k: (num / den if den > 0 else 0.0) for k, (num, den) in zip(keys, totals.tolist())}
 
 
 def chunk_sizes(total: int, size: int) -> list[int]:
@@ -195,8 +224,8 @@ def micro_batches(mini: Experience, size: int, by_length: bool, token_budget: in
     run over the tokens generated rather than over padding. With ``token_budget`` as well, a micro-batch holds as many
     samples as fit within that many padded tokens (``micro_batch_plan``) instead of ``size``: fewer, fuller passes
     when responses are short. ``agree(n)`` returns the largest count over ranks; a rank with fewer micro-batches
-    splits its largest ones to match. The accumulated gradient is the same in every case (``micro_weight`` weighs each
-    micro-batch by its share of the minibatch)."""
+    splits its largest ones to match. The accumulated gradient is the same in every case (``ppo_update`` divides each
+    micro-batch's loss by the global minibatch's count)."""
     if not by_length:
         yield from mini.split(size)
         return
@@ -231,11 +260,11 @@ def micro_batch_tokens(cfg: Config, prompt_width: int) -> int | None:
     return t.micro_batch_size * full
 
 
-def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
-    total = sum(w for _, w in pairs)
-    if total <= 0:  # micro-batches without a response token under token_mean: plain mean
-        return sum(v for v, _ in pairs) / len(pairs)
-    return sum(v * w for v, w in pairs) / total
+def global_count(mini: Experience, aggregation: str, comm) -> torch.Tensor:
+    """What the minibatch's losses divide by, summed over ranks: its ``aggregation_count`` (response tokens under
+    ``token_mean``, responses under ``seq_mean_token_mean``). A scalar."""
+    local = aggregation_count(mini.response_mask, aggregation).to(torch.float64).reshape(1)
+    return comm.all_reduce_sum(local).cpu()[0].float()
 
 
 def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Config, generator: torch.Generator,
@@ -243,58 +272,68 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                ptx: PtxStream | None = None,
                check_logprobs: Callable[[torch.Tensor, Experience], None] | None = None,
                agree: Callable[[int], int] | None = None,
+               comm=None,
                ) -> tuple[dict[str, float], bool]:
     """PPO epochs over minibatches (optimizer steps) of micro-batches (gradient accumulation).
 
-    ``agree(n)`` is the largest of ``n`` over ranks (micro-batches per minibatch; None in one process).
+    ``agree(n)`` is the largest of ``n`` over ranks (micro-batches per minibatch; None in one process). ``comm`` is the
+    data-parallel group (``repo_exp.runtime``; one process when None).
+
+    The update is the global batch's whatever the number of ranks: every loss divides by the count of the global
+    minibatch (its response tokens under ``token_mean``, its responses under ``seq_mean_token_mean``; PTX by its
+    supervised tokens), summed over ranks before the first backward pass, and is multiplied by the number of ranks,
+    since DeepSpeed averages the ranks' gradients. The logged figures are the global batch's too (``UpdateStats``).
 
     With ``ptx`` (``ppo.ptx_mode=joint``) each minibatch also backpropagates ``ppo.ptx_coeff`` × the PTX loss over as
     many supervised rows as it has samples, in chunks of ``trainer.micro_batch_size``, before its optimizer step.
 
     ``check_logprobs(logprobs, micro)`` sees the first micro-batch's fresh log-probabilities, before any update.
 
-    Returns mean statistics and whether the update was skipped because something was not finite.
+    Returns the statistics and whether the update was skipped because something was not finite.
     """
-    ppo, agg = cfg.ppo, cfg.ppo.loss_aggregation
+    ppo, agg, t = cfg.ppo, cfg.ppo.loss_aggregation, cfg.trainer
+    comm = comm if comm is not None else LocalRuntimeComm()
+    ranks = comm.world_size  # DeepSpeed averages gradients over ranks: a rank's share of the loss is scaled back up
     policy, critics = models.policy, models.critics
     engines = [policy, *critics.engines]
     for engine in engines:
         engine.module.train()
-    # (value, weight) pairs: a micro-batch's figures weigh as much as its share of the minibatch, whatever its size
-    stats: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    stats = UpdateStats()
     n = exp.batch_size
     budget = micro_batch_tokens(cfg, exp.prompt_width)
-    passes = computed = 0
     for _ in range(ppo.epochs):
         order = torch.randperm(n, generator=generator) if ppo.epochs * ppo.num_minibatches > 1 else torch.arange(n)
         for minibatch in order.chunk(ppo.num_minibatches):
             mini = exp.select(minibatch.to(exp.sequences.device))
-            for micro in micro_batches(mini, cfg.trainer.micro_batch_size, cfg.trainer.group_by_length, budget,
-                                       agree):
-                weight = micro_weight(micro, mini, agg)
-                micro_stats: dict[str, list[float]] = defaultdict(list)
+            count = global_count(mini, agg, comm)
+            passes = computed = 0
+            for micro in micro_batches(mini, t.micro_batch_size, t.group_by_length, budget, agree):
+                mask = micro.response_mask
+                share = float(aggregation_count(mask, agg)) / max(1.0, float(count))  # of the global minibatch
                 passes += 1
                 computed += micro.batch_size * micro.response_width
                 with models.autocast():
                     reward_values, cost_values = critics.values(micro.sequences, micro.attention_mask,
                                                                 micro.prompt_width)
+                    # the behaviour policy's: the distribution sampled from (trainer.temperature, top_k, top_p)
                     logprobs = sequence_logprobs(policy.module, micro.sequences, micro.attention_mask,
-                                                 micro.prompt_width)
+                                                 micro.prompt_width, t.temperature, t.top_k, t.top_p)
                 if check_logprobs is not None:
                     check_logprobs(logprobs.detach(), micro)
                     check_logprobs = None
                 if fused:  # the critics have not moved yet: these are the old values
-                    micro.reward_values = reward_values.detach() * micro.response_mask
-                    micro.cost_values = cost_values.detach() * micro.response_mask if cost_values is not None else None
+                    micro.reward_values = reward_values.detach() * mask
+                    micro.cost_values = cost_values.detach() * mask if cost_values is not None else None
                     compute_advantages(micro, constraint, cfg)
-                actor_loss, pg = actor_objective(logprobs, micro, cfg)
-                if "kl" in pg:
-                    micro_stats["loss/kl"].append(pg.pop("kl").item())
-                reward_critic_loss = (critic_loss(reward_values, micro.reward_values, micro.reward_returns,
-                                                  micro.response_mask, ppo.clip_range_value, agg)
+                # each loss is this micro-batch's share of the global minibatch's: divided by the global count
+                actor_loss, pg = actor_objective(logprobs, micro, cfg, count)
+                if "kl" in pg:  # grpo: β × the KL term for every sample
+                    stats.add("loss/kl", pg.pop("kl").item(), share)
+                reward_critic_loss = (critic_loss(reward_values, micro.reward_values, micro.reward_returns, mask,
+                                                  ppo.clip_range_value, agg, count)
                                       if reward_values is not None else None)
-                cost_critic_loss = (critic_loss(cost_values, micro.cost_values, micro.cost_returns,
-                                                micro.response_mask, ppo.clip_range_value, agg)
+                cost_critic_loss = (critic_loss(cost_values, micro.cost_values, micro.cost_returns, mask,
+                                                ppo.clip_range_value, agg, count)
                                     if cost_values is not None else None)
                 losses = [x for x in (actor_loss, reward_critic_loss, cost_critic_loss) if x is not None]
                 # agreed over ranks: under DeepSpeed each backward is collective, so all ranks skip or none does
@@ -302,94 +341,99 @@ def ppo_update(exp: Experience, models: Models, constraint: Constraint, cfg: Con
                     for engine in engines:
                         engine.zero_grad()
                     return {"loss/nonfinite": 1.0}, True
-                policy.backward(weight * actor_loss)
+                policy.backward(ranks * actor_loss)
                 if reward_critic_loss is not None:
-                    critics.backward(weight * reward_critic_loss,
-                                     weight * cost_critic_loss if cost_critic_loss is not None else None)
-                    micro_stats["loss/reward_critic"].append(reward_critic_loss.item())
-                micro_stats["loss/actor"].append(actor_loss.item())
+                    critics.backward(ranks * reward_critic_loss,
+                                     ranks * cost_critic_loss if cost_critic_loss is not None else None)
+                    stats.add("loss/reward_critic", reward_critic_loss.item(), share)
+                stats.add("loss/actor", actor_loss.item(), share)
                 if cost_critic_loss is not None:
-                    micro_stats["loss/cost_critic"].append(cost_critic_loss.item())
-                for key, value in pg.items():
-                    micro_stats[f"policy/{key}"].append(value.item())
+                    stats.add("loss/cost_critic", cost_critic_loss.item(), share)
+                micro_tokens = float(mask.sum())
+                for key, value in pg.items():  # token means over the micro-batch
+                    stats.add(f"policy/{key}", value.item() * micro_tokens, micro_tokens)
                 if fused:
-                    _advantage_stats(micro, micro_stats)
-                for key, values in micro_stats.items():
-                    stats[key].extend((value, weight) for value in values)
+                    _advantage_stats(micro, stats)
+            # the update's shape on this rank: forward/backward passes per minibatch, and the share of the response
+            # columns they computed that were padding (0: every column computed was a generated token)
+            stats.add("update/micro_batches", passes, 1.0)
+            stats.add("update/padding", computed - float(mini.response_mask.sum()), computed)
             if ptx is not None and ppo.ptx_coeff > 0:
                 # joint PTX: as many supervised rows as the minibatch has samples, in chunks of micro_batch_size
                 # whatever the RL micro-batches were, so the accumulated gradient does not depend on their grouping
-                for size in chunk_sizes(mini.batch_size, cfg.trainer.micro_batch_size):
-                    with models.autocast():
-                        pretrain_loss = ptx_step_loss(policy.module, ptx.next(size), exp.sequences.device)
-                    if not all_finite(bool(torch.isfinite(pretrain_loss))):  # agreed over ranks
-                        for engine in engines:
-                            engine.zero_grad()
-                        return {"loss/nonfinite": 1.0}, True
-                    policy.backward(ppo.ptx_coeff * (size / mini.batch_size) * pretrain_loss)
-                    stats["loss/ptx"].append((pretrain_loss.item(), size / mini.batch_size))
+                if not ptx_backward(models, cfg, ptx, mini.batch_size, stats, "loss/ptx", comm, all_finite):
+                    for engine in engines:
+                        engine.zero_grad()
+                    return {"loss/nonfinite": 1.0}, True
             for name, engine in zip(["actor", *critics.names], engines):
                 result = engine.step()
                 if result["skipped"]:
                     for e in engines:
                         e.zero_grad()
                     return {"loss/nonfinite": 1.0, f"grad_norm/{name}": result["grad_norm"]}, True
-                stats[f"grad_norm/{name}"].append((result["grad_norm"], 1.0))
-                stats[f"lr/{name}"].append((result["lr"], 1.0))
-    out = {k: _weighted_mean(v) for k, v in stats.items()}
-    # the update's shape: forward/backward passes per minibatch, and the response columns they computed that were
-    # padding (0: every column computed was a generated token)
-    out["update/micro_batches"] = passes / (ppo.epochs * ppo.num_minibatches)
-    out["update/padding"] = 1.0 - ppo.epochs * float(exp.response_mask.sum()) / max(1, computed)
-    return out, False
+                stats.add(f"grad_norm/{name}", result["grad_norm"], 1.0)
+                stats.add(f"lr/{name}", result["lr"], 1.0)
+    return stats.result(comm.all_reduce_sum if ranks > 1 else None), False
+
+
+def ptx_backward(models: Models, cfg: Config, ptx: PtxStream, rows: int, stats: UpdateStats, key: str, comm,
+                 all_finite: Callable[[bool], bool]) -> bool:
+    """Backpropagate ``ppo.ptx_coeff`` × the PTX loss of ``rows`` supervised rows on this rank (of ``rows`` × ranks
+    drawn for the whole group), in chunks of ``trainer.micro_batch_size``: a token mean over every chunk of every
+    rank, each chunk divided by the global token count. False (nothing more backpropagated) when a loss is not
+    finite on some rank."""
+    ppo, policy = cfg.ppo, models.policy
+    device = next(policy.module.parameters()).device
+    batches = [ptx.next(size) for size in chunk_sizes(rows, cfg.trainer.micro_batch_size)]
+    local = torch.tensor([sum(float(ptx_tokens(b.loss_mask)) for b in batches)], dtype=torch.float64)
+    count = float(comm.all_reduce_sum(local.to(device)).cpu()[0])
+    for batch in batches:
+        with models.autocast():
+            loss = ptx_step_loss(policy.module, batch, device, count)
+        if not all_finite(bool(torch.isfinite(loss))):  # agreed over ranks
+            return False
+        policy.backward(ppo.ptx_coeff * comm.world_size * loss)
+        stats.add(key, loss.item(), float(ptx_tokens(batch.loss_mask)) / max(1.0, count))
+    return True
 
 
 def ptx_update(models: Models, cfg: Config, ptx: PtxStream, samples: int,
-               all_finite: Callable[[bool], bool]) -> dict[str, float]:
+               all_finite: Callable[[bool], bool], comm=None) -> dict[str, float]:
     """``ppo.ptx_mode=separate`` (the published Safe RLHF trainer): after the RL update, the PTX loss gets its own
     backward passes and optimizer steps — as many steps as the RL update took, each on as many supervised samples as
-    an RL minibatch, in micro-batches of ``trainer.micro_batch_size`` — instead of being added to the actor loss."""
+    an RL minibatch, in micro-batches of ``trainer.micro_batch_size`` — instead of being added to the actor loss. Each
+    step's loss is the token mean over every rank's rows (``ptx_backward``)."""
     ppo, policy = cfg.ppo, models.policy
+    comm = comm if comm is not None else LocalRuntimeComm()
     per_step = max(1, samples // ppo.num_minibatches)
-    sizes = chunk_sizes(per_step, cfg.trainer.micro_batch_size)
-    losses, norms = [], []
+    stats = UpdateStats()
     for _ in range(ppo.epochs * ppo.num_minibatches):
-        for size in sizes:
-            with models.autocast():
-                loss = ptx_step_loss(policy.module, ptx.next(size), next(policy.module.parameters()).device)
-            if not all_finite(bool(torch.isfinite(loss))):  # agreed over ranks; the RL step has already been taken
-                policy.zero_grad()
-                return {"loss/ptx_skipped": 1.0}
-            policy.backward(ppo.ptx_coeff * (size / per_step) * loss)
-            losses.append(loss.item())
+        if not ptx_backward(models, cfg, ptx, per_step, stats, "loss/ptx", comm, all_finite):
+            policy.zero_grad()  # agreed over ranks; the RL step has already been taken
+            return {"loss/ptx_skipped": 1.0}
         result = policy.step()
         if result["skipped"]:
             return {"loss/ptx_skipped": 1.0}
-        norms.append(result["grad_norm"])
-    return {"loss/ptx": sum(losses) / len(losses), "grad_norm/actor_ptx": sum(norms) / len(norms),
-            "loss/ptx_skipped": 0.0}
+        stats.add("grad_norm/actor_ptx", result["grad_norm"], 1.0)
+    return {**stats.result(comm.all_reduce_sum if comm.world_size > 1 else None), "loss/ptx_skipped": 0.0}
 
 
-def ptx_step_loss(policy, batch: PtxBatch, device) -> torch.Tensor:
-    """The PTX loss of one batch: next-token NLL on its response tokens."""
+def ptx_step_loss(policy, batch: PtxBatch, device, count: float | None = None) -> torch.Tensor:
+    """The PTX loss of one batch: next-token NLL on its response tokens (their mean, or with ``count`` their sum over
+    the tokens of the whole batch this one is a part of)."""
     mask = batch.attention_mask.to(device)
     logits = policy(input_ids=batch.input_ids.to(device), attention_mask=mask,
                     position_ids=position_ids_from_mask(mask), use_cache=False).logits
-    return ptx_loss(logits, batch.input_ids.to(device), batch.loss_mask.to(device))
+    return ptx_loss(logits, batch.input_ids.to(device), batch.loss_mask.to(device), count)
 
 
-def _advantage_stats(exp: Experience, stats: dict[str, list[float]]) -> None:
-    mask = exp.response_mask
-    stats["advantages/mixed"].append(masked_mean(exp.advantages, mask).item())
-    stats["advantages/reward"].append(masked_mean(exp.reward_advantages, mask).item())
-    if exp.cost_advantages is not None:
-        stats["advantages/cost"].append(masked_mean(exp.cost_advantages, mask).item())
+def _advantage_stats(exp: Experience, stats: UpdateStats) -> None:
+    """Token means of the advantages, returns and values (over every rank's tokens once ``stats`` is reduced)."""
+    stats.add_token_sums("advantages", {"mixed": exp.advantages, "reward": exp.reward_advantages,
+                                        "cost": exp.cost_advantages}, exp.response_mask)
     if exp.reward_returns is not None:  # gae: critics and returns
-        stats["returns/reward"].append(masked_mean(exp.reward_returns, mask).item())
-        stats["values/reward"].append(masked_mean(exp.reward_values, mask).item())
-    if exp.cost_returns is not None:
-        stats["returns/cost"].append(masked_mean(exp.cost_returns, mask).item())
-        stats["values/cost"].append(masked_mean(exp.cost_values, mask).item())
+        stats.add_token_sums("returns", {"reward": exp.reward_returns, "cost": exp.cost_returns}, exp.response_mask)
+        stats.add_token_sums("values", {"reward": exp.reward_values, "cost": exp.cost_values}, exp.response_mask)
 
 
 def step_metrics(exp: Experience, constraint: Constraint, rt: Runtime, measure_cost: bool = True) -> dict[str, float]:
@@ -437,6 +481,9 @@ class Trainer:
         """``world``: the synthetic world's folders when the caller has built or found them already; when the config
         loads a world model and none is given, the world stage runs here, after the run folder is claimed and checked
         and before any model is set up."""
+        if config.algorithm.offline:  # its _target_ trains it (``train`` below)
+            raise ConfigError(f"algorithm={config.algorithm.name} is trained by {config.algorithm._target_}, not by "
+                              f"the RL trainer")
         self.config = config
         self.cfg = cfg
         self.rt = init_runtime(config.deepspeed.enabled)
@@ -446,6 +493,7 @@ class Trainer:
         if self.rt.distributed and not config.deepspeed.enabled:
             raise ConfigError(f"{self.rt.world_size} processes but deepspeed=none: plain torch engines do not average "
                               f"gradients over ranks; launch with deepspeed=zero2 or zero3")
+        self._check_batch_memory()
         self.run_dir = self._shared_run_dir(run_dir)
         self._refuse_used_run_dir()
         _seed_everything(config.seed + self.rt.rank, config.trainer)
@@ -461,7 +509,7 @@ class Trainer:
                                      tokenizer_name(config.model))
         self.stream = PromptStream(len(self.encoder), t.prompts_per_step, config.seed, self.rt.rank, self.rt.world_size)
         self.ptx = (PtxStream(load_ptx_pairs(config.ptx, config.world), self.models.tokenizer, config.model.template,
-                              config.ptx.max_length, config.seed + self.rt.rank)
+                              config.ptx.max_length, config.seed, self.rt.rank, self.rt.world_size)
                     if config.ppo.ptx_coeff > 0 else None)
         self.eval_encoder = self._eval_encoder()
         self.oracle = world_oracle(config.world.temptation) if config.data.source == "world" else None
@@ -485,6 +533,15 @@ class Trainer:
                       and not config.estimator.critic_free)
 
     # ---- set-up
+    def _check_batch_memory(self) -> None:
+        """Before anything is built or written: a step's batch must fit the memory of this rank's device."""
+        t = self.config.trainer
+        positions = t.max_length if t.max_length is not None else t.max_prompt_length + t.max_new_tokens
+        response = positions - t.max_prompt_length if t.max_length is not None else t.max_new_tokens
+        copies = 3 if t.group_by_length else 2
+        check_rollout_memory(t.prompts_per_step, t.samples_per_prompt, self.rt.world_size, positions, response,
+                             _known_vocab_size(self.config.model), copies, self.rt.device)
+
     def _shared_run_dir(self, run_dir: Path) -> Path:
         if self.rt.distributed:
             import torch.distributed as dist
@@ -595,13 +652,15 @@ class Trainer:
         # over the whole batch: a per-prompt signal needs every sample of its prompt, whatever the micro-batches
         exp.cost_signal = self.constraint.cost_signal(exp.costs, exp.prompt_index)
         exp.kl = (exp.logprobs - exp.ref_logprobs) * exp.response_mask
-        adv_stats: dict[str, list[float]] = defaultdict(list)
+        comm = self.rt.comm
+        reduce = comm.all_reduce_sum if self.rt.distributed else None
+        adv_stats = UpdateStats()
         if not self.fused:
             if self.models.critics.engines:
                 with timings.section("values"), torch.no_grad(), self.models.autocast():
                     exp.reward_values, exp.cost_values = self.models.critics.values(
                         exp.sequences, exp.attention_mask, exp.prompt_width)
-            compute_advantages(exp, self.constraint, self.config)
+            compute_advantages(exp, self.constraint, self.config, reduce)
             _advantage_stats(exp, adv_stats)
         with timings.section("update"):
             generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
@@ -610,10 +669,10 @@ class Trainer:
                                                  all_finite=self.rt.comm.all_finished,
                                                  ptx=self.ptx if joint_ptx else None,
                                                  check_logprobs=None if self.logprobs_checked else self._check_logprobs,
-                                                 agree=self.rt.comm.all_max if self.rt.world_size > 1 else None)
+                                                 agree=comm.all_max if self.rt.world_size > 1 else None, comm=comm)
             if not skipped and self.ptx is not None and not joint_ptx:
                 update_metrics.update(ptx_update(self.models, self.config, self.ptx, exp.batch_size,
-                                                 self.rt.comm.all_finished))
+                                                 comm.all_finished, comm))
         if skipped:
             self.constraint.load_state_dict(constraint_before)
             return self._skip(step, "a loss, an advantage or a gradient is not finite", timings, start)
@@ -621,8 +680,8 @@ class Trainer:
         self.lambda_trace.observe(self.constraint.multiplier, constraint_metrics.get("constraint/lambda_at_bound", 0.0))
         metrics = step_metrics(exp, self.constraint, self.rt, measure_cost=measured)
         metrics.update(constraint_metrics)
-        metrics.update(self._rank_mean(update_metrics))
-        metrics.update({k: sum(v) / len(v) for k, v in adv_stats.items()})
+        metrics.update(update_metrics)  # the global batch's (ppo_update reduces them over ranks)
+        metrics.update(adv_stats.result(reduce))
         metrics.update(self._oracle_metrics(exp))
         metrics.update(self._timing_metrics(exp, timings, start))
         self.logger.log(metrics, step + 1)
@@ -734,16 +793,6 @@ class Trainer:
         self.stop_signal = signum
         log.warning("received signal %d: finishing the current step, then saving a checkpoint", signum)
 
-    def _rank_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Per-rank update statistics averaged over ranks (every rank has the same keys and, agreed in
-        ``ppo_update``, the same micro-batch count)."""
-        if not self.rt.distributed or not metrics:
-            return metrics
-        keys = sorted(metrics)
-        means = self.rt.comm.all_reduce_mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
-                                                          device=self.rt.device))
-        return dict(zip(keys, means.tolist()))
-
     def _agreed_stop(self) -> bool:
         """True when a stop signal has reached some rank."""
         return not self.rt.comm.all_finished(self.stop_signal is None)
@@ -809,8 +858,8 @@ class Trainer:
         if self.rt.is_main:
             try:
                 run_folder.claim(self.run_dir)
-            except run_folder.RunFolderBusy as exc:
-                problem = str(exc)
+            except (run_folder.RunFolderBusy, run_folder.RunFolderRefused) as exc:
+                problem = (type(exc).__name__, str(exc))
         if self.rt.distributed:
             import torch.distributed as dist
 
@@ -818,7 +867,8 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             problem = box[0]
         if problem:
-            raise run_folder.RunFolderBusy(problem)
+            kind, message = problem
+            raise getattr(run_folder, kind)(message)
         from omegaconf import OmegaConf
 
         from repo_exp.loggers import scrub
@@ -926,6 +976,22 @@ class Trainer:
                         "seed", folder, self.rt.rank)
 
 
+def _known_vocab_size(model) -> int | None:
+    """The policy's vocabulary size when it is known before any model loads (the world's tokenizer, or config.json
+    of a local model folder); None otherwise."""
+    if model.tokenizer == "world":
+        from repo_exp.world import world_tokenizer
+
+        return len(world_tokenizer())
+    config = Path(str(model.path or "")) / "config.json"
+    if model.path and config.is_file():
+        try:
+            return int(json.loads(config.read_text()).get("vocab_size") or 0) or None
+        except (ValueError, TypeError):
+            return None
+    return None
+
+
 def _seed_everything(seed: int, t) -> None:
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -937,8 +1003,12 @@ def _seed_everything(seed: int, t) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one job of the composed config ``cfg`` in ``run_dir``; returns the final evaluation summary."""
+    """Run one job of the composed config ``cfg`` in ``run_dir``; returns the final evaluation summary. The trainer is
+    the algorithm's ``_target_``: this module's ``Trainer`` for RL, ``repo_exp.offline.OfflineTrainer`` for the
+    preference methods (named, not imported, so that the offline trainer can build on this one)."""
+    from hydra.utils import get_class
+
     from repo_exp.config import validate
 
     config = validate(cfg)
-    return Trainer(config, cfg, run_dir).fit()
+    return get_class(config.algorithm._target_)(config, cfg, run_dir).fit()

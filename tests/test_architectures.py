@@ -182,3 +182,23 @@ def test_a_gap_between_kept_and_recomputed_logprobs_stops_the_run_naming_model_a
         Trainer._check_logprobs(_trainer_stub(), kept + torch.tensor([[0.01, 0.05, 9.0]]), micro)
     # bf16 forward passes get the looser default
     Trainer._check_logprobs(_trainer_stub(mixed_precision="bf16"), kept + 0.05, micro)
+
+
+def test_a_hybrid_whose_cache_is_not_a_key_value_cache_is_refused_by_name(tmp_path):
+    """Lfm2 keeps short convolutions beside its attention layers: its cache holds a convolution state in those
+    layers, which the sampler's plain key/value cache cannot (it would fail with a bare IndexError mid-sampling)."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    from repo_exp.models.policy import state_layer_types
+
+    config = Lfm2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, full_attn_idxs=[1],
+                        eos_token_id=EOS, pad_token_id=PAD, bos_token_id=2)
+    torch.manual_seed(0)
+    folder = saved(tmp_path, Lfm2ForCausalLM(config))
+    with pytest.raises(ValueError, match=r"Lfm2ForCausalLM is a hybrid whose cache is not a plain key/value cache: "
+                                         r"its layers of type conv keep a convolution or recurrent state"):
+        hub_policy(folder)
+    # every attention-only architecture this project supports keeps passing
+    for plain in (LlamaConfig(), MistralConfig(), Qwen2Config(), GPT2Config(), GPTNeoXConfig()):
+        assert state_layer_types(plain) == []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from hydra.errors import HydraException
 
 from repo_exp.config import ConfigError, DataConfig, ScoreModelConfig, validate
@@ -367,6 +368,196 @@ def adapter_without_base(case: Case) -> str:
     return case.trainer("model.source=hub", f"model.path={adapter}", "model.tokenizer=null")
 
 
+# ---- data the run does not own
+
+
+def linked_out(case: Case, entry: str) -> str:
+    """A copy of the checkpoint's run with ``entry`` a link out of it, resumed: refused, the target untouched."""
+    from test_run_folder import tree, users_checkpoints
+
+    run = case.tmp / "run"
+    shutil.copytree(case.checkpoint.parents[1], run)
+    target = case.tmp / "elsewhere"
+    if entry == "checkpoints":
+        shutil.rmtree(run / "checkpoints")
+        users_checkpoints(target)
+    else:
+        target.mkdir()
+        (target / "kept.txt").write_text("the user's")
+        if (run / entry).is_dir():
+            shutil.rmtree(run / entry)
+        else:
+            (run / entry).unlink(missing_ok=True)
+    (run / entry).symlink_to(target / "lock" if entry == ".owner.lock" else target)
+    before = tree(target)
+    message = case.trainer("trainer.resume=auto", "trainer.keep_last=1", run_dir=run)
+    assert tree(target) == before
+    return message
+
+
+def users_folder_on_the_command_line(case: Case, kind: str) -> str:
+    from test_run_folder import USER_FOLDERS, tree, user_folder
+
+    folder = user_folder(case.tmp / "mine", USER_FOLDERS[kind])
+    before = tree(folder)
+    message = case.cli(f"hydra.run.dir={folder}", exit_code=2)
+    assert tree(folder) == before
+    return message
+
+
+# ---- the world cache
+
+
+def built_stage(case: Case):
+    """A small world's SFT stage, built in a cache of its own: (world, stage folder, weights file)."""
+    from test_world import small_world
+
+    from repo_exp.world.pipeline import build_world
+
+    world = small_world(case.tmp)
+    folder = Path(build_world(world, until="sft")["sft"]).parent
+    return world, folder, folder / "model" / "model.safetensors"
+
+
+def logged(run: Callable[[], object]) -> str:
+    """What ``run`` logs at INFO and above, one line per record."""
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    root = logging.getLogger()
+    level, root.level = root.level, logging.INFO
+    root.addHandler(handler)
+    try:
+        run()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return "\n".join(records)
+
+
+def cut_cached_stage(case: Case) -> str:
+    from repo_exp.world.pipeline import build_world
+
+    world, _, weights = built_stage(case)
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:1000])
+    message = logged(lambda: build_world(world, until="sft"))
+    assert weights.read_bytes() == whole, "the stage was not rebuilt"
+    return message
+
+
+def unrecorded_stage(case: Case) -> str:
+    import json
+
+    from repo_exp.world.pipeline import build_world
+
+    world, folder, _ = built_stage(case)
+    record = json.loads((folder / "stage.json").read_text())
+    (folder / "stage.json").write_text(json.dumps({k: v for k, v in record.items() if k != "files"}))
+    return logged(lambda: build_world(world, until="sft"))
+
+
+def read_only_cache(case: Case, damaged: bool) -> str:
+    from test_world import on_read_only_cache
+
+    world, _, weights = built_stage(case)
+    if damaged:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    done = on_read_only_cache(world)
+    assert ("REFUSED" if damaged else "PATHS") in done.stdout, done.stdout + done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def cut_policy_weights(case: Case) -> str:
+    folder = policy_folder(case)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    return case.trainer("model.source=hub", f"model.path={folder}")
+
+
+# ---- sweeps
+
+
+def resumed_sweep(case: Case) -> str:
+    from test_sweep import SWEEP, interrupted_sweep
+
+    sweep = case.tmp / "sweep"
+    _, (first,), _, _ = interrupted_sweep(sweep, "trainer.total_steps=30", "seed=0,1")
+    done = cli(*SWEEP, "trainer.total_steps=30", "seed=0,1", "trainer.resume=auto", f"hydra.sweep.dir={sweep}",
+               timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir())[0] == first and len(list(sweep.iterdir())) == 3
+    return done.stdout
+
+
+def stopped_50_job_sweep(case: Case) -> str:
+    from test_sweep import interrupted_sweep
+
+    at_signal, after, _, out = interrupted_sweep(case.tmp / "sweep", "trainer.total_steps=200", "seed=range(50)")
+    assert after == at_signal, "a job folder was created after the stop"
+    return out
+
+
+# ---- smaller ones
+
+
+def absurd_batch(case: Case) -> str:
+    """``trainer.samples_per_prompt=1000000``, times as much again on a machine that would hold it (16 GiB each)."""
+    import math
+
+    from repo_exp.rollout.budget import device_memory
+
+    factor = max(1, math.ceil(device_memory(torch.device("cpu")) / 2**34))
+    message = case.trainer(f"trainer.samples_per_prompt={1_000_000 * factor}", run_dir=case.tmp / "run")
+    assert not (case.tmp / "run").exists(), "refused only after the run folder was made"
+    return message
+
+
+def int8_reward_weights(case: Case) -> str:
+    from safetensors.torch import load_file, save_file
+
+    folder = case.tmp / "reward"
+    shutil.copytree(case.checkpoint / "reward_critic", folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: (v * 100).round().clamp(-127, 127).to(torch.int8) for k, v in state.items()}, str(weights),
+              metadata={"format": "pt"})
+    message = case.trainer("reward.source=hub", f"reward.path={folder}", "reward.tokenizer=world")
+    assert str(weights) in message
+    return message
+
+
+def secret_from_the_environment(case: Case) -> str:
+    import os
+
+    secret = "sk-live-0123456789abcdefSECRET"
+    os.environ["MY_API_TOKEN"] = secret
+    try:
+        trainer = make_trainer(case.smoke_cfg, case.tmp / "run", "run_name=${oc.env:MY_API_TOKEN}")
+        folder = trainer.save(1)
+    finally:
+        del os.environ["MY_API_TOKEN"]
+    for path in (case.tmp / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert "<redacted>" in (folder / "state.json").read_text()
+    return (case.tmp / "run" / "config.resolved.yaml").read_text()
+
+
+def lfm2_policy(case: Case) -> str:
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    from repo_exp.world import world_tokenizer
+
+    vocab = len(world_tokenizer())
+    config = Lfm2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, full_attn_idxs=[1])
+    Lfm2ForCausalLM(config).save_pretrained(case.tmp / "lfm2")
+    return case.trainer("model.source=hub", f"model.path={case.tmp / 'lfm2'}")
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "a threshold that is not finite": lambda c: c.config("constraint.threshold=nan"),
     "a learning rate that is not positive": lambda c: c.config("optimizer.critic.lr=0"),
@@ -454,7 +645,28 @@ CASES: dict[str, Callable[[Case], str]] = {
         lambda c: c.trainer("model.lora.rank=8", "model.lora.target_modules=[qkv_proj]"),
     "LoRA dropout in RL": lambda c: c.config("model.lora.rank=8", "model.lora.dropout=0.1"),
     "an adapter folder whose base is missing": adapter_without_base,
+    "a `checkpoints/` folder that links out of the run folder": lambda c: linked_out(c, "checkpoints"),
+    "an `eval/` that links out of the run folder": lambda c: linked_out(c, "eval"),
+    "an `.owner.lock` that links out of the run folder": lambda c: linked_out(c, ".owner.lock"),
+    "a folder of the user's as the run folder": lambda c: users_folder_on_the_command_line(c, "notes"),
+    "a folder holding the user's own `eval/summary.json`": lambda c: users_folder_on_the_command_line(c, "own_summary"),
+    "another Hydra application's folder": lambda c: users_folder_on_the_command_line(c, "another_app"),
+    "a cut `model.safetensors` in a cached world stage": cut_cached_stage,
+    "a damaged world stage in a read-only cache": lambda c: read_only_cache(c, damaged=True),
+    "a world stage cached before stages recorded their files": unrecorded_stage,
+    "a complete world cache on a read-only file system": lambda c: read_only_cache(c, damaged=False),
+    "a cut `model.safetensors` as the policy": cut_policy_weights,
+    "an interrupted sweep run again with `trainer.resume=auto`": resumed_sweep,
+    "Ctrl-C in a 50-job sweep": stopped_50_job_sweep,
+    "a batch too large for the memory": absurd_batch,
+    "a prompt made only of invisible characters":
+        lambda c: c.prompts(c.file("prompts.jsonl", '{"prompt": "hello"}\n{"prompt": "\\u200b\\ufeff\\u2060"}\n')),
+    "int8 reward weights": int8_reward_weights,
+    "a secret pulled in from the environment": secret_from_the_environment,
+    "a hybrid model whose cache is not a key/value cache": lfm2_policy,
 }
+# rows whose case runs a sweep of several training jobs: make test-slow
+SLOW_ROWS = ("an interrupted sweep run again with `trainer.resume=auto`", "Ctrl-C in a 50-job sweep")
 ROWS = readme_rows()
 
 
@@ -463,7 +675,8 @@ def test_every_row_has_a_case():
     assert sorted(ROWS) == sorted(CASES)
 
 
-@pytest.mark.parametrize("row", sorted(CASES))
+@pytest.mark.parametrize("row", [pytest.param(row, marks=pytest.mark.slow if row in SLOW_ROWS else ())
+                                 for row in sorted(CASES)])
 def test_bad_input_gets_its_message(row, smoke_cfg, tmp_path, checkpoint):
     message = CASES[row](Case(smoke_cfg, tmp_path, checkpoint))
     expected = ROWS[row]

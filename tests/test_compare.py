@@ -52,7 +52,7 @@ def test_compare_experiment_sweeps_constraints_and_seeds(compose):
     hydra_cfg = compose("experiment=compare", return_hydra_config=True)
     assert hydra_cfg.hydra.mode == RunMode.MULTIRUN and hydra_cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     assert hydra_cfg.trainer.resume == "auto" and hydra_cfg.trainer.num_threads == 1
-    assert set(hydra_cfg.hydra.callbacks) == {"sweep_signals", "compare_report"}
+    assert set(hydra_cfg.hydra.callbacks) == {"run_folder_guard", "sweep_signals", "compare_report"}
 
     def jobs(*cli):
         cfg = OmegaConf.create({"hydra": {"sweeper": {"params": dict(hydra_cfg.hydra.sweeper.params)},
@@ -176,8 +176,8 @@ def test_sigint_stops_the_sweep_and_the_same_command_resumes_it(tmp_path):
     (checkpoint,) = (first / "checkpoints").iterdir()
     stopped_at = int(checkpoint.name.split("_")[1])
     assert 1 <= stopped_at < 6 and not (first / "eval" / "summary.json").exists()
-    # job 1 was launched (Hydra made its folder) and refused to start: nothing trained, nothing written
-    assert (second / ".hydra").is_dir() and not (second / "metrics.jsonl").exists()
+    # job 1 was not launched: not even its folder was made
+    assert not second.exists()
 
     proc = repo_exp(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]

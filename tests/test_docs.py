@@ -68,4 +68,5 @@ def test_the_configuration_reference_names_every_key_of_the_schema():
     missing = [k for group, cls in groups.items() for k in keys(f"{group}.", cls) if f"`{k}`" not in text]
     missing += [f"constraint.{f.name}" for cls in schemas.CONSTRAINT_SCHEMAS.values()
                 for f in dataclasses.fields(cls) if f"`constraint.{f.name}`" not in text]
+    missing += [k for cls in schemas.ALGORITHM_SCHEMAS.values() for k in keys("algorithm.", cls) if f"`{k}`" not in text]
     assert not missing, missing

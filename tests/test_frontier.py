@@ -206,7 +206,7 @@ def test_the_frontier_experiment_composes_every_job(compose):
             lambdas.add(c.constraint.lambda_init)
     assert {0.0, -1.0, -2.0, -3.0, -3.5} <= thresholds and {2.0, 5.0, 10.0} <= lambdas
     assert {"average", "rectified", "rectified (learned λ)", "rectified_gated", "shaping", "rectified (rloo)",
-            "average (rloo)"} <= methods
+            "average (rloo)", "sacpo", "safe_dpo"} <= methods
     assert len(jobs) == 3 * len({tuple(sorted(o for o in j if not o.startswith("seed="))) for j in jobs})
 
 
@@ -218,7 +218,7 @@ def test_a_frontier_sweep_at_smoke_size_runs_each_arm_and_writes_the_matched_com
     sweep = tmp_path / "frontier" / "runs"
     arms = ('hydra.sweeper.arms={average: {constraint.threshold: "0,-1"}, rectified: {constraint.lambda_init: '
             '"2,5"}, rectified_learned: null, rectified_gated: null, shaping: null, average_rloo: null, '
-            'rectified_rloo: null}')
+            'rectified_rloo: null, sacpo: null, safe_dpo: null}')
     proc = repo_exp("-m", "experiment=[frontier,smoke]", "trainer.total_steps=2", "seed=0,1", "hydra/launcher=basic",
                     f"hydra.sweep.dir={sweep}", arms)
     assert proc.returncode == 0, proc.stderr[-3000:]

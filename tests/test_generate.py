@@ -1,5 +1,6 @@
 """Generation: the Llama decoder samples what the model's own forward pass samples, its kept log-probabilities are
-those of a full forward pass, and the row/chunk invariance of the sampling noise survives it."""
+those of a full forward pass and of the distribution sampled from (temperature, top-k, top-p), and the row/chunk
+invariance of the sampling noise survives it."""
 
 from __future__ import annotations
 
@@ -32,6 +33,28 @@ def left_padded_prompts(batch: int = 6, width: int = 9) -> tuple[torch.Tensor, t
     return ids * mask, mask
 
 
+def sampling_distribution(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                          top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a sampler at these settings draws one token from, written out for one row of logits (V,)
+    in float64, token by token: probabilities at the temperature, the k most likely kept and renormalised, then the
+    smallest most-likely-first prefix whose mass reaches top_p kept (the token that crosses it included) and
+    renormalised. Zero outside the kept set."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    kept = order[:top_k] if top_k else order
+    mass = sum(float(probs[i]) for i in kept)
+    nucleus, cumulative = [], 0.0
+    for i in kept:
+        nucleus.append(i)
+        cumulative += float(probs[i]) / mass
+        if cumulative >= top_p:
+            break
+    out = torch.zeros_like(probs)
+    for i in nucleus:
+        out[i] = probs[i]
+    return out / out.sum()
+
+
 @torch.no_grad()
 def reference_generate(model, prompt_ids, prompt_mask, max_new_tokens, generator, rows, global_batch,
                        temperature=1.0, top_k=0, top_p=1.0):
@@ -48,7 +71,8 @@ def reference_generate(model, prompt_ids, prompt_mask, max_new_tokens, generator
         noise = torch.rand(global_batch, logits.shape[-1], generator=generator)[rows]
         gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
         token = torch.argmax(filter_logits(logits / temperature, top_k, top_p) + gumbel, dim=-1)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        logp = torch.tensor([sampling_distribution(row, temperature, top_k, top_p)[int(y)].log()
+                             for row, y in zip(logits, token)], dtype=torch.float32)
         token = torch.where(alive, token, torch.full_like(token, PAD))
         tokens.append(token)
         logprobs.append(torch.where(alive, logp, torch.zeros_like(logp)))
@@ -163,3 +187,67 @@ def test_sampling_stops_on_every_eos_id_of_the_generation_config(fast):
         assert bool(both.truncated[row]) == (tokens[end] not in (EOS, second))
     wrapped = SimpleNamespace(module=model)  # a DeepSpeed engine holds the model as .module
     assert stop_token_ids(wrapped, SimpleNamespace(eos_token_id=7)) == [EOS, second, 7]
+
+
+# ---------------------------------------------------------------- the behaviour policy is the distribution sampled from
+
+SETTINGS = [dict(temperature=0.5), dict(temperature=0.5, top_k=6), dict(temperature=0.5, top_k=10, top_p=0.8),
+            dict(temperature=1.3, top_p=0.7)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("fast", [True, False])
+def test_kept_logprobs_are_those_of_the_distribution_sampled_from(settings, fast):
+    """Every kept log-probability is log p(token) of the distribution the token was drawn from, computed independently
+    from a full forward pass over the sampled sequence; every sampled token lies in that distribution's support; and
+    the update's forward pass at the same settings gives the same numbers: the first PPO ratio is 1."""
+    model = tiny_llama(2)
+    ids, mask = left_padded_prompts()
+    gen = sample(model, ids, mask, fast, **settings)
+    width = ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=gen.sequences, attention_mask=gen.attention_mask,
+                       position_ids=position_ids_from_mask(gen.attention_mask)).logits[:, width - 1: -1]
+    checked = 0
+    for b, t in gen.response_mask.nonzero().tolist():
+        p = sampling_distribution(logits[b, t], **settings)
+        token = int(gen.sequences[b, width + t])
+        assert p[token] > 0, f"row {b} token {t} was sampled from outside the distribution's support"
+        assert abs(float(gen.logprobs[b, t]) - float(p[token].log())) < 1e-5, (b, t)
+        checked += 1
+    assert checked > 30
+    fresh = sequence_logprobs(model, gen.sequences, gen.attention_mask, width, **settings)
+    ratio = torch.exp(fresh - gen.logprobs)[gen.response_mask.bool()]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:3], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_tokens_are_drawn_from_the_distribution_whose_logprobs_are_kept(settings):
+    """4000 first tokens of one prompt: their frequencies are the probabilities the kept log-probabilities claim
+    (within 0.035, about four standard errors), and no token outside the support is ever drawn."""
+    model = tiny_llama(2)
+    ids, mask = left_padded_prompts(batch=1)
+    n = 4000
+    gen = generate(model, ids.expand(n, -1), mask.expand(n, -1), 1, eos_token_id=EOS, pad_token_id=PAD,
+                   generator=sampling_generator(11, 0, 0), rows=slice(0, n), global_batch=n, **settings)
+    tokens = gen.sequences[:, -1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[0, -1]
+    p = sampling_distribution(logits, **settings)
+    frequency = torch.bincount(tokens, minlength=p.numel()).double() / n
+    assert float(frequency[p == 0].sum()) == 0.0
+    assert float((frequency - p).abs().max()) < 0.035
+    claimed = torch.zeros_like(p).index_put_((tokens,), gen.logprobs[:, 0].double().exp())
+    torch.testing.assert_close(claimed[frequency > 0], p[frequency > 0], atol=1e-5, rtol=0)
+
+
+def test_a_sampled_token_the_moved_policy_would_truncate_keeps_a_finite_logprob():
+    """After an update the sampled token may fall outside the top-k the current logits give: the update's forward
+    pass keeps it in the set, so its log-probability (and the PPO ratio) stays finite."""
+    logits = torch.tensor([[[3.0, 2.0, 1.0, 0.0]]])
+    tokens = torch.tensor([[3]])  # the least likely token, outside the top 2
+    from repo_exp.rollout.generate import sampled_logprobs
+
+    logp = sampled_logprobs(logits, tokens, temperature=0.5, top_k=2)
+    expected = torch.log_softmax(torch.tensor([3.0, 2.0, 0.0]) / 0.5, dim=-1)[-1]  # the top 2 and the token itself
+    torch.testing.assert_close(logp[0, 0], expected)

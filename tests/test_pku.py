@@ -137,3 +137,15 @@ def test_score_train_trains_a_cost_model_on_pku_rows(hub_like, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_score_model(out)
     assert model.score_type == "cost"
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\ufeff\u2060", " \u200b\u200c\u200d ", "\u3164", "\u2800\u00ad"])
+def test_a_prompt_of_invisible_characters_only_is_refused_like_an_empty_one(tmp_path, text):
+    """Zero-width spaces, the byte-order mark, the word joiner, Hangul fillers, the braille blank, a soft hyphen:
+    nothing anyone can read, although Python's ``str.strip`` keeps them. A prompt with visible text among them stays."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": text}) + "\n")
+    with pytest.raises(ValueError, match=r"row 2, column 'prompt' is (made only of invisible characters|empty)"):
+        load_prompt_set(DataConfig(name="file", source="file", path=str(path)), "train")
+    path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": f"hi{text}there"}) + "\n")
+    assert len(load_prompt_set(DataConfig(name="file", source="file", path=str(path)), "train")) == 2

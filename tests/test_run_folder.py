@@ -148,6 +148,111 @@ def test_evaluate_refuses_a_training_run_folder_and_changes_nothing(hydra_run):
     assert hashes(hydra_run) == before
 
 
+# ----------------------------------------------------------------------------------- data the run does not own
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder`` (links not followed): files by content hash, folders and links by kind."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        out[rel] = ("link" if path.is_symlink() else "dir" if path.is_dir()
+                    else hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+def users_checkpoints(target: Path) -> Path:
+    """What a user keeps on a bigger disk: an unfinished-looking ``step_000001`` (no manifest) full of their files."""
+    (target / "step_000001").mkdir(parents=True)
+    (target / "step_000001" / "thesis.tex").write_text("chapter one")
+    (target / "step_000005" / "policy").mkdir(parents=True)
+    (target / "step_000005" / "policy" / "notes.md").write_text("keep me")
+    return target
+
+
+def test_a_symlinked_checkpoints_folder_is_refused_and_nothing_at_its_target_is_touched(checkpoint, smoke_cfg,
+                                                                                       tmp_path):
+    """checkpoints/ as a link to a bigger disk: ``trainer.resume=auto`` would take the user's ``step_*`` folders
+    there for this run's unfinished checkpoints, and rotation (``keep_last=1``) would delete them."""
+    run = copy_run(checkpoint, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    disk = users_checkpoints(tmp_path / "disk" / "checkpoints")
+    (run / "checkpoints").symlink_to(disk, target_is_directory=True)
+    before, inside = tree(tmp_path / "disk"), hashes(run)
+    with pytest.raises(run_folder.RunFolderRefused, match=rf"{run / 'checkpoints'} is a symbolic link out of the run "
+                                                          rf"folder \(to {disk}\)"):
+        make_trainer(smoke_cfg, run, "trainer.resume=auto", "trainer.keep_last=1", "trainer.total_steps=3").fit()
+    assert tree(tmp_path / "disk") == before
+    assert hashes(run) == inside
+
+
+@pytest.mark.parametrize("entry", ["eval", ".owner.lock", "checkpoints/step_000002/policy"])
+def test_a_link_out_of_the_run_folder_is_never_followed(entry, checkpoint, smoke_cfg, tmp_path):
+    """A symlinked eval/ or .owner.lock (or a link inside a checkpoint): the evaluation files, the lock or a rotated
+    checkpoint would be written or deleted at the link's target, outside the run folder."""
+    run = copy_run(checkpoint, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept.txt").write_text("the user's")
+    link = run / entry
+    if link.is_dir():
+        shutil.rmtree(link)
+    elif link.exists():
+        link.unlink()
+    link.symlink_to(elsewhere / "target" if entry == ".owner.lock" else elsewhere)  # the lock: a file not there yet
+    before = tree(elsewhere)
+    with pytest.raises(run_folder.RunFolderRefused, match=rf"{link} is a symbolic link out of the run folder "
+                                                          rf"\(to {elsewhere}"):
+        make_trainer(smoke_cfg, run, "trainer.resume=auto", "trainer.total_steps=3").fit()
+    assert tree(elsewhere) == before  # nothing outside the run folder created, changed or deleted
+
+
+USER_FOLDERS = {
+    "notes": {"notes.txt": "my notes", "data.csv": "a,b\n1,2\n"},
+    "own_summary": {"notes.txt": "my notes", "eval/summary.json": '{"accuracy": 0.93}'},
+    "another_app": {".hydra/config.yaml": "model: resnet\nlr: 0.1\n", ".hydra/hydra.yaml":
+                    "hydra:\n  runtime:\n    config_sources:\n    - path: my_app.conf\n      provider: main\n",
+                    ".hydra/overrides.yaml": "- lr=0.1\n", "train.log": "epoch 1\n"},
+}
+MESSAGES = {"notes": "holds files that are not a run's (data.csv, notes.txt)",
+            "own_summary": "eval/summary.json is not a run's",
+            "another_app": ".hydra/config.yaml is another application's record"}
+
+
+def user_folder(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("kind", list(USER_FOLDERS))
+def test_a_folder_of_the_users_is_refused_on_the_command_line_with_every_file_byte_identical(kind, tmp_path):
+    """hydra.run.dir pointing at a folder of the user's that is not a run: refused before Hydra writes its .hydra/
+    files or its log there (exit 2), naming the folder; every file byte-identical and nothing added."""
+    folder = user_folder(tmp_path / "mine", USER_FOLDERS[kind])
+    before = tree(folder)
+    done = cli("experiment=smoke", "logger=none", "trainer.progress=false", *QUICK, f"hydra.run.dir={folder}")
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert MESSAGES[kind] in done.stdout and str(folder) in done.stdout, done.stdout[-3000:]
+    assert tree(folder) == before
+
+
+def test_a_folder_of_the_users_is_refused_by_the_trainer_too_and_a_note_in_a_run_folder_is_left_alone(
+        checkpoint, smoke_cfg, tmp_path):
+    folder = user_folder(tmp_path / "mine", USER_FOLDERS["own_summary"])
+    before = tree(folder)
+    with pytest.raises(run_folder.RunFolderRefused, match=MESSAGES["own_summary"]):
+        make_trainer(smoke_cfg, folder)
+    assert tree(folder) == before
+    # a file of the user's put into a run folder of this project: the folder is still the run's, the file untouched
+    run = copy_run(checkpoint, tmp_path)
+    (run / "notes.txt").write_text("what I changed")
+    make_trainer(smoke_cfg, run, "trainer.resume=auto", "trainer.total_steps=3").fit()
+    assert (run / "notes.txt").read_text() == "what I changed"
+    assert [r["step"] for r in metric_rows(run) if "reward/mean" in r][-1] == 3
+
+
 # ------------------------------------------------------------------------------------------------------- resume
 
 

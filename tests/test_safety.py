@@ -140,21 +140,39 @@ def test_scrub_redacts_secret_keys_and_environment_secret_values(monkeypatch):
                              "run_name": "<redacted>", "hub_token": "<redacted>", "lr": 1e-5, "path": "/models/a"}
 
 
+def test_scrub_redacts_values_of_credential_named_environment_variables(monkeypatch):
+    """A value resolved from an environment variable named like a credential (``${oc.env:MY_API_TOKEN}``) is
+    redacted wherever it appears; short flags and ordinary variables are not."""
+    monkeypatch.setenv("MY_API_TOKEN", "sk-live-0123456789abcdef")
+    monkeypatch.setenv("DB_PASSWORD", "hunter2hunter2")
+    monkeypatch.setenv("DEBUG_KEY", "1")  # a flag: too short to be a secret, and common in settings
+    monkeypatch.setenv("HOME_DIR", "/home/me")
+    config = {"run_name": "sk-live-0123456789abcdef", "logger": {"group": "run-hunter2hunter2"}, "seed": 1,
+              "path": "/home/me/models", "tags": ["1", "sk-live-0123456789abcdef"]}
+    assert scrub(config) == {"run_name": "<redacted>", "logger": {"group": "<redacted>"}, "seed": 1,
+                             "path": "/home/me/models", "tags": ["1", "<redacted>"]}
+
+
 def test_environment_secrets_appear_in_no_file_the_run_writes(tmp_path):
-    """An offline W&B run whose config even pulls the hub token in through an interpolation: neither the W&B key nor
-    the token is in any file under the run folder (metrics, checkpoints, logs, Hydra's record, W&B's files), the W&B
-    folders or the home folder."""
+    """An offline W&B run whose config even pulls secrets in through interpolations (the run's name from a variable
+    named like a credential, its W&B group from the hub token): none of the W&B key, the hub token or the other
+    secret is in any file under the run folder (metrics, config.resolved.yaml, every checkpoint's state.json, logs,
+    Hydra's record, W&B's files and config), the W&B folders or the home folder."""
     key, token = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678", "hf_SecretTokenValue0123456789"
+    own = "sk-live-MySecretApiToken0123456789"
     run_dir, wandb_dir, home = tmp_path / "run", tmp_path / "wandb", tmp_path / "home"
     wandb_dir.mkdir(), home.mkdir()
-    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": key, "HF_TOKEN": token, "HOME": str(home),
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": key, "HF_TOKEN": token, "MY_API_TOKEN": own, "HOME": str(home),
            **{k: str(wandb_dir) for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")}}
     done = cli("experiment=smoke", "logger=wandb", "trainer.progress=false", "trainer.num_threads=1",
-               "run_name=${oc.env:HF_TOKEN}", f"hydra.run.dir={run_dir}", env=env)
+               "trainer.save_every=2", "run_name=${oc.env:MY_API_TOKEN}", "logger.group=${oc.env:HF_TOKEN}",
+               f"hydra.run.dir={run_dir}", env=env)
     assert done.returncode == 0, done.stdout[-3000:]
     written = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.name == "metrics.jsonl" for p in written) and any(p.name == "manifest.json" for p in written)
     assert any("wandb" in p.parts for p in written), "W&B wrote nothing: the test would prove nothing"
-    for secret in (key, token):
+    assert len([p for p in written if p.name == "state.json"]) == 2  # steps 2 and 4
+    assert "run_name: <redacted>" in (run_dir / "config.resolved.yaml").read_text()
+    for secret in (key, token, own):
         assert files_containing(secret, run_dir, wandb_dir, home) == []
         assert secret not in done.stdout

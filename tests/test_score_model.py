@@ -233,3 +233,32 @@ def test_the_run_decides_the_role_and_the_normalisation(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model.end_scores(ids, mask), expected, rtol=1e-4, atol=1e-5)
     assert (expected_raw > 0).all() and ((expected_raw - 0.6) / 1.5 <= 0).any()  # the shift really flips a sign
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_quantised_weights_are_refused_naming_the_file_and_the_dtype(tmp_path, dtype):
+    """int8 weights cannot be loaded into a floating-point model as they are: the loader and the partitioned (ZeRO-3)
+    loader's header check both say so, naming the file, the tensor and its dtype."""
+    from safetensors.torch import load_file, save_file
+
+    from repo_exp.config import ArchConfig
+    from repo_exp.models.policy import tiny_llama_config
+    from repo_exp.models.score_model import ScoreModel, read_score_checkpoint
+    from repo_exp.models.tokenizers import build_word_tokenizer
+    from repo_exp.models.weights import LazyWeights, check_floating
+
+    config = tiny_llama_config(ArchConfig(), build_word_tokenizer(["a b c"]))
+    ScoreModel(config, score_type="reward").save_pretrained(tmp_path / "reward")
+    weights = tmp_path / "reward" / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: (v * 100).round().clamp(-100, 100).to(dtype) for k, v in state.items()}, str(weights),
+              metadata={"format": "pt"})
+    expected = (rf"cannot load {weights}: its tensor model.embed_tokens.weight is stored as {dtype} \(quantised "
+                rf"weights\), but the model's parameters are floating point")
+    with pytest.raises(ValueError, match=expected):
+        load_score_model(tmp_path / "reward")
+    folder, trunk, fields, _ = read_score_checkpoint(tmp_path / "reward")
+    with torch.device("meta"):
+        model = ScoreModel(trunk, **fields)
+    with pytest.raises(ValueError, match=expected):
+        check_floating(folder, LazyWeights(folder).dtypes(), dict(model.named_parameters()))

@@ -20,6 +20,7 @@ from repo_exp.config import validate
 from repo_exp.loggers import sweep_group
 
 from conftest import repo_root
+from reliability_support import cli
 
 ROOT = repo_root()
 SCRIPTS = sorted(p for p in (ROOT / "experiments").rglob("*") if p.is_file() and p.suffix in (".sh", ".sbatch"))
@@ -233,3 +234,106 @@ def test_four_job_multirun_gives_four_wandb_runs_in_one_group(tmp_path):
         for threshold in ("0", "0.5"):
             assert sum(f"constraint={constraint}" in n and f"constraint.threshold={threshold}," in n + ","
                        for n in names) == 1, names
+
+
+# ------------------------------------------------------------------------------------ a stopped sweep, and its resume
+
+
+def test_resuming_settings_stay_out_of_the_job_folder_names(compose):
+    """The same sweep command with trainer.resume=auto (and settings it allows to change) names its jobs' folders as
+    the first command did, so it continues them instead of starting over beside them."""
+    first = compose("experiment=smoke", "seed=1", return_hydra_config=True).hydra.job.override_dirname
+    again = compose("experiment=smoke", "seed=1", "trainer.resume=auto", "trainer.allow_changes=[trainer.total_steps]",
+                    return_hydra_config=True).hydra.job.override_dirname
+    assert first == again == "experiment=smoke,seed=1"
+
+
+def test_a_stopped_sweep_hands_out_no_further_job(tmp_path):
+    """The sweeper's batch ends at the stop mark; a job a joblib worker takes after it returns failed, before Hydra
+    creates its folder."""
+    from hydra.core.utils import JobStatus
+
+    from repo_exp.hydra_job import SweepStopped, mark_stopped  # puts Hydra's plugin package of this project on the path
+    from hydra_plugins.repo_exp_sweeps import UntilStopped, execute_unless_stopped
+
+    jobs = UntilStopped([["seed=0"], ["seed=1"], ["seed=2"]], tmp_path)
+    seen = []
+    for job in jobs:
+        seen.append(job)
+        if len(seen) == 2:
+            mark_stopped(tmp_path, "0_seed=0 stopped by a signal after step 3")
+    assert seen == [["seed=0"], ["seed=1"]] and len(jobs) == 3
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
+    mark_stopped(tmp_path / "sweep", "0_seed=0 stopped by a signal after step 3")
+    ret = execute_unless_stopped(2, ["seed=2"], None, config, None, None)
+    assert ret.status == JobStatus.FAILED and isinstance(ret._return_value, SweepStopped)
+    assert "0_seed=0 stopped by a signal after step 3" in str(ret._return_value)
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [".sweep_stopped"]
+
+
+SWEEP = ("--multirun", "experiment=smoke", "logger=none", "trainer.progress=false", "eval.at_start=false",
+         "eval.at_end=false", "trainer.num_threads=1")
+
+
+def interrupted_sweep(sweep: Path, *args: str, running: int = 1) -> tuple[list[str], list[str], float, str]:
+    """Start ``python -m repo_exp SWEEP ARGS`` in its own process group, press Ctrl-C (SIGINT to the whole group, as a
+    terminal does) once ``running`` jobs have logged a step; the job folders at that moment and after the sweep
+    ended, the seconds from the signal to the end, and the output."""
+    import signal
+    import time
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "repo_exp", *SWEEP, *args, f"hydra.sweep.dir={sweep}"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 500
+    while time.monotonic() < deadline and proc.poll() is None:
+        started = [p for p in sweep.glob("*/metrics.jsonl") if p.stat().st_size > 0]
+        if len(started) >= running:
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, "the sweep ended before it was interrupted"
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    os.killpg(proc.pid, signal.SIGINT)
+    signalled = time.monotonic()
+    out, _ = proc.communicate(timeout=300)
+    ended = time.monotonic() - signalled
+    return folders, sorted(p.name for p in sweep.iterdir() if p.is_dir()), ended, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "local"])
+def test_ctrl_c_in_a_50_job_sweep_stops_launching_at_once(tmp_path, launcher):
+    """Ctrl-C while the first jobs run: they save their checkpoints and stop, and not one more job folder is created
+    (Hydra's basic launcher, one job after another, and the joblib launcher, two at a time)."""
+    args = ["trainer.total_steps=200", "seed=range(50)"] + (["hydra/launcher=local", "hydra.launcher.n_jobs=2"]
+                                                           if launcher == "local" else [])
+    sweep = tmp_path / "sweep"
+    at_signal, after, seconds, out = interrupted_sweep(sweep, *args, running=2 if launcher == "local" else 1)
+    assert after == at_signal, out[-3000:]  # no job folder created after the stop
+    assert len(after) == (2 if launcher == "local" else 1)
+    assert all(list((sweep / job / "checkpoints").glob("step_*")) for job in after), out[-3000:]
+    assert "the sweep stops: run the same command with trainer.resume=auto" in out
+    assert seconds < 60, f"the sweep took {seconds:.0f} s to stop"
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_run_again_with_resume_continues_its_own_job_folders(tmp_path):
+    """The project's advice after Ctrl-C — the same command with trainer.resume=auto — continues the interrupted job
+    from its checkpoint in its own folder and runs the job not started yet; no folder is added beside them."""
+    sweep = tmp_path / "sweep"
+    args = ("trainer.total_steps=30", "seed=0,1")
+    at_signal, after, _, out = interrupted_sweep(sweep, *args)
+    assert after == at_signal and len(after) == 1, out[-3000:]
+    (first,) = after
+    stopped_at = max(int(p.name.split("_")[1]) for p in (sweep / first / "checkpoints").glob("step_*"))
+    assert stopped_at < 30
+    env = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = cli(*SWEEP, *args, "trainer.resume=auto", f"hydra.sweep.dir={sweep}", env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and jobs[0] == first
+    assert f"resumed from {sweep / first / 'checkpoints'}" in done.stdout
+    for job in jobs:
+        steps = [json.loads(line)["step"] for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 31)), job

@@ -197,7 +197,8 @@ def test_ptx_loss_is_mixed_into_the_actor_update(smoke_cfg, tmp_path):
 def test_separate_ptx_takes_its_own_steps_on_the_ptx_gradient_alone(smoke_cfg, tmp_path):
     """``ppo.ptx_mode=separate``: after the RL update, one optimizer step per RL step (2 minibatches → 2), each on an
     RL minibatch's worth of PTX samples (12 / 2 = 6, in micro-batches of 4 and 2), whose gradient is exactly
-    ``ptx_coeff`` × the sample-weighted NLL gradient — nothing of the RL loss — and the actor's schedule doubles."""
+    ``ptx_coeff`` × the gradient of the NLL's mean over the 6 rows' tokens taken as one batch — nothing of the RL
+    loss, nothing of how the rows were split — and the actor's schedule doubles."""
     import types
 
     from repo_exp.setup import _optimizer_steps
@@ -231,8 +232,7 @@ def test_separate_ptx_takes_its_own_steps_on_the_ptx_gradient_alone(smoke_cfg, t
     trainer.ptx.load_state_dict(start)  # the same batches again, by hand
     for recorded in steps:
         module.zero_grad(set_to_none=True)
-        loss = 2.0 * (4 / 6 * ptx_step_loss(module, trainer.ptx.next(4), "cpu")
-                      + 2 / 6 * ptx_step_loss(module, trainer.ptx.next(2), "cpu"))
+        loss = 2.0 * ptx_step_loss(module, trainer.ptx.next(6), "cpu")  # the same 6 rows in one batch
         loss.backward()
         for name, p in module.named_parameters():
             if p.grad is not None:
@@ -271,3 +271,39 @@ def test_max_length_counts_the_prompt_and_ranks_agree_on_the_budget(smoke_cfg, t
     budget = 48 - exp.prompt_width
     assert budget > 2  # max_new_tokens no longer limits
     assert exp.sequences.shape[1] <= 48 and int(exp.response_mask.sum(-1).max()) == budget
+
+
+def test_the_update_reasons_about_the_distribution_sampled_from(smoke_cfg, tmp_path):
+    """At temperature 0.5 with top-k and top-p, the batch keeps the behaviour policy's log-probabilities (the truncated,
+    tempered distribution each token was drawn from) and the reference's at the same temperature without truncation,
+    each checked against an independent computation; the first update's forward pass agrees with them (the check
+    before the first update passes and the first PPO ratio is 1)."""
+    from repo_exp.models.score_model import position_ids_from_mask
+    from repo_exp.rollout import Timings
+    from test_generate import sampling_distribution
+
+    settings = dict(temperature=0.5, top_k=8, top_p=0.9)
+    trainer = make_trainer(smoke_cfg, tmp_path / "run", *(f"trainer.{k}={v}" for k, v in settings.items()))
+    exp = trainer.rollout(0, Timings())
+    width = exp.prompt_width
+    with torch.no_grad():
+        logits = {name: model(input_ids=exp.sequences, attention_mask=exp.attention_mask,
+                              position_ids=position_ids_from_mask(exp.attention_mask)).logits[:, width - 1: -1]
+                  for name, model in (("policy", trainer.models.policy.module), ("ref", trainer.models.ref))}
+    positions = exp.response_mask.nonzero().tolist()
+    assert len(positions) > 50
+    truncated = 0
+    for b, t in positions[::3]:
+        token = int(exp.sequences[b, width + t])
+        behaviour = sampling_distribution(logits["policy"][b, t], **settings)
+        reference = torch.log_softmax(logits["ref"][b, t].double() / settings["temperature"], dim=-1)
+        assert abs(float(exp.logprobs[b, t]) - float(behaviour[token].log())) < 1e-5
+        assert abs(float(exp.ref_logprobs[b, t]) - float(reference[token])) < 1e-5
+        truncated += int((behaviour == 0).any())
+    assert truncated > 0, "top-k / top-p cut some distribution, so the truncation is exercised"
+    metrics = trainer.train_step(0)
+    assert trainer.logprobs_checked
+    assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["policy/clipfrac"] == 0.0
+    # the policy starts as the reference: the KL of a truncated distribution to the full one is −log(kept mass) > 0
+    assert metrics["kl/mean"] > 0

@@ -285,3 +285,120 @@ def test_cost_sign_convention_end_to_end(tmp_path):
                 score = cost.end_scores(ids, mask).item()
             signs.append((score > 0) == (oracle_cost(p, response) > 0))
     assert sum(signs) / len(signs) > 0.95
+
+
+# ------------------------------------------------------------------------------------- a damaged or read-only cache
+
+
+READ_ONLY = """
+import logging
+import sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from pathlib import Path
+from omegaconf import OmegaConf
+from repo_exp.config import WorldConfig
+from repo_exp.world.pipeline import StageUnusable, build_world
+world = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WorldConfig), OmegaConf.create(sys.argv[1])))
+try:
+    print("PATHS", build_world(world, until="sft"), flush=True)
+except StageUnusable as exc:
+    print("REFUSED", exc, flush=True)
+"""
+
+
+def on_read_only_cache(world: WorldConfig):
+    """``build_world(world, until="sft")`` in a process that sees ``world.cache_dir`` on a read-only file system
+    (a read-only bind mount in its own user and mount namespace: ``unshare``); its output. Skipped where namespaces
+    are not available."""
+    import shutil
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not available")
+    cache = world.cache_dir
+    script = (f'mount --bind "{cache}" "{cache}" && mount -o remount,ro,bind "{cache}" && '
+              f'exec "{sys.executable}" -c "$0" "$1"')
+    config = OmegaConf.to_yaml(OmegaConf.structured(world))
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, READ_ONLY, config],
+                          capture_output=True, text=True, timeout=300)
+    if "PATHS" not in done.stdout and "REFUSED" not in done.stdout and ("mount" in done.stderr
+                                                                       or "unshare" in done.stderr):
+        pytest.skip(f"no read-only mount here: {done.stderr.strip()[-300:]}")
+    return done
+
+
+def test_stages_record_the_size_and_hash_of_every_file(tmp_path):
+    import hashlib
+
+    from repo_exp.world.pipeline import build_world
+
+    folder = Path(build_world(small_world(tmp_path), until="sft")["sft"]).parent
+    files = json.loads((folder / "stage.json").read_text())["files"]
+    weights = folder / "model" / "model.safetensors"
+    assert files["model/model.safetensors"] == {"size": weights.stat().st_size,
+                                                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert set(files) == {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {"stage.json"}
+
+
+def test_a_cut_file_in_a_complete_stage_is_named_and_the_stage_rebuilt(tmp_path, caplog):
+    from repo_exp.world.pipeline import build_world
+
+    world = small_world(tmp_path)
+    folder = Path(build_world(world, until="sft")["sft"]).parent
+    weights = folder / "model" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 3])  # an interrupted copy
+    with caplog.at_level("WARNING", logger="repo_exp.world.pipeline"):
+        again = Path(build_world(world, until="sft")["sft"]).parent
+    assert again == folder
+    assert f"world stage sft in {folder} is damaged ({weights} has {len(whole) // 3} bytes, {len(whole)} were " \
+           f"written): rebuilding it" in caplog.text
+    assert weights.read_bytes() == whole  # rebuilt: the same seed gives the same model
+
+
+def test_a_stage_recorded_before_the_hashes_is_rebuilt(tmp_path, caplog):
+    from repo_exp.world.pipeline import build_world
+
+    world = small_world(tmp_path)
+    folder = Path(build_world(world, until="sft")["sft"]).parent
+    record = json.loads((folder / "stage.json").read_text())
+    (folder / "stage.json").write_text(json.dumps({k: v for k, v in record.items() if k != "files"}))
+    with caplog.at_level("WARNING", logger="repo_exp.world.pipeline"):
+        build_world(world, until="sft")
+    assert "was written before stages recorded their files' sizes and hashes" in caplog.text
+    assert json.loads((folder / "stage.json").read_text())["files"] == record["files"]
+
+
+def test_a_complete_cache_on_a_read_only_file_system_is_used(tmp_path):
+    from repo_exp.world.pipeline import build_world
+
+    world = small_world(tmp_path)
+    paths = build_world(world, until="sft")
+    cache = Path(world.cache_dir)
+    before = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+    done = on_read_only_cache(world)
+    assert f"PATHS {paths}" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == before  # no lock file, nothing written
+
+
+@pytest.mark.parametrize("damage", ["cut", "unrecorded"])
+def test_a_damaged_stage_on_a_read_only_cache_is_named_with_the_folder_to_delete(tmp_path, damage):
+    from repo_exp.world.pipeline import build_world
+
+    world = small_world(tmp_path)
+    folder = Path(build_world(world, until="sft")["sft"]).parent
+    weights = folder / "model" / "model.safetensors"
+    if damage == "cut":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        record = json.loads((folder / "stage.json").read_text())
+        (folder / "stage.json").write_text(json.dumps({k: v for k, v in record.items() if k != "files"}))
+    done = on_read_only_cache(world)
+    assert f"REFUSED the world stage sft in {folder} is damaged (" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert f"delete the folder {folder} where the cache can be written" in done.stdout
+    if damage == "cut":
+        assert f"{weights} has 1000 bytes" in done.stdout
+    assert "Read-only file system" in done.stdout

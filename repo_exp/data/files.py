@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import math
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -78,9 +79,29 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
 
 
+# characters that show nothing although Unicode does not count them as whitespace: format characters (category Cf:
+# zero-width space and joiners, the byte-order mark, the word joiner, bidirectional marks, soft hyphen), control
+# characters (Cc), and the blank letters and symbols that fonts draw empty (Hangul fillers, the braille blank)
+INVISIBLE_CATEGORIES = ("Cf", "Cc")
+BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def invisible(char: str) -> bool:
+    """Whether ``char`` shows nothing: whitespace, a format or control character, or a blank letter."""
+    return char.isspace() or unicodedata.category(char) in INVISIBLE_CATEGORIES or char in BLANK_CHARACTERS
+
+
+def _invisible_names(text: str) -> str:
+    """The distinct characters of ``text`` as ``U+200B ZERO WIDTH SPACE, …`` (at most four)."""
+    distinct = list(dict.fromkeys(text))
+    named = [f"U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}" for c in distinct[:4]]
+    return ", ".join(named) + (", …" if len(distinct) > 4 else "")
+
+
 def require_texts(values: Iterable[Any], column: str, origin: str, allow_empty: bool = False) -> list[str]:
     """``values`` of ``column`` as a list of non-empty strings (strings at all with ``allow_empty``), or a refusal
-    naming the row."""
+    naming the row. A text made only of characters that show nothing (``invisible``) is empty: the model would be
+    trained on a prompt nobody can read."""
     out = []
     for row, value in enumerate(values, start=1):
         if not isinstance(value, str):
@@ -89,6 +110,9 @@ def require_texts(values: Iterable[Any], column: str, origin: str, allow_empty: 
         if not allow_empty and not value.strip():
             raise ValueError(f"{origin}: row {row}, column {column!r} is empty or whitespace; every {column!r} must "
                              f"be a non-empty string")
+        if not allow_empty and all(invisible(c) for c in value):
+            raise ValueError(f"{origin}: row {row}, column {column!r} is made only of invisible characters "
+                             f"({_invisible_names(value)}); every {column!r} must hold visible text")
         out.append(value)
     return out
 

@@ -66,13 +66,19 @@ def join_input(instruction: str, extra: str | None) -> str:
 
 
 class PtxStream:
-    """Batches of PTX examples in a seeded order, a new permutation each pass; ``state_dict`` is the position."""
+    """Batches of PTX examples in a seeded order, a new permutation each pass; ``state_dict`` is the position.
 
-    def __init__(self, pairs: list[tuple[str, str]], tokenizer, template: str, max_length: int, seed: int) -> None:
+    Over data-parallel ranks the order is one for the whole group (every rank has the same seed): ``next(n)`` takes
+    ``n × world_size`` examples from it and keeps this rank's ``n``, so that the ranks together train on the rows one
+    process would, whatever their number."""
+
+    def __init__(self, pairs: list[tuple[str, str]], tokenizer, template: str, max_length: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.examples = [encode_example(tokenizer, template, prompt, response, max_length)
                          for prompt, response in pairs]
         self.pad_id = tokenizer.pad_token_id
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.position = 0
         self._cached_order: tuple[tuple[int, int], list[int]] | None = None  # ((seed, epoch), its permutation)
@@ -86,14 +92,16 @@ class PtxStream:
         return self._cached_order[1]
 
     def next(self, n: int) -> PtxBatch:
+        """This rank's ``n`` examples of the group's next ``n × world_size``."""
         rows = []
-        while len(rows) < n:
+        while len(rows) < n * self.world_size:
             order = self._order()
-            take = order[self.position : self.position + n - len(rows)]
+            take = order[self.position : self.position + n * self.world_size - len(rows)]
             rows += [self.examples[i] for i in take]
             self.position += len(take)
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
+        rows = rows[self.rank * n : (self.rank + 1) * n]
         input_ids, attention = right_pad([ids for ids, _ in rows], self.pad_id)
         prompt_lens = torch.tensor([prompt_len for _, prompt_len in rows])
         # the response tokens (and EOS): attended positions at or after the prompt's end

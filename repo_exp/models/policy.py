@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import pickle
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,7 +17,7 @@ from repo_exp.config import ArchConfig, ModelConfig, ScoreModelConfig
 from repo_exp.models.adapters import adapter_base, is_adapter_folder, load_adapter
 from repo_exp.models.score_model import ScoreModel, load_score_model
 from repo_exp.models.checks import check_all_weights_loaded, check_score_model
-from repo_exp.models.weights import unsafe_pickle_error
+from repo_exp.models.weights import check_weight_files, unsafe_pickle_error
 from repo_exp.revisions import check_loaded, check_offline_cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,14 +47,38 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def state_layer_types(config) -> list[str]:
+    """The layer types of ``config`` whose cache is a convolution or recurrent state rather than keys and values
+    (transformers' ``conv``, ``linear_attention``, ``hybrid`` …), in order of first appearance; [] for a model whose
+    every layer attends."""
+    from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionCacheLayerMixin,
+                                          get_layer_types_and_kwargs)
+
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError, ValueError):  # a config transformers cannot read layer types from
+        return []
+    stateful = [t for t in layer_types if isinstance(DYNAMIC_LAYER_TYPE_MAPPING.get(t), type)
+                and issubclass(DYNAMIC_LAYER_TYPE_MAPPING[t], LinearAttentionCacheLayerMixin)]
+    return list(dict.fromkeys(stateful))
+
+
 def check_causal_lm(model: nn.Module) -> nn.Module:
     """Refuse a causal LM the rollout cannot sample from correctly, naming it: recurrent-state models (RWKV, Mamba)
-    keep no key/value cache, and the sampler's incremental decoding and its kept log-probabilities assume one."""
+    keep no key/value cache, and hybrids (Lfm2's short convolutions, linear attention beside attention) keep a state
+    in some layers; the sampler's incremental decoding with a plain key/value cache and its kept log-probabilities
+    assume keys and values in every layer."""
     name = type(model).__name__
     if getattr(model, "_is_stateful", False):
         raise ValueError(f"{name} keeps a recurrent state instead of a key/value cache; repo_exp samples with a "
                          f"key/value cache and keeps the log-probabilities of sampling, so it does not support {name}. "
                          f"Use a transformer causal LM (Llama, Qwen2, Mistral, GPT-NeoX, GPT-2, …)")
+    stateful = state_layer_types(model.config)
+    if stateful:
+        raise ValueError(f"{name} is a hybrid whose cache is not a plain key/value cache: its layers of type "
+                         f"{', '.join(stateful)} keep a convolution or recurrent state beside the attention layers; "
+                         f"repo_exp samples with a key/value cache, so it does not support {name}. Use a transformer "
+                         f"causal LM (Llama, Qwen2, Mistral, GPT-NeoX, GPT-2, …)")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"{name} is an encoder-decoder model; repo_exp trains decoder-only causal LMs")
     return model
@@ -98,6 +123,8 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None) -> PreTrai
     # a converted GGUF folder is local: its pin (the package version) was checked when it was converted
     revision = None if cfg.source == "gguf" else cfg.revision
     check_offline_cache(path, revision)
+    if Path(str(path)).is_dir():
+        check_weight_files(path)  # a cut file named, not safetensors' bare "incomplete metadata"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from repo_exp.models.weights import load_state_dict_safely, save_safetensors
+from repo_exp.models.weights import check_floating, load_state_dict_safely, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ def load_score_model(
     with torch.device("meta"):
         model = ScoreModel(config, **fields)
     check_score_weights(path, {k: tuple(v.shape) for k, v in state.items()}, model, fields["score_dim"])
+    check_floating(folder, {k: v.dtype for k, v in state.items()}, dict(model.named_parameters()))
     full = model.state_dict()
     state.update({k: v for k, v in normalizer_state(raw, full).items() if k not in state})
     model.load_state_dict(state, assign=True, strict=True)

@@ -10,7 +10,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -72,6 +72,27 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Refuse a model folder whose safetensors files cannot be read (cut by an interrupted copy or a full disk),
+    naming the file: a loader that reads them later (transformers' ``from_pretrained``) reports safetensors' own
+    "incomplete metadata" error, which names neither the file nor the folder. Reads the headers only."""
+    from safetensors import safe_open
+
+    try:
+        files = weight_files(folder)
+    except FileNotFoundError:  # no weights at all: the loader says so itself
+        return
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:
+            raise ValueError(f"cannot read {f}: it is truncated or corrupt ({exc}); replace it with a complete copy") \
+                from exc
+
+
 def load_state_dict_safely(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: one or sharded safetensors, else one or sharded ``.bin``."""
     state: dict[str, torch.Tensor] = {}
@@ -91,13 +112,16 @@ class LazyWeights:
         self._files: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._mapped: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
         for f in weight_files(folder):
             if f.suffix == ".safetensors":
                 try:
                     with safe_open(str(f), framework="pt") as handle:
                         for name in handle.keys():
                             self._files[name] = f
-                            self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+                            tensor = handle.get_slice(name)
+                            self._shapes[name] = tuple(tensor.get_shape())
+                            self._dtypes[name] = SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)
                 except Exception as exc:
                     raise ValueError(f"cannot read {f}: it is truncated or corrupt ({exc})") from exc
             else:
@@ -108,9 +132,14 @@ class LazyWeights:
                 for name, tensor in mapped.items():
                     self._mapped[name] = tensor
                     self._shapes[name] = tuple(tensor.shape)
+                    self._dtypes[name] = tensor.dtype
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """The stored dtype of every tensor, read from the headers (nothing is loaded)."""
+        return dict(self._dtypes)
 
     def __contains__(self, name: str) -> bool:
         return name in self._shapes
@@ -122,6 +151,43 @@ class LazyWeights:
 
         with safe_open(str(self._files[name]), framework="pt") as handle:
             return handle.get_tensor(name)
+
+
+# safetensors' names of its dtypes (``get_slice(name).get_dtype()``) as torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def tensor_file(folder: str | os.PathLike, name: str) -> Path | None:
+    """The weight file of ``folder`` that holds the tensor ``name`` (None if none does)."""
+    from safetensors import safe_open
+
+    for f in weight_files(folder):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                if name in handle.keys():
+                    return f
+        elif name in torch.load(f, map_location="cpu", weights_only=True, mmap=True):
+            return f
+    return None
+
+
+def check_floating(folder: str | os.PathLike, dtypes: dict[str, torch.dtype], parameters: Iterable[str]) -> None:
+    """Refuse a checkpoint that stores a parameter (of ``parameters``) in an integer dtype: int8 or uint8 weights
+    are quantised, and copying them into a floating-point model would load the integers as if they were the weights
+    (or fail deep inside ``load_state_dict`` with a message about gradients). Names the file, the tensor and its
+    dtype."""
+    for name in parameters:
+        dtype = dtypes.get(name)
+        if dtype is not None and not dtype.is_floating_point:
+            where = tensor_file(folder, name) or Path(folder)
+            quantised = " (quantised weights)" if dtype in (torch.int8, torch.uint8) else ""
+            raise ValueError(f"cannot load {where}: its tensor {name} is stored as {dtype}{quantised}, but the model's "
+                             f"parameters are floating point; repo_exp loads float32, bfloat16 or float16 weights, not "
+                             f"quantised ones: give the unquantised checkpoint")
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

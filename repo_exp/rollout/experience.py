@@ -19,8 +19,8 @@ class Experience:
     attention_mask: torch.Tensor  # (B, L) 1 on real prompt tokens and on response tokens through EOS
     response_mask: torch.Tensor  # (B, T) 1 on the response tokens that count (through EOS)
     prompt_index: torch.Tensor  # (B,) global id of the prompt each sample answers; k samples share one
-    logprobs: torch.Tensor  # (B, T) log π_old(y_t) of the sampled tokens
-    ref_logprobs: torch.Tensor  # (B, T) log π_ref(y_t)
+    logprobs: torch.Tensor  # (B, T) log π_old(y_t) of the sampled tokens, under the distribution sampled from
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(y_t) at the sampling temperature (no top-k / top-p truncation)
     rewards: torch.Tensor  # (B,) R(x, y), end score of the reward model (plus any missing-EOS penalty)
     costs: torch.Tensor  # (B,) C(x, y), end score of the cost model: > 0 unsafe
     truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens

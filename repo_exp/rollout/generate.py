@@ -3,9 +3,14 @@
 Prompts are left-padded; position ids come from the attention mask. Sampling is Gumbel-max on noise drawn for the
 *whole global batch* from a generator seeded by (seed, step), each rank taking its own rows: the samples of a row do
 not depend on how the batch is split over ranks or chunks, so a run on two ranks draws exactly what a run on one rank
-draws (the distribution is the same as ``torch.multinomial``'s). The kept log-probabilities are those of the
-untempered policy, ``log softmax(logits)[y_t]``, which is what a later forward pass would compute; so no policy
-forward pass is needed after generation.
+draws (the distribution is the same as ``torch.multinomial``'s).
+
+The behaviour policy is the distribution tokens are drawn from: ``softmax(logits / temperature)`` restricted to the
+``top_k`` most likely tokens and to the nucleus of mass ``top_p`` (``filter_logits``), renormalised. The kept
+log-probabilities are that distribution's, ``log softmax(filter_logits(logits / T))[y_t]``; the update's forward pass
+(``repo_exp.rollout.score.sequence_logprobs`` with the same settings) computes the same from the same logits, so no
+policy forward pass is needed after generation and the first PPO ratio is 1 at any temperature, top-k and top-p (as
+OpenRLHF and TRL compute them since they moved to tempered log-probabilities).
 
 The prompt goes through the model's own forward pass, once per distinct prompt: the k samples of a prompt share its
 keys and values (``distinct_prompts``), so the repeated prefill is gone and the sampled tokens are those a per-row
@@ -35,7 +40,7 @@ class Generation:
     sequences: torch.Tensor  # (B, P + T)
     attention_mask: torch.Tensor  # (B, P + T)
     response_mask: torch.Tensor  # (B, T)
-    logprobs: torch.Tensor  # (B, T) untempered log π(y_t), 0 where the response mask is 0
+    logprobs: torch.Tensor  # (B, T) log π(y_t) of the distribution sampled from, 0 where the response mask is 0
     truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
 
 
@@ -45,17 +50,37 @@ def sampling_generator(seed: int, step: int, stream: int, device: torch.device |
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to −inf every logit outside the top ``k`` and outside the nucleus of mass ``top_p``. (B, V)."""
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Set to −inf every logit outside the top ``k`` and outside the nucleus of mass ``top_p`` (the nucleus of what
+    the top ``k`` leave). Logits (..., V); ``keep`` (...) a token id per row that stays whatever its rank: the update's
+    forward pass keeps the sampled token, which the sampler's own set always holds, so that a log-probability after
+    the policy has moved is never −inf."""
+    truncate = bool(top_k and top_k < logits.shape[-1]) or top_p < 1.0
+    if not truncate:
+        return logits
+    drop = torch.zeros_like(logits, dtype=torch.bool)
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        drop = logits < torch.topk(logits, top_k, dim=-1).values[..., -1:]
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+        sorted_logits, order = torch.sort(logits.masked_fill(drop, float("-inf")), descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses top_p
+        drop = drop | outside.scatter(-1, order, outside)
+    if keep is not None:
+        drop = drop.scatter(-1, keep.unsqueeze(-1), False)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0) -> torch.Tensor:
+    """log p(token) under the distribution the sampler draws from, ``softmax(filter_logits(logits / temperature))``,
+    computed in float32. Logits (..., V), tokens (...) → (...). The sampled token is kept in the truncated set
+    (``filter_logits(keep=…)``): at sampling time it is in the set by construction, so this changes nothing there."""
+    scores = logits.float() / temperature
+    if top_k or top_p < 1.0:
+        scores = filter_logits(scores, top_k, top_p, keep=tokens)
+    return torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class CacheDecoder:
@@ -369,7 +394,8 @@ def generate(
         gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
         scores = filter_logits(logits / temperature, top_k, top_p)
         token = torch.argmax(scores + gumbel, dim=-1)  # (B,)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        # the log-probability of the distribution the token was drawn from (see the module's docstring)
+        logp = torch.log_softmax(scores, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
         token = torch.where(alive, token, pad)
         tokens.append(token)
         logprobs.append(torch.where(alive, logp, 0.0))

@@ -97,10 +97,11 @@ def make_experience(
         logprobs = gen.logprobs
         if recompute_logprobs:
             with timings.section("policy_forward"):
-                logprobs = sequence_logprobs(policy, gen.sequences, gen.attention_mask, prompt_width)
+                logprobs = sequence_logprobs(policy, gen.sequences, gen.attention_mask, prompt_width, temperature,
+                                             top_k, top_p)
                 logprobs = logprobs * gen.response_mask
-        with timings.section("ref_forward"):
-            ref_logprobs = sequence_logprobs(ref, gen.sequences, gen.attention_mask, prompt_width)
+        with timings.section("ref_forward"):  # the reference at the sampling temperature, untruncated
+            ref_logprobs = sequence_logprobs(ref, gen.sequences, gen.attention_mask, prompt_width, temperature)
             ref_logprobs = ref_logprobs * gen.response_mask
         with timings.section("reward_forward"):
             rewards = reward(gen.sequences, gen.attention_mask, prompts, responses).float()

@@ -12,10 +12,17 @@ import torch
 from repo_exp.algorithms.losses import token_logprobs
 from repo_exp.models.score_model import ScoreModel, position_ids_from_mask, right_pad, score_input_ids
 from repo_exp.models.tokenizers import same_tokenizer
+from repo_exp.rollout.generate import sampled_logprobs
 
 
-def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """log π(y_t) of every response token (B, T) under a causal LM; logits are computed for response positions only."""
+def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """log π(y_t) of every response token (B, T) under a causal LM; logits are computed for response positions only.
+
+    With ``temperature``, ``top_k`` and ``top_p``, π is the distribution the sampler draws from at those settings
+    (``repo_exp.rollout.generate.sampled_logprobs``): the policy's log-probabilities in the update are the behaviour
+    policy's, truncation recomputed from the current logits. The reference is given the temperature alone: its full
+    support keeps the KL to it finite."""
     response_width = sequences.shape[1] - prompt_width
     out = model(
         input_ids=sequences,
@@ -24,7 +31,10 @@ def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
         use_cache=False,
         logits_to_keep=response_width + 1,
     )
-    return token_logprobs(out.logits[:, :-1], sequences[:, prompt_width:])
+    tokens = sequences[:, prompt_width:]
+    if temperature == 1.0 and not top_k and top_p >= 1.0:
+        return token_logprobs(out.logits[:, :-1], tokens)
+    return sampled_logprobs(out.logits[:, :-1], tokens, temperature, top_k, top_p)
 
 
 def logprob_gap(kept: torch.Tensor, fresh: torch.Tensor, response_mask: torch.Tensor) -> tuple[float, float]:

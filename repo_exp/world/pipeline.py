@@ -13,7 +13,10 @@ path serves both; a pretrained trunk's stages run on the GPU when there is one.
 
 Each stage is cached on disk under ``world.cache_dir`` in a folder named by a hash of its own config, the hashes of
 the stages it reads, and the world's grammar: it is rebuilt exactly when one of those changes. A file lock lets
-parallel jobs share one build.
+parallel jobs share one build. A stage's ``stage.json`` records the size and SHA-256 of each of its files: a stage is
+used only when they match (a file cut by an interrupted copy or a full disk is found, named, and the stage rebuilt),
+and a complete stage is read without taking the lock, so that a cache on a read-only file system (a shared cache on a
+cluster) serves every stage it holds.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Callable
 import torch
 from filelock import FileLock
 
+from repo_exp.checkpoint import file_records
 from repo_exp.config import SAFE_RLHF_TEMPLATE, WorldConfig, WorldTrunkConfig
 from repo_exp.progress import Every, step_line
 from repo_exp.world import grammar, oracle
@@ -73,15 +77,61 @@ def stage_key(name: str, config: dict, deps: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+class StageUnusable(RuntimeError):
+    """A cached world stage is damaged or not built, and the cache cannot be written to rebuild it."""
+
+
+NOT_BUILT = "not built"
+
+
+def stage_problem(folder: Path) -> str | None:
+    """None when ``folder`` is a complete stage whose files match the sizes and SHA-256 its ``stage.json`` records;
+    else what is wrong (``NOT_BUILT`` when there is no stage.json)."""
+    from repo_exp.checkpoint import records_problem
+
+    record_file = folder / STAGE_FILE
+    if not record_file.is_file():
+        return NOT_BUILT
+    try:
+        files = json.loads(record_file.read_text()).get("files")
+    except ValueError as exc:
+        return f"{record_file} is unreadable ({exc})"
+    if files is None:
+        return (f"{record_file} was written before stages recorded their files' sizes and hashes, so its files "
+                f"cannot be checked")
+    return records_problem(folder, files)
+
+
 def run_stage(cache: Path, name: str, config: dict, deps: list[str], build: Callable[[Path], dict]) -> tuple[Path, str]:
-    """The folder of stage ``name``, built by ``build(tmp_folder) -> metrics`` unless a complete one is cached."""
+    """The folder of stage ``name``, built by ``build(tmp_folder) -> metrics`` unless a complete one is cached.
+
+    A cached stage is checked against the sizes and hashes its ``stage.json`` records, without the lock (nothing is
+    written, so a read-only cache serves it). A damaged stage, or one recorded before the hashes were, is rebuilt
+    with a warning naming what was wrong; where the cache cannot be written, ``StageUnusable`` names the file and the
+    folder to delete."""
     key = stage_key(name, config, deps)
     folder = cache / f"{name}-{key}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / f"{name}-{key}.lock")):
-        if (folder / STAGE_FILE).is_file():
+    problem = stage_problem(folder)
+    if problem is None:
+        log.info("world stage %s: cached at %s", name, folder)
+        return folder, key
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cache / f"{name}-{key}.lock"))
+        lock.acquire()
+    except OSError as exc:  # a read-only file system, or no permission
+        what = ("is not built" if problem == NOT_BUILT
+                else f"is damaged ({problem}); delete the folder {folder} where the cache can be written")
+        raise StageUnusable(f"the world stage {name} in {folder} {what}, and the cache {cache} cannot be written "
+                            f"here to build it ({exc.strerror or exc}): build the world where the cache is writable, "
+                            f"or set world.cache_dir to a writable folder") from exc
+    try:
+        problem = stage_problem(folder)  # another process may have built it meanwhile
+        if problem is None:
             log.info("world stage %s: cached at %s", name, folder)
             return folder, key
+        if problem != NOT_BUILT:
+            log.warning("world stage %s in %s is damaged (%s): rebuilding it", name, folder, problem)
         tmp = cache / f".{name}-{key}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -89,10 +139,12 @@ def run_stage(cache: Path, name: str, config: dict, deps: list[str], build: Call
         log.info("world stage %s: building in %s", name, folder)
         metrics = build(tmp)
         record = {"stage": name, "key": key, "deps": deps, "config": _plain(config), "metrics": metrics,
-                  "seconds": round(time.perf_counter() - start, 2)}
+                  "seconds": round(time.perf_counter() - start, 2), "files": file_records(tmp)}
         (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
+    finally:
+        lock.release()
     return folder, key
 
 
