@@ -3,8 +3,9 @@
 Hydra's basic sweeper runs one Cartesian product. A frontier is a union of them: the average constraint along its
 threshold d, the rectified constraint along λ, SACPO along its λ, single points at their defaults — each crossed
 with the same seeds (and worlds). ``expand_arms`` turns ``hydra.sweeper.params`` (axes every arm shares) and
-``hydra.sweeper.arms`` (name → that arm's own axes) into one override list per job; the frontier sweeper
-(``hydra/sweeper=frontier``) launches them, and the report callbacks use the same function to find the jobs.
+``hydra.sweeper.arms`` (name → that arm's own axes) into one override list per job; the project's sweeper
+(``hydra_plugins.repo_exp_sweeps``) launches them when ``hydra.sweeper.arms`` is set, and the report callbacks use
+the same function to find the jobs.
 
 Within one arm the order of precedence is: the shared axes, then the arm's, then the command line's (so
 ``seed=0,1`` on the command line replaces the shared seeds, and ``hydra.sweeper.arms.sacpo=null`` leaves an arm

@@ -123,7 +123,9 @@ def test_the_deepspeed_launchers_local_rank_never_reaches_hydra(monkeypatch):
     from repo_exp.__main__ import _strip_local_rank
 
     for argv in (["prog", "--local_rank=3", "experiment=smoke"], ["prog", "--local_rank", "3", "experiment=smoke"]):
-        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        # a copy of the environment: the LOCAL_RANK set here must not reach later tests (transformers' training
+        # arguments would take this process for rank 3 of a distributed job)
+        monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"})
         monkeypatch.setattr(sys, "argv", list(argv))
         _strip_local_rank()
         assert sys.argv == ["prog", "experiment=smoke"] and os.environ["LOCAL_RANK"] == "3"

@@ -114,10 +114,10 @@ def test_a_resume_restores_the_adapters_exactly(smoke_cfg, tmp_path, critics):
         trained = {n for n, p in critic.named_parameters() if p.requires_grad}
         assert trained and all("lora_" in n or n.startswith("score_head.") for n in trained)
     whole.fit()
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_000002",
-                    tmp_path / "resumed" / "checkpoints" / "step_000002")
-    resumed = make_trainer(smoke_cfg, tmp_path / "resumed", *extra, "trainer.total_steps=3", "trainer.resume=auto")
+    # the run continued from its step-2 checkpoint in a folder of its own (a run writes only into its own folder)
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step_000002"
+    resumed = make_trainer(smoke_cfg, tmp_path / "resumed", *extra, "trainer.total_steps=3",
+                           f"trainer.resume={checkpoint}")
     resumed.fit()
     a, b = metric_rows(tmp_path / "whole")[-1], metric_rows(tmp_path / "resumed")[-1]
     assert a["step"] == b["step"] == 3

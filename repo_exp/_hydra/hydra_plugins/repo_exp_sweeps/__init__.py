@@ -11,8 +11,8 @@ This is a Hydra plugin package (Hydra instantiates sweepers and launchers only f
 - ``StoppableSweeper`` (``hydra/sweeper=stoppable``, the default): Hydra's basic sweeper whose batches of jobs end
   once the mark exists (``UntilStopped``). A launcher takes each next job from the batch only when it is about to
   start it, so Hydra's basic launcher (one job after another) starts none after the stop, and joblib dispatches none.
-- ``FrontierSweeper`` (``hydra/sweeper=frontier``): the same over a union of grids, each arm crossed with the shared
-  axes and the command line (``repo_exp.sweeps.expand_arms``): a frontier sweeps each method along its own knob.
+  With ``hydra.sweeper.arms`` its jobs are a union of grids, each arm crossed with the shared axes and the command
+  line (``repo_exp.sweeps.expand_arms``): a frontier sweeps each method along its own knob.
 - ``JoblibLauncher`` (``hydra/launcher=local``): Hydra's joblib launcher whose workers check the mark before Hydra
   creates the job's folder (``execute_unless_stopped``): joblib hands a job to a worker ahead of time, so a job taken
   before the stop may reach its worker after it.
@@ -50,22 +50,21 @@ class UntilStopped(list):
 
 
 class StoppableSweeper(BasicSweeper):
-    """Hydra's basic sweeper, its batches ending at the sweep's stop mark (``UntilStopped``)."""
-
-    def get_job_batch(self) -> Sequence[Sequence[str]]:
-        return UntilStopped(super().get_job_batch(), Path(str(self.config.hydra.sweep.dir)))
-
-
-class FrontierSweeper(StoppableSweeper):
-    """Runs every arm's grid (``arms``: name → axes, a null arm left out), each crossed with the shared axes
-    (``params``) and the command line; batches, validation, launching and the stop are the stoppable sweeper's."""
+    """Hydra's basic sweeper, its batches ending at the sweep's stop mark (``UntilStopped``). With ``arms`` (name →
+    that arm's own axes, a null arm left out) its jobs are every arm's grid, each crossed with the shared axes
+    (``params``) and the command line, instead of one Cartesian product."""
 
     def __init__(self, max_batch_size: int | None = None, params: Mapping[str, str] | None = None,
                  arms: Mapping[str, Mapping[str, Any] | None] | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=dict(params or {}))
         self.arms = {name: (dict(axes) if axes is not None else None) for name, axes in (arms or {}).items()}
 
+    def get_job_batch(self) -> Sequence[Sequence[str]]:
+        return UntilStopped(super().get_job_batch(), Path(str(self.config.hydra.sweep.dir)))
+
     def sweep(self, arguments: list[str]) -> Any:
+        if not self.arms:
+            return super().sweep(arguments)
         from repo_exp.sweeps import expand_arms
 
         jobs = expand_arms(self.params, self.arms, arguments, self.hydra_context.config_loader)
