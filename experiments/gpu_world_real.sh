@@ -69,7 +69,7 @@ COMPARE_S=$((SECONDS - START - WORLD_S))
 FRONTIER_S=$((SECONDS - START - WORLD_S - COMPARE_S))
 
 # timings.json: the GPU, each world stage's seconds (its stage.json, also for stages found in the cache), each run's
-# (wall time from its log, and its RL steps), each phase's
+# (wall time from its log, its steps and their median seconds), each phase's
 GPU=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1 || echo "no nvidia-smi")
 "$PYTHON" - "$OUT" "$GPU" "$WORLD_S" "$COMPARE_S" "$FRONTIER_S" <<'PY'
 import json, re, statistics, sys
@@ -97,8 +97,8 @@ for sweep in ("compare", "frontier"):
             if (log.parent / "metrics.jsonl").is_file() else []
         steps = [r["timing/step"] for r in rows if "timing/step" in r]
         runs[f"{sweep}/{log.parent.name}"] = {
-            "wall_s": (times[-1] - times[0]).total_seconds() if times else None, "rl_steps": len(steps),
-            "rl_step_median_s": statistics.median(steps) if steps else None}
+            "wall_s": (times[-1] - times[0]).total_seconds() if times else None, "steps": len(steps),
+            "step_median_s": statistics.median(steps) if steps else None}
 memory = out / "gpu_memory.txt"
 samples = [float(x) for x in memory.read_text().split()] if memory.is_file() else []
 timings = {"gpu": gpu, "peak_gpu_memory_mib": max(samples) if samples else None,
