@@ -352,7 +352,7 @@ def test_a_finished_run_without_a_settings_record_is_not_reused(tmp_path):
 def test_make_run_writes_where_git_tracks_nothing_and_the_references_are_apart(compose):
     """``make run`` (experiment=compare) and the other studies write under outputs/, which git ignores; the
     reference results under results/ are not where any of them writes."""
-    for experiment in ("compare", "lambda_sweep", "robustness"):
+    for experiment in ("compare", "lambda_sweep", "robustness", "heldout", "frontier"):
         sweep = compose(f"experiment={experiment}", return_hydra_config=True).hydra.sweep.dir
         assert sweep.startswith("outputs/"), (experiment, sweep)
         tracked = subprocess.run(["git", "ls-files", str(Path(sweep).parent)], cwd=ROOT, capture_output=True,

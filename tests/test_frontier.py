@@ -234,3 +234,25 @@ def test_a_frontier_sweep_at_smoke_size_runs_each_arm_and_writes_the_matched_com
     for e in report["matched"]:
         assert e["ci_low"] <= e["difference"] <= e["ci_high"] and e["seeds"] == [0, 1]
     assert "## Matched comparison" in proc.stdout
+
+
+@pytest.mark.parametrize("experiment, worlds", [("robustness", {1, 2, 3}), ("heldout", {4})])
+def test_the_robustness_and_kept_back_frontiers_compose_three_average_points_near_rectifieds_level(
+        compose, experiment, worlds):
+    """experiment=robustness (world seeds 1, 2, 3) and heldout (world seed 4): average at three tight thresholds and at
+    slack, rectified at its default λ, three seeds, every job valid, each world's jobs in one sweep folder."""
+    from repo_exp.config import validate
+    from repo_exp.sweeps import expand_arms
+
+    cfg = compose(f"experiment={experiment}", return_hydra_config=True)
+    assert cfg.hydra.sweep.dir == f"outputs/{experiment}/runs"
+    jobs = expand_arms(cfg.hydra.sweeper.params, cfg.hydra.sweeper.arms, [])
+    settings = set()
+    for job in jobs:
+        c = validate(compose(*job, f"experiment={experiment}"))
+        key = c.constraint.threshold if c.constraint.name == "average" else ("λ", c.constraint.lambda_init)
+        settings.add((c.world.seed, c.constraint.name, key, c.seed))
+    assert len(settings) == len(jobs) == len(worlds) * 5 * 3
+    assert {s[0] for s in settings} == worlds and {s[3] for s in settings} == {0, 1, 2}
+    assert {s[2] for s in settings if s[1] == "average"} == {0.0, -2.5, -3.0, -3.5}
+    assert {s[2] for s in settings if s[1] == "rectified"} == {("λ", 5.0)}
