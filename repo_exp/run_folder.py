@@ -314,11 +314,50 @@ def covered(key: str, prefixes: Iterable[str]) -> bool:
 MISSING = "<absent>"
 
 
+def schema_default(key: str) -> Any:
+    """The default the config schema (``repo_exp.config.Config``) gives the dotted ``key``, following its typed
+    fields; MISSING where the schema does not say (a key under a group whose schema depends on the option chosen, such
+    as ``constraint`` or ``algorithm``, or a field without a default)."""
+    import dataclasses
+    import typing
+
+    from repo_exp.config import Config
+
+    kind: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(kind):
+            return MISSING
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        if part not in fields:
+            return MISSING
+        if i == len(parts) - 1:
+            f = fields[part]
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                return MISSING
+            return MISSING if dataclasses.is_dataclass(value) or isinstance(value, str) and value == "???" else value
+        kind = typing.get_type_hints(kind).get(part)
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), None)
+    return MISSING
+
+
 def changed_settings(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) of every leaf that differs between two resolved configs."""
+    """(key, old, new) of every leaf that differs between two resolved configs. A key the old config lacks whose new
+    value is the schema's default (``schema_default``) is not a change: the setting was added to the schema after that
+    run, with a default that keeps what runs did before it (the rule every new setting follows)."""
     a, b = flatten(old), flatten(new)
-    return [(k, a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(set(a) | set(b))
-            if a.get(k, MISSING) != b.get(k, MISSING)]
+    changes = []
+    for k in sorted(set(a) | set(b)):
+        before, after = a.get(k, MISSING), b.get(k, MISSING)
+        if before == after or (before == MISSING and after != MISSING and after == schema_default(k)):
+            continue
+        changes.append((k, before, after))
+    return changes
 
 
 def harmless(key: str, new: dict) -> bool:

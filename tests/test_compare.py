@@ -299,6 +299,28 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     assert finished_summary(cfg, tmp_path) is None
 
 
+def test_a_setting_added_after_a_run_finished_is_its_default_there(tmp_path):
+    """A run recorded before ``world.trunk`` existed is reused when the command's trunk is the schema's default (the
+    behaviour the run had), and refused, naming the key, when it is not; a group's key the schema cannot type stays a
+    change."""
+    from repo_exp.config import ConfigError
+    from repo_exp.hydra_job import finished_summary, record_settings
+    from repo_exp.run_folder import MISSING, changed_settings, schema_default
+
+    assert schema_default("world.trunk.name") == "tiny" and schema_default("world.trunk.max_new_tokens") == 24
+    assert schema_default("constraint.threshold") == MISSING and schema_default("world.nope") == MISSING
+    cfg = OmegaConf.create({"seed": 0, "trainer": {"resume": "auto"}, "world": {"seed": 1}})
+    record_settings(cfg, tmp_path)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text('{"eval/mean_cost": -1.0}')
+    cfg.world.trunk = {"name": "tiny", "source": "tiny", "path": None, "max_new_tokens": 24}
+    assert finished_summary(cfg, tmp_path) == {"eval/mean_cost": -1.0}
+    cfg.world.trunk.max_new_tokens = 64
+    with pytest.raises(ConfigError, match=r"world.trunk.max_new_tokens: '<absent>' → 64"):
+        finished_summary(cfg, tmp_path)
+    assert changed_settings({}, {"constraint": {"threshold": 0.0}}) == [("constraint.threshold", MISSING, 0.0)]
+
+
 def test_every_is_true_first_then_once_per_interval(monkeypatch):
     from repo_exp import progress
 
