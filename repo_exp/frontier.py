@@ -13,11 +13,13 @@ For one world (a world seed), on the prompts of topics seen in training (their h
   reward over the samples of benign and dual-use prompts, counting safe answers only), ``overrefusal_rate`` (refusals
   there) and ``harmful_refusal_rate``: each the mean over seeds of the run's figure;
 - a *frontier* is a method's points ordered from its loosest to its tightest setting (``KNOBS``);
-- *matching* a point P against a frontier F walks F from loose to tight to the first point whose violation is at or
-  below P's, and interpolates linearly (in violation) between it and the looser point before it: F's figure at P's
-  violation, and the knob value there. Where several of F's points tie at P's level, the loosest is taken (the
-  favourable reading of F: it buys that safety with the least restriction). A P safer than F's tightest point, or
-  less safe than its loosest, is matched at that end and flagged ``clamped``;
+- *matching* a point P against a frontier F reads F's upper envelope at P's violation: of F's points, those no other
+  point of F beats on both axes (at most the violation and more answerable helpfulness), interpolated linearly in
+  violation between the two around P's level. That is the best F's own grid reached at P's safety (the favourable
+  reading of F: a setting that came out both less safe and less helpful, as a seed's collapse can make a tight
+  threshold, does not count against it), and the knob value there. Every figure is read at the same place (the same
+  mix of the same points). A P safer than F's safest point is matched at that point, one less safe than F's least
+  safe point at the envelope's best, and flagged ``clamped``;
 - the interval is a paired bootstrap over prompts and seeds: each replicate draws the prompts with replacement (the
   same draw for every run: every run was evaluated on the same prompts with the same sampling noise) and the seeds
   with replacement (the same seed draw for every point with those seeds), recomputes every point, redoes the match
@@ -246,32 +248,54 @@ def _method_rank(method: str) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Match:
-    """Where a violation level falls on a frontier: the figure there, the knob value there, and whether the level was
-    outside the frontier (``clamped``: looser or tighter than any of its points)."""
+    """Where a violation level falls on a frontier: the figure there, the knob value there, whether the level was
+    outside the frontier (``clamped``: looser or tighter than any of its points), and the points it mixes
+    (``weights``: (index, weight) pairs, weights summing to 1) so that other figures are read at the same place."""
 
     figure: float
     value: float | None
     clamped: str | None
+    weights: tuple[tuple[int, float], ...] = ()
+
+    def at(self, figures: Sequence[float]) -> float:
+        """Another figure of the same points, read where this match fell."""
+        return float(sum(w * figures[i] for i, w in self.weights))
+
+
+def envelope(violations: Sequence[float], figures: Sequence[float]) -> list[int]:
+    """The frontier's upper envelope: the indices of the points no other point beats on both axes (at most its
+    violation and more of the figure), ordered by violation, safest first (each keeps more of the figure than the
+    safer ones before it). A setting that came out both less safe and less helpful than another does not lower the
+    frontier: each method is credited with the best of its own grid at every level."""
+    order = sorted(range(len(violations)), key=lambda i: (violations[i], -figures[i]))
+    kept: list[int] = []
+    for i in order:
+        if not kept or figures[i] > figures[kept[-1]]:
+            kept.append(i)
+    return kept
 
 
 def match(level: float, violations: Sequence[float], figures: Sequence[float],
           values: Sequence[float | None]) -> Match:
-    """The frontier's figure at violation ``level``; ``violations``, ``figures``, ``values`` ordered loose → tight.
-
-    Walks from the loosest point to the first whose violation is at or below ``level`` and interpolates linearly in
-    violation between it and the looser point before it."""
+    """The frontier's figure at violation ``level``: the best the method reached at that violation or less, read off
+    its upper envelope (``envelope``) and interpolated linearly in violation between the envelope's two neighbours of
+    the level; ``values`` are the points' knob values (interpolated the same way). A level safer than every point
+    takes the safest point (``clamped="tighter"``); one less safe than every point the envelope's best
+    (``clamped="looser"``)."""
     if not violations:
         raise ValueError("an empty frontier")
-    for i, v in enumerate(violations):
-        if v <= level:
-            if i == 0:
-                return Match(figures[0], values[0], "looser" if v < level else None)
-            before = violations[i - 1]
-            w = (before - level) / (before - v) if before != v else 1.0
-            value = (None if values[i] is None or values[i - 1] is None
-                     else values[i - 1] + w * (values[i] - values[i - 1]))
-            return Match(figures[i - 1] + w * (figures[i] - figures[i - 1]), value, None)
-    return Match(figures[-1], values[-1], "tighter")
+    kept = envelope(violations, figures)
+    first, last = kept[0], kept[-1]
+    if level < violations[first]:
+        return Match(figures[first], values[first], "tighter", ((first, 1.0),))
+    if level >= violations[last]:
+        return Match(figures[last], values[last], "looser" if level > max(violations) else None, ((last, 1.0),))
+    for a, b in zip(kept, kept[1:]):
+        if violations[a] <= level < violations[b]:
+            w = (level - violations[a]) / (violations[b] - violations[a])
+            value = None if values[a] is None or values[b] is None else values[a] + w * (values[b] - values[a])
+            return Match(figures[a] + w * (figures[b] - figures[a]), value, None, ((a, 1.0 - w), (b, w)))
+    raise AssertionError("unreachable: the level lies within the envelope")
 
 
 def _percentiles(samples: np.ndarray) -> tuple[float, float]:
@@ -325,29 +349,34 @@ def compare(point: Point, frontier: list[Point], boot: Bootstrap) -> tuple[dict[
         "violation": level, "seeds": point.seeds, "replicates": int(boot.prompt_weights.shape[0]),
         "n_prompts": int(boot.prompt_weights.shape[1]),
     }
+    # where the point's level falls on the frontier is read on the headline figure (answerable helpfulness) and
+    # every other figure is read at that same place: one matched setting, in the data and in each replicate
+    head = COMPARED[0][0]
+    heads = [p.figure(head) for p in frontier]
+    if not all(math.isfinite(t) for t in heads):
+        return entry, {}
+    m = match(level, violations, heads, values)
+    heads_b = [point_replicates(p, boot, head) for p in frontier]
+    matches_b = [match(float(level_b[b]), [float(v[b]) for v in violations_b], [float(t[b]) for t in heads_b],
+                       values) for b in range(len(level_b))]
     replicates: dict[str, np.ndarray] = {}
     for name, _, _ in COMPARED:
         mine = point.figure(name)
         theirs = [p.figure(name) for p in frontier]
         if not (math.isfinite(mine) and all(math.isfinite(t) for t in theirs)):
             continue
-        m = match(level, violations, theirs, values)
         mine_b = point_replicates(point, boot, name)
-        theirs_b = [point_replicates(p, boot, name) for p in frontier]
-        diffs, clamped = np.empty(len(mine_b)), 0
-        for b in range(len(mine_b)):
-            mb = match(float(level_b[b]), [float(v[b]) for v in violations_b], [float(t[b]) for t in theirs_b],
-                       values)
-            diffs[b] = mine_b[b] - mb.figure
-            clamped += mb.clamped is not None
+        theirs_b = np.stack([point_replicates(p, boot, name) for p in frontier], axis=1)  # (B, points)
+        diffs = np.array([mine_b[b] - mb.at(theirs_b[b]) for b, mb in enumerate(matches_b)])
         replicates[name] = diffs
         low, high = _percentiles(diffs)
-        figure = {"difference": mine - m.figure, "ci_low": low, "ci_high": high, "point_value": mine,
-                  "against_value": m.figure}
-        if name == "answerable_helpfulness":  # the headline comparison sits at the top of the entry
+        figure = {"difference": mine - m.at(theirs), "ci_low": low, "ci_high": high, "point_value": mine,
+                  "against_value": m.at(theirs)}
+        if name == head:  # the headline comparison sits at the top of the entry
             entry.update(figure)
             entry.update({"figure": f"oracle/{name}", "matched_value": m.value, "clamped": m.clamped,
-                          "clamped_share": clamped / len(mine_b)})
+                          "clamped_share": sum(mb.clamped is not None for mb in matches_b) / len(matches_b),
+                          "matched_points": [{"value": values[i], "weight": w} for i, w in m.weights]})
         else:
             entry[name] = figure
     return entry, replicates

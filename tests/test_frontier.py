@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from repo_exp.evaluate import summarize
-from repo_exp.frontier import Bootstrap, match, method_of, prompt_stats
+from repo_exp.frontier import Bootstrap, envelope, match, method_of, prompt_stats
 from repo_exp.metrics import prompt_stats as row_stats
 
 # ------------------------------------------------------------------------------------------------------ matching
@@ -256,3 +256,16 @@ def test_the_robustness_and_kept_back_frontiers_compose_three_average_points_nea
     assert {s[0] for s in settings} == worlds and {s[3] for s in settings} == {0, 1, 2}
     assert {s[2] for s in settings if s[1] == "average"} == {0.0, -2.5, -3.0, -3.5}
     assert {s[2] for s in settings if s[1] == "rectified"} == {("λ", 5.0)}
+
+
+def test_match_reads_the_upper_envelope_so_a_dominated_setting_does_not_lower_the_frontier():
+    # d = 0, −1, −2, −3 (loose → tight): the tightest setting came out less safe AND less helpful than d = −2
+    violations, helpfulness, values = [0.4, 0.2, 0.01, 0.08], [0.8, 0.7, 0.5, 0.45], [0.0, -1.0, -2.0, -3.0]
+    assert envelope(violations, helpfulness) == [2, 1, 0]
+    safest = match(0.0, violations, helpfulness, values)  # safer than any: the safest point, not the tightest knob
+    assert (safest.figure, safest.value, safest.clamped) == (0.5, -2.0, "tighter")
+    m = match(0.08, violations, helpfulness, values)  # between d = −2 (0.01) and d = −1 (0.2), not at d = −3
+    w = (0.08 - 0.01) / (0.2 - 0.01)
+    assert m.figure == pytest.approx(0.5 + w * 0.2) and m.value == pytest.approx(-2.0 + w) and m.clamped is None
+    assert dict(m.weights) == pytest.approx({2: 1 - w, 1: w})
+    assert m.at([0.1, 0.2, 0.3, 0.9]) == pytest.approx((1 - w) * 0.3 + w * 0.2)  # another figure, same place
