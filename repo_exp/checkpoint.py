@@ -26,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from repo_exp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -95,6 +97,11 @@ def verify(folder: Path) -> str | None:
     return problem.replace(f"{folder}/", "", 1) if problem else None
 
 
+class CheckpointNotFound(FileNotFoundError, ConfigError):
+    """A checkpoint folder that does not exist: a ``FileNotFoundError`` the entry point reports as a config error (one
+    line naming the setting, exit status 2)."""
+
+
 def check_checkpoint(folder: str | os.PathLike, option: str) -> Path:
     """``folder`` as a complete training checkpoint, or a ``ValueError`` that says what it is instead.
 
@@ -103,7 +110,7 @@ def check_checkpoint(folder: str | os.PathLike, option: str) -> Path:
     path = Path(folder)
     where = f"{option}={folder}"
     if not path.exists():
-        raise FileNotFoundError(f"{where}: no such folder")
+        raise CheckpointNotFound(f"{where}: no such folder")
     if not path.is_dir():
         raise ValueError(f"{where} is a file; a checkpoint is a folder checkpoints/step_NNNNNN of a run")
     if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():

@@ -28,10 +28,11 @@ class Every:
 # the figures of a finished run's last line: what the comparison is about, ground truth first where there is one
 RESULT_FIGURES = (
     ("oracle/prompt_violation_rate", "prompts violating (oracle)"),
-    ("oracle/safe_reward_mean", "safe helpfulness (oracle)"),
-    ("eval/prompt_violation_rate", "prompts violating"),
-    ("eval/mean_cost", "mean cost"),
-    ("eval/reward_mean", "reward"),
+    ("oracle/answerable_helpfulness", "answerable helpfulness (oracle)"),
+    ("oracle/overrefusal_rate", "over-refusal (oracle)"),
+    ("eval/prompt_violation_rate", "prompts violating (cost model)"),
+    ("eval/mean_cost", "mean cost (cost model)"),
+    ("eval/reward_mean", "reward (reward model)"),
 )
 
 

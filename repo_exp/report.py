@@ -259,7 +259,8 @@ def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
             settings.append(("constraint.threshold", f"{r.threshold:g}"))
         r.settings = tuple(settings)
     groups: dict[str, list[Run]] = defaultdict(list)
-    for r in sorted(runs, key=lambda r: (_constraint_rank(r.constraint), r.threshold, r.settings, r.seed)):
+    for r in sorted(runs, key=lambda r: (_constraint_rank(r.constraint), r.constraint, r.threshold, r.settings,
+                                         r.seed)):
         groups[group_label(r)].append(r)
     return dict(groups)
 
@@ -296,7 +297,7 @@ def figure_stats(summaries: Sequence[dict[str, Any]]) -> dict[str, dict[str, flo
 def aggregate(runs: Sequence[Run], groups: dict[str, list[Run]]) -> dict[str, Any]:
     """The report dict without figures: per constraint, per group (``group_runs(runs)``), and the runs."""
     report: dict[str, Any] = {}
-    for name in sorted({r.constraint for r in runs}, key=_constraint_rank):
+    for name in sorted({r.constraint for r in runs}, key=lambda n: (_constraint_rank(n), n)):
         report[name] = figure_stats([r.summary for r in runs if r.constraint == name])
     report["groups"] = {
         label: {"constraint": members[0].constraint, "threshold": members[0].threshold,
@@ -881,14 +882,24 @@ DEFAULT_TITLE = "repo_exp comparison"
 KEPT_KEYS = ("world", "overrides", "seconds")
 
 
-def _kept_from(previous: Path, report: dict[str, Any], title_given: bool) -> dict[str, Any]:
-    """From the ``report.json`` already in the output folder, what ``KEPT_KEYS`` (and the title, unless one was
-    given) held, when it reported the same runs; {} otherwise."""
-    try:
-        old = json.loads(previous.read_text())
-    except (OSError, ValueError):
-        return {}
-    if sorted(r.get("path") for r in old.get("runs", [])) != sorted(r["path"] for r in report["runs"]):
+def _run_paths(report: dict[str, Any], folder: Path) -> list[str]:
+    """The report's run folders as absolute paths (a report writes those under its own folder relative to it)."""
+    return sorted(str((folder / r["path"]).resolve()) for r in report.get("runs", []) if r.get("path"))
+
+
+def _kept_from(previous: Sequence[Path], report: dict[str, Any], out: Path, title_given: bool) -> dict[str, Any]:
+    """From the first ``report.json`` of ``previous`` (the output folder's, then the source folder's) that reported
+    the same runs, what ``KEPT_KEYS`` (and the title, unless one was given) held; {} when none did. So a report drawn
+    again elsewhere (``--out``) keeps what the sweep's own report said about its world."""
+    mine = _run_paths(report, out)
+    for path in previous:
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if _run_paths(old, path.parent) == mine:
+            break
+    else:
         return {}
     kept = {k: old[k] for k in KEPT_KEYS if k in old}
     if not title_given and old.get("title"):
@@ -922,7 +933,8 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, title: str
             entry["path"] = str(path.relative_to(out.resolve()))
     report.update({"title": title, "figures": figures, "figures_skipped": figures_skipped, "skipped": skipped,
                    "duplicates": duplicates})
-    report.update(_kept_from(out / "report.json", report, title_given=title != DEFAULT_TITLE))
+    sources = [Path(d) / "report.json" for d in run_dirs] if len(run_dirs) == 1 else []
+    report.update(_kept_from([out / "report.json", *sources], report, out, title_given=title != DEFAULT_TITLE))
     if write:
         write_report(report, out)
     log.info("report of %d runs (%d groups) in %s", len(runs), len(report["groups"]), out)

@@ -913,7 +913,7 @@ class Trainer:
                                                                  .checkpoints())))
                 if present]
         if used:
-            raise ValueError(f"the run folder {self.run_dir} already holds a run ({', '.join(used)}); continue it "
+            raise ConfigError(f"the run folder {self.run_dir} already holds a run ({', '.join(used)}); continue it "
                              f"with trainer.resume=auto, or start a new run in another folder (hydra.run.dir=...); "
                              f"its metrics and checkpoints were left as they are")
 

@@ -597,6 +597,8 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a causal LM given as a cost model": causal_lm_as_cost_model,
     "a score model given as `trainer.resume` (command line)": score_model_as_resume,
     "a run folder given as `trainer.resume`": lambda c: c.trainer(f"trainer.resume={c.checkpoint.parents[1]}"),
+    "a `trainer.resume` folder that does not exist":  # one line and exit status 2, no traceback
+        lambda c: c.cli("trainer.resume=no/such/step_000002", exit_code=2),
     "a truncated checkpoint given as `trainer.resume`": truncated_resume,
     "a checkpoint of another constraint": lambda c: c.trainer("constraint=average", f"trainer.resume={c.checkpoint}"),
     "a new run in a folder that holds a run": fresh_run_in_used_folder,

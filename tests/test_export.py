@@ -86,6 +86,10 @@ def test_export_keeps_the_sweeps_word_on_its_world_and_refuses_a_used_or_nested_
     assert report["world"]["reward/pairwise_accuracy"] == 0.91  # kept: the runs alone could not say it again
     text = (reference / "report.md").read_text()
     assert "## Summary (mean ± std over seeds [1, 2])" in text and "held-out pairwise accuracy 0.910" in text
+    # drawn again elsewhere (report REFERENCE --out FOLDER), the report keeps what the reference's own report said
+    elsewhere = build_report([reference], tmp_path / "elsewhere")
+    assert elsewhere["world"] == report["world"] and elsewhere["title"] == report["title"]
+    assert (tmp_path / "elsewhere" / "report.md").read_text().count("## Summary (mean ± std") == 1
     with pytest.raises(FileExistsError, match="already holds runs"):
         export(out, reference)
     with pytest.raises(ValueError, match="into a folder of its own"):

@@ -51,7 +51,8 @@ def test_a_run_prints_its_folder_first_and_one_result_line_last_and_no_deepspeed
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "[repo_exp]" in line]
     assert lines[0].endswith(f"run folder: {folder.resolve()}"), lines[:3]
-    assert re.search(r"done: prompts violating \(oracle\) [\d.]+, safe helpfulness \(oracle\) [\d.]+, .* on \d prompts "
+    assert re.search(r"done: prompts violating \(oracle\) [\d.]+, answerable helpfulness \(oracle\) [\d.]+, "
+                     r"over-refusal \(oracle\) [\d.]+, .* on \d prompts "
                      r"× 2 samples; every figure in .*eval/summary.json$", lines[-1]), lines[-1]
     assert "Setting accelerator" not in proc.stdout + proc.stderr  # DeepSpeed is not used, so not heard from
 
@@ -62,7 +63,7 @@ def test_result_line_without_a_final_evaluation_says_where_the_metrics_are(tmp_p
     assert result_line({}, tmp_path) == (f"done: no final evaluation (eval.at_end=false); step metrics in "
                                          f"{tmp_path / 'metrics.jsonl'}")
     line = result_line({"eval/reward_mean": 0.25, "eval/mean_cost": -1.0, "eval/compensation": True}, tmp_path)
-    assert line.startswith("done: mean cost -1.000, reward 0.250; every figure in")
+    assert line.startswith("done: mean cost (cost model) -1.000, reward (reward model) 0.250; every figure in")
 
 
 def test_parallel_sweep_jobs_name_every_line_and_draw_no_progress_bars(tmp_path):
