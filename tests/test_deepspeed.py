@@ -286,15 +286,12 @@ def test_two_zero_ranks_reproduce_one_process(tmp_path, case):
 @pytest.mark.deepspeed
 def test_zero3_resume_continues_exactly(tmp_path):
     """Stopped after step 2 (its DeepSpeed shards, λ and data position saved), a 2-rank ZeRO-3 run resumed from that
-    checkpoint takes the same step 3 as the run that never stopped."""
-    import shutil
-
+    checkpoint (in a folder of its own: a run folder is never written among files it did not make) takes the same
+    step 3 as the run that never stopped."""
     args = [*COMMON, "constraint=average", "deepspeed=zero3", "deepspeed.bf16=false", "trainer.save_every=2"]
     whole = _run(args, tmp_path / "whole", ranks=2)
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_000002",
-                    tmp_path / "resumed" / "checkpoints" / "step_000002")
-    resumed = _run([*args, "trainer.resume=auto"], tmp_path / "resumed", ranks=2)
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step_000002"
+    resumed = _run([*args, f"trainer.resume={checkpoint}"], tmp_path / "resumed", ranks=2)
     assert [r["step"] for r in resumed] == [3]
     for key in ("constraint/lambda", "reward/mean", "cost/mean", "loss/actor", "loss/reward_critic", "grad_norm/actor",
                 "lr/actor"):
