@@ -150,6 +150,15 @@ def partitioned_loading(config: Config, rt: Runtime, train: bool):
         unset_hf_deepspeed_config()
 
 
+def zero_init_dtype(dtype: torch.dtype, ds_config: dict[str, Any]) -> torch.dtype | None:
+    """The ``dtype`` to give ``deepspeed.zero.Init`` for parameters of ``dtype``. DeepSpeed 0.19 reads an explicit
+    dtype through ``dtype or float16 if fp16 is supported else bfloat16 …`` (``_set_dtype``), so on a CPU, where fp16
+    is not, an explicit float32 becomes bfloat16; without one it takes the config's precision (float32 when neither
+    bf16 nor fp16 is enabled). So float32 under an fp32 config is left to the config; every other dtype is passed."""
+    half = any(dict(ds_config.get(k) or {}).get("enabled") for k in ("bf16", "fp16"))
+    return None if dtype == torch.float32 and not half else dtype
+
+
 def load_score_model_partitioned(config: Config, rt: Runtime, train: bool, cfg: ScoreModelConfig, path: str,
                                  score_type: str | None = None, normalize: bool | None = None,
                                  score_dim: int | None = None) -> ScoreModel:
@@ -175,7 +184,7 @@ def load_score_model_partitioned(config: Config, rt: Runtime, train: bool, cfg: 
         fields = {**fields, "score_dim": score_dim}
     dtype = getattr(torch, cfg.dtype)
     ds_config = train_config(config, rt.world_size, config.optimizer.critic) if train else inference_config(config)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=zero_init_dtype(dtype, ds_config)):
         model = ScoreModel(trunk_config, **fields)
     check_score_weights(path, weights.shapes(), model, rows)  # names only: the head's rows are the checkpoint's
     check_floating(folder, weights.dtypes(), dict(model.named_parameters()))

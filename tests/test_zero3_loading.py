@@ -102,3 +102,16 @@ def test_score_models_partitioned_as_they_load_score_as_a_whole_load(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def test_zero_init_is_given_no_dtype_for_float32_under_an_fp32_config():
+    """DeepSpeed 0.19 turns an explicit float32 into bfloat16 on a CPU; float32 under an fp32 config is left to the
+    config, which gives float32, and any other case passes the dtype."""
+    import torch
+
+    from repo_exp.deepspeed_engine import zero_init_dtype
+
+    assert zero_init_dtype(torch.float32, {"bf16": {"enabled": False}}) is None
+    assert zero_init_dtype(torch.float32, {}) is None
+    assert zero_init_dtype(torch.float32, {"bf16": {"enabled": True}}) is torch.float32
+    assert zero_init_dtype(torch.bfloat16, {"bf16": {"enabled": False}}) is torch.bfloat16
