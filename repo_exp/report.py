@@ -976,6 +976,28 @@ def against_reference(runs: Sequence[Run], reference: Sequence[Run],
     return rows
 
 
+def setting_differences(runs: Sequence[Run], reference: Sequence[Run], most: int = 5) -> list[str]:
+    """Per constraint both hold, the settings that change a run (``repo_exp.run_folder``: seeds, paths, logging and
+    the other harmless keys left out) in which the first of ``runs`` differs from the first of ``reference``, as
+    ``"constraint: key: reference → this"``; at most ``most`` per constraint."""
+    from omegaconf import OmegaConf
+
+    from repo_exp.run_folder import changed_settings, harmless
+
+    def settings(run: Run) -> dict:
+        return OmegaConf.to_container(run.cfg, resolve=False) if run.cfg is not None else {}
+
+    notes = []
+    for constraint in sorted({r.constraint for r in runs} & {r.constraint for r in reference}, key=_constraint_rank):
+        mine = next(r for r in runs if r.constraint == constraint)
+        theirs = next(r for r in reference if r.constraint == constraint)
+        new = settings(mine)
+        changes = [(k, a, b) for k, a, b in changed_settings(settings(theirs), new)
+                   if not harmless(k, new) and k != "seed" and not k.endswith((".seed", "_dir", ".path"))]
+        notes += [f"{constraint}: {k}: {a!r} → {b!r}" for k, a, b in changes[:most]]
+    return notes
+
+
 def agreement_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of ``against_reference`` as a table, one line each."""
     lines = [f"{'constraint':<11} {'figure':<38} {'reference':>17} {'this run':>17} {'diff':>7} {'allowed':>7}"]
@@ -1017,6 +1039,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = against_reference(runs, reference)
     if not rows:
         parser.exit(2, f"error: {args.against} and these runs share no constraint with a summary figure\n")
+    differences = setting_differences(runs, reference)
+    if differences:
+        print(f"\nnote: these runs were made with other settings than {args.against} ({'; '.join(differences)}): a "
+              f"figure that differs below may differ for that reason, not as a failure to reproduce")
     print(f"\nAgainst {args.against} (difference of means allowed: twice its standard error over seeds, at least "
           f"{AGREEMENT_FLOOR}):\n{agreement_table(rows)}")
     differing = [f"{r['constraint']} {r['label']}" for r in rows if not r["reproduced"]]

@@ -117,4 +117,11 @@ def test_against_says_whether_runs_reproduce_the_reference_within_their_seeds_sp
     assert "NOT REPRODUCED: 1 of 2 figures differ" in proc.stdout and "rectified prompts violating" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "repo_exp.report", str(tmp_path / "same"), "--against",
                            str(tmp_path / "ref")], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0 and "REPRODUCED: all 2 figures" in proc.stdout
+    assert proc.returncode == 0 and "REPRODUCED: all 2 figures" in proc.stdout and "other settings" not in proc.stdout
+    # runs made with another setting than the reference's are compared, and the note says which setting
+    for config in (tmp_path / "same").glob("*/.hydra/config.yaml"):
+        config.write_text(config.read_text() + "trainer:\n  total_steps: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "repo_exp.report", str(tmp_path / "same"), "--against",
+                           str(tmp_path / "ref")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "other settings than" in proc.stdout and "rectified: trainer.total_steps: '<absent>' → 2" in proc.stdout
