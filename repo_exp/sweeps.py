@@ -10,10 +10,16 @@ the same function to find the jobs.
 Within one arm the order of precedence is: the shared axes, then the arm's, then the command line's (so
 ``seed=0,1`` on the command line replaces the shared seeds, and ``hydra.sweeper.arms.sacpo=null`` leaves an arm
 out).
+
+``python -m repo_exp.sweeps OVERRIDES…`` lists the jobs a sweep would run (the same overrides as ``python -m repo_exp
+-m OVERRIDES…``, without ``-m``), each composed and validated, and where they would go, without running any:
+    python -m repo_exp.sweeps experiment=frontier
+    python -m repo_exp.sweeps experiment=compare seed=0,1,2,3,4 constraint.threshold=0,-1
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping, Sequence
 
 
@@ -38,3 +44,47 @@ def expand_arms(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping[str
     if not jobs:
         raise ValueError("the sweep has no arm left to run (hydra.sweeper.arms is empty or every arm is null)")
     return jobs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the jobs of the sweep the overrides describe, one line each, after composing and validating every one;
+    exit 2 naming the first job that does not compose or validate."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from repo_exp.config import ConfigError, compose_config, validate
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
+    if any(a.startswith("-") for a in args):
+        print("usage: python -m repo_exp.sweeps OVERRIDES...  (the overrides of python -m repo_exp -m, without -m)",
+              file=sys.stderr)
+        return 2
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    config = compose_config(fixed, return_hydra_config=True)  # the sweep's own settings: its params, arms, folder
+    params = OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {})
+    arms = OmegaConf.select(config, "hydra.sweeper.arms")
+    if arms:
+        jobs = expand_arms(params, OmegaConf.to_container(arms), args)
+    else:
+        overrides = parser.parse_overrides(_items(params) + args)
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    for i, job in enumerate(jobs):
+        try:
+            validate(compose_config(job))
+        except (ConfigError, ValueError, HydraException, OmegaConfBaseException) as exc:
+            print(f"job {i}: {' '.join(job)}: {exc}", file=sys.stderr)
+            return 2
+    where = OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=False)
+    print(f"{len(jobs)} jobs, each composed and valid; they would run into {where}:")
+    for job in jobs:
+        print("  " + " ".join(job))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -269,3 +269,17 @@ def test_match_reads_the_upper_envelope_so_a_dominated_setting_does_not_lower_th
     assert m.figure == pytest.approx(0.5 + w * 0.2) and m.value == pytest.approx(-2.0 + w) and m.clamped is None
     assert dict(m.weights) == pytest.approx({2: 1 - w, 1: w})
     assert m.at([0.1, 0.2, 0.3, 0.9]) == pytest.approx((1 - w) * 0.3 + w * 0.2)  # another figure, same place
+
+
+def test_the_sweep_listing_composes_every_job_and_names_the_first_that_does_not(capsys):
+    """``python -m repo_exp.sweeps OVERRIDES…`` prints a sweep's jobs and folder without running any, and refuses a
+    sweep with a job that does not validate, naming it."""
+    from repo_exp.sweeps import main
+
+    assert main(["-m", "experiment=robustness", "world.seed=2", "seed=0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("5 jobs, each composed and valid; they would run into outputs/robustness/runs:")
+    assert "constraint=average constraint.threshold=-3.5" in out and "constraint.lambda_init=5" in out
+    assert main(["experiment=compare", "constraint=average", "constraint.lambda_init=1,9"]) == 2
+    err = capsys.readouterr().err
+    assert "constraint.lambda_init=9" in err and "lambda_init" in err
