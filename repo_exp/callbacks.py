@@ -54,7 +54,20 @@ def sweep_folder_problem(sweep_dir: Path) -> str | None:
         if entry.is_file() and entry.name not in SWEEP_FILES and entry.suffix != ".log":
             return (f"the sweep folder {sweep_dir} holds files that are not a sweep's ({entry.name}, …): the jobs "
                     f"would write among them")
+        if entry.name == "multirun.yaml" and entry.is_file() and not _hydras_record(entry):
+            return (f"the sweep folder {sweep_dir} holds a multirun.yaml that is not Hydra's record of a sweep (no "
+                    f"hydra: section): Hydra would replace it")
     return None
+
+
+def _hydras_record(path: Path) -> bool:
+    """Whether ``path`` reads as the ``multirun.yaml`` Hydra writes: a mapping with a ``hydra`` section."""
+    import yaml
+
+    try:
+        return "hydra" in (OmegaConf.load(path) or {})
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, or not YAML: not Hydra's
+        return False
 
 
 def _write_nothing_into_the_run_folder(config: DictConfig) -> None:

@@ -383,3 +383,14 @@ def test_make_run_writes_where_git_tracks_nothing_and_the_references_are_apart(c
         ignored = subprocess.run(["git", "check-ignore", "-q", f"{sweep}/average-seed0/metrics.jsonl"], cwd=ROOT)
         assert ignored.returncode == 0, f"{sweep} is not ignored by git"
     assert "make run" in (ROOT / "Makefile").read_text() and "experiment=compare" in (ROOT / "Makefile").read_text()
+
+
+def test_a_sweep_folder_with_a_users_multirun_yaml_is_refused_and_hydras_own_is_not(tmp_path):
+    from repo_exp.callbacks import sweep_folder_problem
+
+    (tmp_path / "multirun.yaml").write_text("my notes: keep\n")
+    assert "multirun.yaml that is not Hydra's" in sweep_folder_problem(tmp_path)
+    (tmp_path / "multirun.yaml").write_text(": not yaml: [\n")
+    assert "multirun.yaml that is not Hydra's" in sweep_folder_problem(tmp_path)
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\nseed: 0\n")
+    assert sweep_folder_problem(tmp_path) is None
