@@ -135,18 +135,12 @@ class SweepSignals(Callback):
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
     """The override list of every job of this sweep, as its sweeper expands it (command-line sweeps win over
     ``hydra.sweeper.params``; the frontier sweeper's arms each cross them, ``repo_exp.sweeps``)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from repo_exp.sweeps import sweep_overrides
 
     arms = OmegaConf.select(config, "hydra.sweeper.arms")
-    if arms:
-        from repo_exp.sweeps import expand_arms
-
-        return expand_arms(OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {}),
-                           OmegaConf.to_container(arms), list(config.hydra.overrides.task))
-    params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
-    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return sweep_overrides(OmegaConf.to_container(params) if params else {},
+                           OmegaConf.to_container(arms) if arms else None, list(config.hydra.overrides.task))
 
 
 def _the_run(overrides: list[str]) -> tuple[str, ...]:

@@ -38,7 +38,8 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, most often)."""
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -59,7 +60,7 @@ def file_records(folder: Path, skip: tuple[str, ...] = (), hash_files: bool = Tr
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name not in skip:
             files[str(path.relative_to(folder))] = {"size": path.stat().st_size,
-                                                    "sha256": _sha256(path) if hash_files else None}
+                                                    "sha256": sha256_of(path) if hash_files else None}
     return files
 
 
@@ -72,7 +73,7 @@ def records_problem(folder: Path, files: dict[str, dict]) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != meta["size"]:
             return f"{path} has {path.stat().st_size} bytes, {meta['size']} were written"
-        if meta.get("sha256") and _sha256(path) != meta["sha256"]:
+        if meta.get("sha256") and sha256_of(path) != meta["sha256"]:
             return f"{path} does not match its recorded SHA-256"
     return None
 

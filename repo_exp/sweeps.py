@@ -46,6 +46,19 @@ def expand_arms(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping[str
     return jobs
 
 
+def sweep_overrides(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping[str, Any] | None] | None,
+                    arguments: Sequence[str]) -> list[list[str]]:
+    """One override list per job of a sweep: the arms' union of grids when ``arms`` is set (``expand_arms``), else
+    Hydra's one Cartesian product of ``params`` and the command line's ``arguments`` (the command line winning)."""
+    if arms:
+        return expand_arms(params, arms, arguments)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(_items(params) + list(arguments))
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the jobs of the sweep the overrides describe, one line each, after composing and validating every one;
     exit 2 naming the first job that does not compose or validate."""
@@ -60,19 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m repo_exp.sweeps OVERRIDES...  (the overrides of python -m repo_exp -m, without -m)",
               file=sys.stderr)
         return 2
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
-    fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(args) if not o.is_sweep_override()]
     config = compose_config(fixed, return_hydra_config=True)  # the sweep's own settings: its params, arms, folder
-    params = OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {})
     arms = OmegaConf.select(config, "hydra.sweeper.arms")
-    if arms:
-        jobs = expand_arms(params, OmegaConf.to_container(arms), args)
-    else:
-        overrides = parser.parse_overrides(_items(params) + args)
-        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    jobs = sweep_overrides(OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {}),
+                           OmegaConf.to_container(arms) if arms else None, args)
     for i, job in enumerate(jobs):
         try:
             validate(compose_config(job))

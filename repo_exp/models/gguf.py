@@ -19,7 +19,6 @@ written, so that a folder cut by an interrupted copy is converted again rather t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from repo_exp.checkpoint import sha256_of
+
 log = logging.getLogger(__name__)
 
 SOURCE_RECORD = "gguf_source.json"  # written last: a folder without it is an unfinished conversion
@@ -36,14 +37,6 @@ SOURCE_RECORD = "gguf_source.json"  # written last: a folder without it is an un
 
 class GGUFError(ValueError):
     """A GGUF file that transformers cannot read, or whose conversion does not reproduce it."""
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def quantization_of(path: Path) -> str | None:
