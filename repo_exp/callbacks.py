@@ -135,12 +135,9 @@ class SweepSignals(Callback):
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
     """The override list of every job of this sweep, as its sweeper expands it (command-line sweeps win over
     ``hydra.sweeper.params``; the frontier sweeper's arms each cross them, ``repo_exp.sweeps``)."""
-    from repo_exp.sweeps import sweep_overrides
+    from repo_exp.sweeps import sweep_axes, sweep_overrides
 
-    arms = OmegaConf.select(config, "hydra.sweeper.arms")
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    return sweep_overrides(OmegaConf.to_container(params) if params else {},
-                           OmegaConf.to_container(arms) if arms else None, list(config.hydra.overrides.task))
+    return sweep_overrides(*sweep_axes(config), list(config.hydra.overrides.task))
 
 
 def _the_run(overrides: list[str]) -> tuple[str, ...]:

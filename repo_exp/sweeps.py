@@ -46,6 +46,16 @@ def expand_arms(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping[str
     return jobs
 
 
+def sweep_axes(config: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A composed config's ``hydra.sweeper.params`` and ``hydra.sweeper.arms`` as plain containers ({} and None when
+    unset), the inputs of ``sweep_overrides``."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    arms = OmegaConf.select(config, "hydra.sweeper.arms")
+    return (OmegaConf.to_container(params) if params else {}), (OmegaConf.to_container(arms) if arms else None)
+
+
 def sweep_overrides(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping[str, Any] | None] | None,
                     arguments: Sequence[str]) -> list[list[str]]:
     """One override list per job of a sweep: the arms' union of grids when ``arms`` is set (``expand_arms``), else
@@ -62,6 +72,7 @@ def sweep_overrides(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the jobs of the sweep the overrides describe, one line each, after composing and validating every one;
     exit 2 naming the first job that does not compose or validate."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -73,13 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m repo_exp.sweeps OVERRIDES...  (the overrides of python -m repo_exp -m, without -m)",
               file=sys.stderr)
         return 2
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     fixed = [o.input_line for o in OverridesParser.create().parse_overrides(args) if not o.is_sweep_override()]
     config = compose_config(fixed, return_hydra_config=True)  # the sweep's own settings: its params, arms, folder
-    arms = OmegaConf.select(config, "hydra.sweeper.arms")
-    jobs = sweep_overrides(OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {}),
-                           OmegaConf.to_container(arms) if arms else None, args)
+    jobs = sweep_overrides(*sweep_axes(config), args)
     for i, job in enumerate(jobs):
         try:
             validate(compose_config(job))

@@ -280,6 +280,8 @@ def test_the_sweep_listing_composes_every_job_and_names_the_first_that_does_not(
     out = capsys.readouterr().out
     assert out.startswith("5 jobs, each composed and valid; they would run into outputs/robustness/runs:")
     assert "constraint=average constraint.threshold=-3.5" in out and "constraint.lambda_init=5" in out
+    assert main(["trainer.total_steps=2", "seed=0,1"]) == 0  # a sweep of the command line alone (no params)
+    assert capsys.readouterr().out.splitlines()[1:] == ["  trainer.total_steps=2 seed=0", "  trainer.total_steps=2 seed=1"]
     assert main(["experiment=compare", "constraint=average", "constraint.lambda_init=1,9"]) == 2
     err = capsys.readouterr().err
     assert "constraint.lambda_init=9" in err and "lambda_init" in err
